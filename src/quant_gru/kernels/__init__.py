@@ -1,0 +1,1 @@
+"""Realizations of the GRU recurrence: `torch` (plain PyTorch, any device)."""
