@@ -30,6 +30,25 @@ def _check_bool(name: str, value: object) -> bool:
     return value
 
 
+def _hyper_parameters(gru: nn.Module) -> dict[str, Any]:
+    """Constructor arguments shared by nn.GRU and QuantGRU, read from either (same names)."""
+    reference = next(gru.parameters())
+    names = (
+        "input_size",
+        "hidden_size",
+        "num_layers",
+        "bias",
+        "batch_first",
+        "dropout",
+        "bidirectional",
+    )
+    return {
+        **{name: getattr(gru, name) for name in names},
+        "device": reference.device,
+        "dtype": reference.dtype,
+    }
+
+
 class QuantGRU(nn.Module):
     """A drop-in replacement for :class:`torch.nn.GRU`.
 
@@ -181,40 +200,17 @@ class QuantGRU(nn.Module):
             raise TypeError(f"from_float expects a torch.nn.GRU, got {type(gru).__name__}")
         if gru.proj_size != 0:
             raise ValueError(f"nn.GRU has no projections; got proj_size={gru.proj_size}")
-        reference = next(gru.parameters())
-        model = cls(
-            gru.input_size,
-            gru.hidden_size,
-            num_layers=gru.num_layers,
-            bias=gru.bias,
-            batch_first=gru.batch_first,
-            dropout=gru.dropout,
-            bidirectional=gru.bidirectional,
-            use_quantization=use_quantization,
-            device=reference.device,
-            dtype=reference.dtype,
-        )
+        model = cls(**_hyper_parameters(gru), use_quantization=use_quantization)
         model.load_state_dict(gru.state_dict())
         model.train(gru.training)
         return model
 
     def to_float(self) -> nn.GRU:
         """An ``nn.GRU`` with this module's hyper-parameters and a copy of its float weights."""
-        reference = next(self.parameters())
         with warnings.catch_warnings():
             # The dropout/num_layers warning was already given when this module was built.
             warnings.simplefilter("ignore", UserWarning)
-            gru = nn.GRU(
-                self.input_size,
-                self.hidden_size,
-                num_layers=self.num_layers,
-                bias=self.bias,
-                batch_first=self.batch_first,
-                dropout=self.dropout,
-                bidirectional=self.bidirectional,
-                device=reference.device,
-                dtype=reference.dtype,
-            )
+            gru = nn.GRU(**_hyper_parameters(self))
         gru.load_state_dict(
             {name: getattr(self, name).detach() for name in self._flat_weights_names}
         )
