@@ -1,0 +1,1 @@
+"""Calibration: statistics of the float forward turned into quantization parameters."""

@@ -1,0 +1,198 @@
+"""The integer program of one (layer, direction): codes of the weights, the constants of every
+term (§4) and the activation tables (§6), assembled from quantization parameters.
+
+Both realizations of the integer model (reference/ and kernels/torch/) run a DirectionProgram;
+they share nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+
+from torch import Tensor
+
+from quant_gru.quantize.params import DirectionQuant, OperatorQuant
+from quant_gru.quantize.requant import Term, make_term
+from quant_gru.quantize.scales import per_row, quantize
+from quant_gru.quantize.tables import CodeFormat, Table, build_table
+
+# Operators computed by §5 from terms, in the order of §7, with what each term is made of.
+ACTIVATION_OPERATORS = (
+    "input.x",
+    "output.h",
+    "matmul.Wx",
+    "matmul.Rh",
+    "op.Rh_add_br",
+    "gate.r_pre",
+    "gate.z_pre",
+    "gate.r_out",
+    "gate.z_out",
+    "op.rRh",
+    "gate.g_pre",
+    "gate.g_out",
+    "op.old_contrib",
+    "op.new_contrib",
+)
+TABLES = {
+    "gate.r_out": ("sigmoid", "gate.r_pre"),
+    "gate.z_out": ("sigmoid", "gate.z_pre"),
+    "gate.g_out": ("tanh", "gate.g_pre"),
+}
+
+
+@dataclass(frozen=True)
+class ActivationFormat:
+    """Encoded scale (as a float), zero point and code range of an activation operator."""
+
+    scale: float
+    zero_point: int
+    qmin: int
+    qmax: int
+
+
+@dataclass(frozen=True)
+class DirectionProgram:
+    """Everything a realization needs to run one (layer, direction) of the integer GRU.
+
+    weight_W (3H, I), weight_R (3H, H), bias_w (3H,), bias_r (3H,): int64 codes, before any
+    operand pre-shift. terms[op]: the terms of operator `op` in §7's order; for `input.x` of a
+    layer above the first, one term per direction of the layer below (empty for layer 0).
+    """
+
+    input_size: int
+    hidden_size: int
+    formats: Mapping[str, ActivationFormat]
+    weight_W: Tensor
+    weight_R: Tensor
+    bias_w: Tensor
+    bias_r: Tensor
+    terms: Mapping[str, tuple[Term, ...]]
+    tables: Mapping[str, Table]
+
+
+def quantize_weight(weight: Tensor, quant: OperatorQuant) -> Tensor:
+    """Weight or bias codes (§8): symmetric, one scale per row after expansion."""
+    scales = per_row(quant.scale, weight.shape[0]).to(weight.device)
+    shape = (-1,) + (1,) * (weight.dim() - 1)
+    return quantize(weight, scales.view(shape), 0, quant.qmin, quant.qmax)
+
+
+def build_program(
+    weights: tuple[Tensor, Tensor, Tensor | None, Tensor | None],
+    quant: DirectionQuant,
+    scale_type: str,
+    below_outputs: Sequence[OperatorQuant] = (),
+) -> DirectionProgram:
+    """Assemble the program; `below_outputs` are the output.h parameters of each direction of
+    the layer below (empty for layer 0)."""
+    w_ih, w_hh, b_ih, b_hh = weights
+    rows, input_size = w_ih.shape
+    hidden = rows // 3
+    formats = {name: _format(quant[name]) for name in ACTIVATION_OPERATORS}
+    scale = {name: Fraction(fmt.scale) for name, fmt in formats.items()}
+    bits = {name: q.spec.bitwidth for name, q in quant.items()}
+
+    def row_scales(name: str) -> list[Fraction]:
+        return [Fraction(s) for s in per_row(quant[name].scale, rows).tolist()]
+
+    def term(out: str, scales: Sequence[Fraction], operands: Sequence[str], dot: int = 1) -> Term:
+        return make_term(scales, scale[out], [bits[o] for o in operands], dot, scale_type)
+
+    s_W, s_R, s_bw, s_br = (
+        row_scales(n) for n in ("weight.W", "weight.R", "weight.bw", "weight.br")
+    )
+    terms: dict[str, tuple[Term, ...]] = {
+        "input.x": tuple(
+            make_term(
+                [Fraction(float(below.scale.item()))],
+                scale["input.x"],
+                [below.spec.bitwidth],
+                1,
+                scale_type,
+            )
+            for below in below_outputs
+        ),
+        "matmul.Wx": (
+            term(
+                "matmul.Wx",
+                [s * scale["input.x"] for s in s_W],
+                ("weight.W", "input.x"),
+                input_size,
+            ),
+            term("matmul.Wx", s_bw, ("weight.bw",)),
+        ),
+        "matmul.Rh": (
+            term(
+                "matmul.Rh", [s * scale["output.h"] for s in s_R], ("weight.R", "output.h"), hidden
+            ),
+        ),
+        "op.Rh_add_br": (
+            term("op.Rh_add_br", [scale["matmul.Rh"]], ("matmul.Rh",)),
+            term("op.Rh_add_br", s_br, ("weight.br",)),
+        ),
+        "gate.r_pre": (
+            term("gate.r_pre", [scale["matmul.Wx"]], ("matmul.Wx",)),
+            term("gate.r_pre", [scale["op.Rh_add_br"]], ("op.Rh_add_br",)),
+        ),
+        "gate.z_pre": (
+            term("gate.z_pre", [scale["matmul.Wx"]], ("matmul.Wx",)),
+            term("gate.z_pre", [scale["op.Rh_add_br"]], ("op.Rh_add_br",)),
+        ),
+        "op.rRh": (
+            term(
+                "op.rRh",
+                [scale["gate.r_out"] * scale["op.Rh_add_br"]],
+                ("gate.r_out", "op.Rh_add_br"),
+            ),
+        ),
+        "gate.g_pre": (
+            term("gate.g_pre", [scale["matmul.Wx"]], ("matmul.Wx",)),
+            term("gate.g_pre", [scale["op.rRh"]], ("op.rRh",)),
+        ),
+        "op.old_contrib": (
+            term(
+                "op.old_contrib",
+                [scale["gate.z_out"] * scale["output.h"]],
+                ("gate.z_out", "output.h"),
+            ),
+        ),
+        "op.new_contrib": (
+            term("op.new_contrib", [scale["gate.g_out"]], ("gate.g_out",)),
+            term(
+                "op.new_contrib",
+                [scale["gate.z_out"] * scale["gate.g_out"]],
+                ("gate.z_out", "gate.g_out"),
+            ),
+        ),
+        "output.h": (
+            term("output.h", [scale["op.old_contrib"]], ("op.old_contrib",)),
+            term("output.h", [scale["op.new_contrib"]], ("op.new_contrib",)),
+        ),
+    }
+    tables = {
+        out: build_table(kind, _code_format(formats[source]), _code_format(formats[out]))
+        for out, (kind, source) in TABLES.items()
+    }
+    zeros = w_ih.new_zeros(rows)
+    return DirectionProgram(
+        input_size=input_size,
+        hidden_size=hidden,
+        formats=formats,
+        weight_W=quantize_weight(w_ih, quant["weight.W"]),
+        weight_R=quantize_weight(w_hh, quant["weight.R"]),
+        bias_w=quantize_weight(b_ih if b_ih is not None else zeros, quant["weight.bw"]),
+        bias_r=quantize_weight(b_hh if b_hh is not None else zeros, quant["weight.br"]),
+        terms=terms,
+        tables=tables,
+    )
+
+
+def _format(quant: OperatorQuant) -> ActivationFormat:
+    scale, zero_point = quant.scalar()
+    return ActivationFormat(scale, zero_point, quant.qmin, quant.qmax)
+
+
+def _code_format(fmt: ActivationFormat) -> CodeFormat:
+    return CodeFormat(Fraction(fmt.scale), fmt.zero_point, fmt.qmin, fmt.qmax)
