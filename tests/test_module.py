@@ -116,5 +116,5 @@ def test_repr_names_the_hyper_parameters() -> None:
 def test_quantized_forward_is_not_silently_float() -> None:
     model = QuantGRU(3, 4, use_quantization=True)
     assert model.use_quantization
-    with pytest.raises(NotImplementedError, match="use_quantization=False"):
+    with pytest.raises(RuntimeError, match="not calibrated"):
         model(torch.randn(2, 1, 3))

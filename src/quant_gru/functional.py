@@ -7,34 +7,21 @@ came, so code written against nn.GRU catches the same exceptions.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
 from quant_gru import sequence
+from quant_gru.kernels.torch.decomposed_gru import PointHook, decomposed_direction
 from quant_gru.kernels.torch.float_gru import gru_direction
-
-# One (layer, direction)'s parameters: w_ih (3H, I_l), w_hh (3H, H), b_ih (3H,), b_hh (3H,).
-DirectionWeights = tuple[Tensor, Tensor, Tensor | None, Tensor | None]
-
-
-@dataclass(frozen=True)
-class GRUShape:
-    """The structural hyper-parameters that a forward call is validated against."""
-
-    input_size: int
-    hidden_size: int
-    num_layers: int
-    bidirectional: bool
-    batch_first: bool
-
-    @property
-    def num_directions(self) -> int:
-        return 2 if self.bidirectional else 1
+from quant_gru.kernels.torch.quantized_forward import QuantizedModel, quantized_forward
+from quant_gru.kernels.torch.stack import (
+    DirectionWeights,
+    GRUShape,
+    dropout_between_layers,
+    run_layers,
+)
 
 
 def gru(
@@ -44,46 +31,60 @@ def gru(
     shape: GRUShape,
     dropout: float = 0.0,
     training: bool = False,
+    observe: Callable[[int], PointHook] | None = None,
 ) -> tuple[Tensor | PackedSequence, Tensor]:
-    """nn.GRU's forward: `weights` lists (layer, direction) pairs in nn.GRU's order."""
-    expected_pairs = shape.num_layers * shape.num_directions
-    if len(weights) != expected_pairs:
-        raise ValueError(
-            f"expected weights for {expected_pairs} (layer, direction) pairs, got {len(weights)}"
-        )
+    """nn.GRU's forward: `weights` lists (layer, direction) pairs in nn.GRU's order.
+
+    With `observe`, the float GRU runs decomposed at the integer model's quantization points
+    and `observe(pair_index)` gives the hook that sees them (calibration).
+    """
+
+    def run_direction(
+        index: int, x: Tensor, h0: Tensor, lengths: Tensor | None, reverse: bool
+    ) -> tuple[Tensor, Tensor]:
+        if observe is None:
+            return gru_direction(x, h0, *weights[index], lengths, reverse)
+        return decomposed_direction(x, h0, weights[index], lengths, reverse, observe(index))
+
+    _check_weight_count(weights, shape)
     x, h0, lengths, layout = _validated_time_major(input, hx, weights[0][0], shape)
-    out, h_n = _run_layers(x, h0, lengths, weights, shape, dropout, training)
+    out, h_n = run_layers(
+        x, h0, lengths, shape, run_direction, dropout_between_layers(dropout, training)
+    )
     return (
         sequence.output_from_time_major(out, layout),
         sequence.hidden_from_working_order(h_n, layout),
     )
 
 
-def _run_layers(
-    x: Tensor,
-    h0: Tensor,
-    lengths: Tensor | None,
+def quantized_gru(
+    input: Tensor | PackedSequence,
+    hx: Tensor | None,
     weights: Sequence[DirectionWeights],
     shape: GRUShape,
-    dropout: float,
-    training: bool,
-) -> tuple[Tensor, Tensor]:
-    """Stack layers on time-major input; inter-layer dropout as nn.GRU applies it."""
-    finals: list[Tensor] = []
-    layer_input = x
-    for layer in range(shape.num_layers):
-        direction_outputs = []
-        for direction in range(shape.num_directions):
-            index = layer * shape.num_directions + direction
-            out, h_last = gru_direction(
-                layer_input, h0[index], *weights[index], lengths, reverse=direction == 1
-            )
-            direction_outputs.append(out)
-            finals.append(h_last)
-        layer_input = torch.cat(direction_outputs, dim=-1)
-        if dropout > 0 and training and layer < shape.num_layers - 1:
-            layer_input = F.dropout(layer_input, p=dropout, training=True)
-    return layer_input, torch.stack(finals)
+    model: QuantizedModel,
+    dropout: float = 0.0,
+    training: bool = False,
+) -> tuple[Tensor | PackedSequence, Tensor]:
+    """The integer GRU of reference/README.md, dequantized; differentiable (straight-through)
+    when autograd records."""
+    _check_weight_count(weights, shape)
+    x, h0, lengths, layout = _validated_time_major(input, hx, weights[0][0], shape)
+    out, h_n = quantized_forward(
+        x, h0 if hx is not None else None, lengths, weights, shape, model, dropout, training
+    )
+    return (
+        sequence.output_from_time_major(out, layout),
+        sequence.hidden_from_working_order(h_n, layout),
+    )
+
+
+def _check_weight_count(weights: Sequence[DirectionWeights], shape: GRUShape) -> None:
+    expected_pairs = shape.num_layers * shape.num_directions
+    if len(weights) != expected_pairs:
+        raise ValueError(
+            f"expected weights for {expected_pairs} (layer, direction) pairs, got {len(weights)}"
+        )
 
 
 def _validated_time_major(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import warnings
 from typing import Any
 
@@ -12,7 +13,15 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from quant_gru import functional
-from quant_gru.functional import DirectionWeights, GRUShape
+from quant_gru._report import report
+from quant_gru.calibration.minmax import direction_quant
+from quant_gru.calibration.observer import empty_ranges, range_hook
+from quant_gru.config import GRUQuantConfig
+from quant_gru.kernels.torch.decomposed_gru import PointHook
+from quant_gru.kernels.torch.quantized_forward import QuantizedModel
+from quant_gru.kernels.torch.stack import DirectionWeights, GRUShape
+from quant_gru.quantize.params import DirectionQuant
+from quant_gru.quantize.program import ACTIVATION_OPERATORS, build_constants
 
 
 def _check_positive_int(name: str, value: object) -> int:
@@ -66,6 +75,9 @@ class QuantGRU(nn.Module):
     bidirectional: bool
     dropout: float
     use_quantization: bool
+    calibrating: bool
+    quant_config: GRUQuantConfig
+    calibration_ranges: Tensor
 
     def __init__(
         self,
@@ -105,6 +117,9 @@ class QuantGRU(nn.Module):
                 stacklevel=2,
             )
         self.use_quantization = _check_bool("use_quantization", use_quantization)
+        self.calibrating = False
+        self.quant_config = GRUQuantConfig.default()
+        self._quantized: QuantizedModel | None = None
         self.proj_size = 0  # nn.GRU has no projection; kept for code that reads the attribute
 
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
@@ -124,6 +139,12 @@ class QuantGRU(nn.Module):
                     self.register_parameter(name, nn.Parameter(torch.empty(shape, **factory)))
                     self._flat_weights_names.append(name)
         self.reset_parameters()
+        # [min, max] of every activation operator per (layer, direction), from calibration.
+        # Not part of state_dict yet, so state_dicts stay interchangeable with nn.GRU's.
+        pairs = num_layers * self.num_directions
+        self.register_buffer(
+            "calibration_ranges", empty_ranges(pairs, factory["device"]), persistent=False
+        )
 
     @property
     def num_directions(self) -> int:
@@ -178,20 +199,115 @@ class QuantGRU(nn.Module):
     def forward(
         self, input: Tensor | PackedSequence, hx: Tensor | None = None
     ) -> tuple[Tensor | PackedSequence, Tensor]:
-        """Same signature and result as ``nn.GRU.forward``: ``(output, h_n)``."""
-        if self.use_quantization:
-            raise NotImplementedError(
-                "use_quantization=True: the quantized GRU is not available in this version; "
-                "set use_quantization=False to run the float GRU"
+        """Same signature and result as ``nn.GRU.forward``: ``(output, h_n)``.
+
+        While ``calibrating`` it runs the float GRU and records the range of every operator.
+        With ``use_quantization`` (and the config's ``disable_quantization`` false) it runs
+        the integer model, dequantized; in training, gradients pass straight through.
+        """
+        weights, shape = self._direction_weights(), self._shape()
+        if self.calibrating:
+            return functional.gru(
+                input, hx, weights, shape, self.dropout, self.training, observe=self._observer
             )
-        return functional.gru(
-            input,
-            hx,
-            self._direction_weights(),
-            self._shape(),
-            dropout=self.dropout,
-            training=self.training,
-        )
+        if self.use_quantization and not self.quant_config.disable_quantization:
+            model = self._quantized_model()
+            return functional.quantized_gru(
+                input, hx, weights, shape, model, self.dropout, self.training
+            )
+        return functional.gru(input, hx, weights, shape, self.dropout, self.training)
+
+    # --- quantization ----------------------------------------------------------------------
+
+    def _observer(self, index: int) -> PointHook:
+        return range_hook(self.calibration_ranges[index])
+
+    def _quantized_model(self) -> QuantizedModel:
+        if self._quantized is None:
+            if not self._has_statistics():
+                raise RuntimeError(
+                    "QuantGRU is not calibrated: set model.calibrating = True, run forward on "
+                    "calibration data, set model.calibrating = False (then optionally call "
+                    "model.finalize_calibration()), before using use_quantization=True"
+                )
+            self.finalize_calibration()
+        assert self._quantized is not None
+        return self._quantized
+
+    def _has_statistics(self) -> bool:
+        return bool(torch.isfinite(self.calibration_ranges).all())
+
+    def is_calibrated(self) -> bool:
+        """Whether quantization parameters are computed and in force."""
+        return self._quantized is not None
+
+    def reset_calibration(self) -> None:
+        """Forget the collected statistics and the parameters computed from them."""
+        self.calibration_ranges.copy_(empty_ranges(self.calibration_ranges.shape[0]))
+        self._quantized = None
+
+    def finalize_calibration(self, verbose: bool = False) -> None:
+        """Compute the quantization parameters of every (layer, direction) from the collected
+        statistics (min/max) and the current weights.
+
+        Both directions of a layer read the same input, so they share its ``input.x``
+        parameters (reference/README.md §8): the union of their ranges.
+        """
+        if not self._has_statistics():
+            raise RuntimeError(
+                "no calibration statistics: set model.calibrating = True and run forward on "
+                "calibration data first"
+            )
+        ranges = self.calibration_ranges.detach().cpu().clone()
+        dirs = self.num_directions
+        x_index = ACTIVATION_OPERATORS.index("input.x")
+        for layer in range(self.num_layers):
+            block = ranges[layer * dirs : (layer + 1) * dirs, x_index]
+            block[:, 0], block[:, 1] = block[:, 0].min(), block[:, 1].max()
+        quant: list[DirectionQuant] = []
+        for index, weights in enumerate(self._direction_weights()):
+            observed = {
+                name: (float(ranges[index, i, 0]), float(ranges[index, i, 1]))
+                for i, name in enumerate(ACTIVATION_OPERATORS)
+            }
+            quant.append(direction_quant(observed, weights, self.quant_config))
+        constants = []
+        for index, weights in enumerate(self._direction_weights()):
+            layer = index // dirs
+            below = [q["output.h"] for q in quant[(layer - 1) * dirs : layer * dirs]]
+            rows, input_size = weights[0].shape
+            constants.append(
+                build_constants(
+                    input_size, rows // 3, quant[index], self.quant_config.scale_type, below
+                )
+            )
+        self._quantized = QuantizedModel(quant, constants)
+        report(verbose, f"QuantGRU calibrated (minmax): {len(quant)} (layer, direction) pairs")
+
+    def load_bitwidth_config(self, path: str | os.PathLike[str], verbose: bool = False) -> None:
+        """Load a bit-width config (JSON, the seed's format); invalid files raise
+        ``QuantConfigError`` and leave the module unchanged. Computed parameters are
+        recomputed from the statistics at the next quantized forward."""
+        self._set_config(GRUQuantConfig.load(path), verbose, f"from {os.fspath(path)}")
+
+    def set_all_bitwidth(
+        self, bitwidth: int, is_symmetric: bool = True, verbose: bool = False
+    ) -> None:
+        """Every operator at `bitwidth` bits (weights and biases stay symmetric)."""
+        config = self.quant_config.with_all_bitwidth(bitwidth, is_symmetric=is_symmetric)
+        self._set_config(config, verbose, f"all operators at {bitwidth} bits")
+
+    def _set_config(self, config: GRUQuantConfig, verbose: bool, origin: str) -> None:
+        self.quant_config = config
+        self._quantized = None
+        report(verbose, f"QuantGRU bit-width config set ({origin})")
+
+    def _apply(self, fn: Any, recurse: bool = True) -> QuantGRU:
+        # Statistics follow the module's device but keep float64 whatever dtype it moves to.
+        ranges = self.calibration_ranges
+        super()._apply(fn, recurse)
+        self.calibration_ranges = ranges.to(self.calibration_ranges.device)
+        return self
 
     @classmethod
     def from_float(cls, gru: nn.GRU, use_quantization: bool = False) -> QuantGRU:

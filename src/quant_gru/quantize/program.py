@@ -79,6 +79,18 @@ def quantize_weight(weight: Tensor, quant: OperatorQuant) -> Tensor:
     return quantize(weight, scales.view(shape), 0, quant.qmin, quant.qmax)
 
 
+@dataclass(frozen=True)
+class DirectionConstants:
+    """The part of a program that depends on the quantization parameters alone (not on the
+    weights), so it can be built once per calibration and reused by every forward."""
+
+    input_size: int
+    hidden_size: int
+    formats: Mapping[str, ActivationFormat]
+    terms: Mapping[str, tuple[Term, ...]]
+    tables: Mapping[str, Table]
+
+
 def build_program(
     weights: tuple[Tensor, Tensor, Tensor | None, Tensor | None],
     quant: DirectionQuant,
@@ -87,9 +99,41 @@ def build_program(
 ) -> DirectionProgram:
     """Assemble the program; `below_outputs` are the output.h parameters of each direction of
     the layer below (empty for layer 0)."""
+    rows, input_size = weights[0].shape
+    constants = build_constants(input_size, rows // 3, quant, scale_type, below_outputs)
+    return with_weights(constants, weights, quant)
+
+
+def with_weights(
+    constants: DirectionConstants,
+    weights: tuple[Tensor, Tensor, Tensor | None, Tensor | None],
+    quant: DirectionQuant,
+) -> DirectionProgram:
+    """Complete cached constants with the codes of the current weights."""
     w_ih, w_hh, b_ih, b_hh = weights
-    rows, input_size = w_ih.shape
-    hidden = rows // 3
+    zeros = w_ih.new_zeros(w_ih.shape[0])
+    return DirectionProgram(
+        input_size=constants.input_size,
+        hidden_size=constants.hidden_size,
+        formats=constants.formats,
+        weight_W=quantize_weight(w_ih, quant["weight.W"]),
+        weight_R=quantize_weight(w_hh, quant["weight.R"]),
+        bias_w=quantize_weight(b_ih if b_ih is not None else zeros, quant["weight.bw"]),
+        bias_r=quantize_weight(b_hh if b_hh is not None else zeros, quant["weight.br"]),
+        terms=constants.terms,
+        tables=constants.tables,
+    )
+
+
+def build_constants(
+    input_size: int,
+    hidden: int,
+    quant: DirectionQuant,
+    scale_type: str,
+    below_outputs: Sequence[OperatorQuant] = (),
+) -> DirectionConstants:
+    """Terms (§4) and tables (§6) of one (layer, direction)."""
+    rows = 3 * hidden
     formats = {name: _format(quant[name]) for name in ACTIVATION_OPERATORS}
     scale = {name: Fraction(fmt.scale) for name, fmt in formats.items()}
     bits = {name: q.spec.bitwidth for name, q in quant.items()}
@@ -175,18 +219,7 @@ def build_program(
         out: build_table(kind, _code_format(formats[source]), _code_format(formats[out]))
         for out, (kind, source) in TABLES.items()
     }
-    zeros = w_ih.new_zeros(rows)
-    return DirectionProgram(
-        input_size=input_size,
-        hidden_size=hidden,
-        formats=formats,
-        weight_W=quantize_weight(w_ih, quant["weight.W"]),
-        weight_R=quantize_weight(w_hh, quant["weight.R"]),
-        bias_w=quantize_weight(b_ih if b_ih is not None else zeros, quant["weight.bw"]),
-        bias_r=quantize_weight(b_hh if b_hh is not None else zeros, quant["weight.br"]),
-        terms=terms,
-        tables=tables,
-    )
+    return DirectionConstants(input_size, hidden, formats, terms, tables)
 
 
 def _format(quant: OperatorQuant) -> ActivationFormat:

@@ -1,0 +1,222 @@
+"""The quantized GRU's forward on float tensors: inputs to codes, the integer model, codes back to
+floats; and, when autograd records, the straight-through graph that gives QAT its gradients.
+
+Forward values are the integer model's, exactly (reference/README.md). Gradients are those of the
+float GRU evaluated at the quantized activations: the float operations of
+decomposed_gru.py run on the dequantized codes of every operator, and each quantization point
+passes its gradient through where its value lay inside the code range and blocks it where it
+saturated (the straight-through estimator with clamp masks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from quant_gru.kernels.torch.decomposed_gru import PointHook, decomposed_direction
+from quant_gru.kernels.torch.quant_gru import quantized_gru
+from quant_gru.kernels.torch.stack import DirectionWeights, GRUShape, run_layers
+from quant_gru.quantize.params import DirectionQuant
+from quant_gru.quantize.program import DirectionConstants, DirectionProgram, with_weights
+from quant_gru.quantize.scales import dequantize, per_row, quantize
+
+# (programs, x_codes, h0_codes, lengths, num_layers, bidirectional, trace) ->
+# (out_codes, h_n_codes, traces): the contract of kernels/torch/quant_gru.quantized_gru and
+# reference/integer_gru.integer_gru.
+Realization = Callable[..., tuple[Tensor, Tensor, list[dict[str, Tensor]] | None]]
+_WEIGHT_FIELDS = {
+    "weight.W": "weight_W",
+    "weight.R": "weight_R",
+    "weight.bw": "bias_w",
+    "weight.br": "bias_r",
+}
+
+
+@dataclass(frozen=True)
+class QuantizedModel:
+    """What the quantized forward needs besides the float weights, per (layer, direction)."""
+
+    quant: Sequence[DirectionQuant]
+    constants: Sequence[DirectionConstants]
+    realization: Realization = quantized_gru
+
+
+def quantized_forward(
+    x: Tensor,
+    h0: Tensor | None,
+    lengths: Tensor | None,
+    weights: Sequence[DirectionWeights],
+    shape: GRUShape,
+    model: QuantizedModel,
+    dropout: float,
+    training: bool,
+) -> tuple[Tensor, Tensor]:
+    """Time-major x (T, B, I) and h0 (L*D, B, H) or None -> (output (T, B, D*H), h_n)."""
+    programs = build_programs(model, weights)
+    h0_codes = initial_codes(h0, programs, x)
+    records = torch.is_grad_enabled() and (
+        x.requires_grad
+        or (h0 is not None and h0.requires_grad)
+        or any(w is not None and w.requires_grad for ws in weights for w in ws)
+    )
+    masks = _dropout_masks(x, shape, dropout, training)
+    out_codes, h_n_codes, traces = _integer_model(
+        x, h0_codes, lengths, shape, programs, model.realization, masks, records
+    )
+    num_dirs = shape.num_directions
+    last_layer = programs[-num_dirs:]
+    hidden = shape.hidden_size
+    out = torch.cat(
+        [
+            _dequantize(out_codes[..., d * hidden : (d + 1) * hidden], p, "output.h")
+            for d, p in enumerate(last_layer)
+        ],
+        dim=-1,
+    ).to(x.dtype)
+    h_n = torch.stack(
+        [_dequantize(h_n_codes[i], p, "output.h") for i, p in enumerate(programs)]
+    ).to(x.dtype)
+    if not records:
+        return out, h_n
+    assert traces is not None
+
+    def run_direction(
+        index: int, x_in: Tensor, h_in: Tensor, lens: Tensor | None, reverse: bool
+    ) -> tuple[Tensor, Tensor]:
+        hook = _straight_through(
+            programs[index], model.quant[index], traces[index], h0_codes[index]
+        )
+        return decomposed_direction(x_in, h_in, weights[index], lens, reverse, hook)
+
+    start = h0 if h0 is not None else x.new_zeros(h_n.shape[0], x.shape[1], hidden)
+    between = None if masks is None else (lambda layer, o: o * masks[layer])
+    out_graph, h_n_graph = run_layers(x, start, lengths, shape, run_direction, between)
+    # Forward values stay the integer model's to the bit; gradients come from the graph.
+    return out + (out_graph - out_graph.detach()), h_n + (h_n_graph - h_n_graph.detach())
+
+
+def build_programs(
+    model: QuantizedModel, weights: Sequence[DirectionWeights]
+) -> list[DirectionProgram]:
+    """The integer programs of the current (float) weights."""
+    return [
+        with_weights(c, (w_ih.detach(), w_hh.detach(), _detach(b_ih), _detach(b_hh)), q)
+        for c, (w_ih, w_hh, b_ih, b_hh), q in zip(
+            model.constants, weights, model.quant, strict=True
+        )
+    ]
+
+
+def _detach(tensor: Tensor | None) -> Tensor | None:
+    return None if tensor is None else tensor.detach()
+
+
+def input_codes(x: Tensor, programs: Sequence[DirectionProgram]) -> Tensor:
+    """Codes of layer 0's input.x (§8; both directions share its parameters)."""
+    return _quantize(x, programs[0], "input.x")
+
+
+def _integer_model(
+    x: Tensor,
+    h0_codes: Tensor,
+    lengths: Tensor | None,
+    shape: GRUShape,
+    programs: Sequence[DirectionProgram],
+    realization: Realization,
+    masks: Sequence[Tensor] | None,
+    trace: bool,
+) -> tuple[Tensor, Tensor, list[dict[str, Tensor]] | None]:
+    """The codes of the whole stack. Without dropout the realization runs every layer (layer
+    boundaries stay integer, §8); with dropout in training each layer runs alone and the
+    dropped-out dequantized output is quantized again for the next layer."""
+    x_codes = input_codes(x, programs)
+    if masks is None:
+        return realization(
+            programs, x_codes, h0_codes, lengths, shape.num_layers, shape.bidirectional, trace
+        )
+    num_dirs, hidden = shape.num_directions, shape.hidden_size
+    finals: list[Tensor] = []
+    traces: list[dict[str, Tensor]] = []
+    for layer in range(shape.num_layers):
+        pairs = slice(layer * num_dirs, (layer + 1) * num_dirs)
+        out_codes, h_n_codes, layer_traces = realization(
+            programs[pairs], x_codes, h0_codes[pairs], lengths, 1, shape.bidirectional, trace
+        )
+        finals.append(h_n_codes)
+        traces.extend(layer_traces or [])
+        if layer < shape.num_layers - 1:
+            values = torch.cat(
+                [
+                    _dequantize(out_codes[..., d * hidden : (d + 1) * hidden], p, "output.h")
+                    for d, p in enumerate(programs[pairs])
+                ],
+                dim=-1,
+            ).to(x.dtype)
+            x_codes = _quantize(values * masks[layer], programs[pairs.stop], "input.x")
+    return out_codes, torch.cat(finals), traces if trace else None
+
+
+def _dropout_masks(
+    x: Tensor, shape: GRUShape, dropout: float, training: bool
+) -> list[Tensor] | None:
+    """Explicit inter-layer dropout masks, so the integer model and the gradient graph drop the
+    same elements."""
+    if dropout == 0 or not training or shape.num_layers == 1:
+        return None
+    features = shape.hidden_size * shape.num_directions
+    ones = x.new_ones(x.shape[0], x.shape[1], features)
+    return [F.dropout(ones, p=dropout, training=True) for _ in range(shape.num_layers - 1)]
+
+
+def initial_codes(h0: Tensor | None, programs: Sequence[DirectionProgram], x: Tensor) -> Tensor:
+    """Codes of h0 per (layer, direction) (§8): hx quantized, or the code of zero."""
+    batch, hidden = x.shape[1], programs[0].hidden_size
+    if h0 is None:
+        zero_points = [p.formats["output.h"].zero_point for p in programs]
+        return torch.tensor(zero_points, device=x.device).view(-1, 1, 1).repeat(1, batch, hidden)
+    return torch.stack([_quantize(h0[i], p, "output.h") for i, p in enumerate(programs)])
+
+
+def _quantize(values: Tensor, program: DirectionProgram, name: str) -> Tensor:
+    fmt = program.formats[name]
+    return quantize(values, fmt.scale, fmt.zero_point, fmt.qmin, fmt.qmax)
+
+
+def _dequantize(codes: Tensor, program: DirectionProgram, name: str) -> Tensor:
+    fmt = program.formats[name]
+    return dequantize(codes, fmt.scale, fmt.zero_point)
+
+
+def _straight_through(
+    program: DirectionProgram, quant: DirectionQuant, trace: Mapping[str, Tensor], h0_codes: Tensor
+) -> PointHook:
+    """The hook that replaces every operator's float value by its dequantized code."""
+
+    def hook(name: str, value: Tensor, valid: Tensor | None, step: int | None) -> Tensor:
+        if name in _WEIGHT_FIELDS:
+            codes: Tensor = getattr(program, _WEIGHT_FIELDS[name])
+            rows = per_row(quant[name].scale, value.shape[0]).to(value.device)
+            scale = rows.view((-1,) + (1,) * (value.dim() - 1))
+            zero_point = torch.zeros_like(codes)
+            qmin, qmax = quant[name].qmin, quant[name].qmax
+        else:
+            fmt = program.formats[name]
+            if step is None:
+                codes = trace[name]
+            elif step < 0:
+                codes = h0_codes
+            else:
+                codes = trace[name][step]
+            scale = torch.tensor(fmt.scale, dtype=torch.float64, device=value.device)
+            zero_point = torch.tensor(fmt.zero_point, device=value.device)
+            qmin, qmax = fmt.qmin, fmt.qmax
+        level = torch.floor(value.detach().double() / scale + 0.5) + zero_point
+        inside = ((level >= qmin) & (level <= qmax)).to(value.dtype)
+        kept = value * inside
+        return dequantize(codes, scale, zero_point).to(value.dtype) + (kept - kept.detach())
+
+    return hook
