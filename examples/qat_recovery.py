@@ -77,7 +77,7 @@ def main() -> None:
     model.gru.use_quantization = True
     ptq_loss = evaluate(model, test)
 
-    train(model, 300, 1e-3, data)
+    train(model, 600, 1e-3, data)
     qat_loss = evaluate(model, test)
     recovered = (ptq_loss - qat_loss) / (ptq_loss - float_loss)
     result = {

@@ -41,7 +41,9 @@ def measure(bits: int, scale_type: str) -> dict[str, float]:
         quantized, _ = model(x)
     noise = (quantized - reference).double().square().sum().item()
     signal = reference.double().square().sum().item()
-    cos = torch.nn.functional.cosine_similarity(quantized.flatten(), reference.flatten(), dim=0)
+    cos = torch.nn.functional.cosine_similarity(
+        quantized.double().flatten(), reference.double().flatten(), dim=0
+    )
     return {
         "bits": bits,
         "scale_type": scale_type,

@@ -117,9 +117,13 @@ def test_torch_path_codes_equal_reference(case: dict, device: torch.device) -> N
             assert_codes_equal(got[name], want[name], f"pair {index} {name}")
 
 
-@settings(max_examples=15, deadline=None)
+@settings(
+    max_examples=15,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(case=cases())
-def test_module_output_is_the_dequantized_reference(case: dict) -> None:
+def test_module_output_is_the_dequantized_reference(case: dict, device: torch.device) -> None:
     """The module's quantized forward (eval and training, which records the STE graph) returns
     exactly the reference codes, dequantized."""
     case = {**case, "lengths": None}
@@ -131,8 +135,11 @@ def test_module_output_is_the_dequantized_reference(case: dict) -> None:
         fmt = program.formats["output.h"]
         codes = expected[0][..., d * hidden : (d + 1) * hidden]
         blocks.append(dequantize(codes, fmt.scale, fmt.zero_point))
-    want = torch.cat(blocks, dim=-1).float()
+    want = torch.cat(blocks, dim=-1).float().to(device)
     model.use_quantization = True
+    model.to(device)
+    x = x.to(device)
+    hx = None if hx is None else hx.to(device)
     with torch.no_grad():
         out, _ = model.eval()(x, hx)
     assert torch.equal(out, want)

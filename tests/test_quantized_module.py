@@ -197,3 +197,98 @@ def test_calibration_does_not_change_float_results() -> None:
     x = torch.randn(5, 3, 4, dtype=torch.float64)
     out, _ = model(x)
     torch.testing.assert_close(out, reference(x)[0], rtol=1e-10, atol=1e-12)
+
+
+BAD_CONFIGS = {
+    "width 0": ({"operator_config": {"gate.z_out": {"bitwidth": 0}}}, "bitwidth", "0"),
+    "width 33": ({"operator_config": {"op.rRh": {"bitwidth": 33}}}, "bitwidth", "33"),
+    "width as string": ({"operator_config": {"input.x": {"bitwidth": "8"}}}, "bitwidth", "'8'"),
+    "symmetric as int": (
+        {"operator_config": {"input.x": {"bitwidth": 8, "is_symmetric": 1}}},
+        "is_symmetric",
+        "1",
+    ),
+    "asymmetric weights": (
+        {"operator_config": {"weight.R": {"bitwidth": 8, "is_symmetric": False}}},
+        "weight.R",
+        "False",
+    ),
+    "unknown operator": ({"operator_config": {"gate.q": {"bitwidth": 8}}}, "gate.q", "gate.q"),
+    "unknown entry key": (
+        {"operator_config": {"input.x": {"bitwidth": 8, "bits": 4}}},
+        "bits",
+        "bits",
+    ),
+    "alias and name": (
+        {"operator_config": {"input.h": {"bitwidth": 8}, "output.h": {"bitwidth": 8}}},
+        "input.h",
+        "output.h",
+    ),
+    "bad scale type": ({"default_config": {"scale_type": "log"}}, "scale_type", "'log'"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_CONFIGS))
+def test_every_config_error_names_the_key_and_changes_nothing(name: str, tmp_path) -> None:
+    section, key, shown = BAD_CONFIGS[name]
+    model = calibrated(QuantGRU(4, 8), torch.randn(3, 2, 4))
+    x = torch.randn(3, 2, 4)
+    with torch.no_grad():
+        before = model(x)[0]
+    config = model.quant_config
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"GRU_config": section}))
+    with pytest.raises(QuantConfigError) as caught:
+        model.load_bitwidth_config(path)
+    assert key in str(caught.value) and shown in str(caught.value), str(caught.value)
+    assert model.quant_config is config and model.is_calibrated()
+    with torch.no_grad():
+        assert torch.equal(model(x)[0], before)
+
+
+def test_malformed_and_missing_config_files(tmp_path) -> None:
+    model = QuantGRU(4, 8)
+    config = model.quant_config
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"GRU_config": {"operator_config": {')
+    with pytest.raises(QuantConfigError, match="line 1"):
+        model.load_bitwidth_config(broken)
+    with pytest.raises(FileNotFoundError, match=r"absent\.json"):
+        model.load_bitwidth_config(tmp_path / "absent.json")
+    assert model.quant_config is config
+
+
+def test_packed_quantized_forward_equals_each_sequence_alone(device: torch.device) -> None:
+    """Lengths only decide which steps run: a packed batch gives every sequence the codes it
+    gets on its own."""
+    torch.manual_seed(7)
+    model = QuantGRU(4, 6, num_layers=2, bidirectional=True).to(device)
+    x = torch.randn(7, 3, 4, device=device)
+    calibrated(model, x)
+    lengths = torch.tensor([7, 3, 5])
+    hx = torch.randn(4, 3, 6, device=device) * 0.5
+    with torch.no_grad():
+        packed_out, packed_h = model(pack_padded_sequence(x, lengths, enforce_sorted=False), hx)
+        padded, _ = torch.nn.utils.rnn.pad_packed_sequence(packed_out)
+        for b, length in enumerate(lengths.tolist()):
+            alone, alone_h = model(x[:length, b : b + 1], hx[:, b : b + 1])
+            assert torch.equal(padded[:length, b], alone[:, 0])
+            assert torch.equal(packed_h[:, b], alone_h[:, 0])
+
+
+def test_qat_with_inter_layer_dropout_trains(device: torch.device) -> None:
+    torch.manual_seed(8)
+    model = QuantGRU(4, 6, num_layers=3, dropout=0.4, bidirectional=True).to(device)
+    x = torch.randn(5, 2, 4, device=device)
+    calibrated(model, x)
+    model.train()
+    out, h_n = model(x.requires_grad_())
+    (out.square().sum() + h_n.sum()).backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    with torch.no_grad():
+        first, second = model(x)[0], model(x)[0]
+        assert not torch.equal(first, second), "dropout should make training forwards differ"
+        evaluated, again = model.eval()(x)[0], model(x)[0]
+    assert torch.equal(evaluated, again)
