@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from quant_gru import QuantGRU
+from quant_gru.calibration.observer import OPERATOR_INDEX
 from quant_gru.config import GRUQuantConfig, QuantConfigError
 
 
@@ -46,7 +47,8 @@ def test_calibration_observes_every_operator_including_h0() -> None:
     ranges = model.calibration_ranges
     assert torch.isfinite(ranges).all()
     assert ranges.shape == (4, 14, 2)
-    assert (ranges[:, 1, 1] == 5.0).all(), "h0 must be part of output.h's range"
+    h_index = OPERATOR_INDEX["output.h"]
+    assert (ranges[:, h_index, 1] == 5.0).all(), "h0 must be part of output.h's range"
 
 
 def test_padded_steps_are_not_observed() -> None:

@@ -18,10 +18,10 @@ from quant_gru.quantize.requant import Term, make_term
 from quant_gru.quantize.scales import per_row, quantize
 from quant_gru.quantize.tables import CodeFormat, Table, build_table
 
-# Operators computed by §5 from terms, in the order of §7, with what each term is made of.
+# The activation operators (those with one scale and zero point, computed by §5 or §6), in the
+# order of §7: the layer input, the input projection, then one step's operators.
 ACTIVATION_OPERATORS = (
     "input.x",
-    "output.h",
     "matmul.Wx",
     "matmul.Rh",
     "op.Rh_add_br",
@@ -34,6 +34,7 @@ ACTIVATION_OPERATORS = (
     "gate.g_out",
     "op.old_contrib",
     "op.new_contrib",
+    "output.h",
 )
 TABLES = {
     "gate.r_out": ("sigmoid", "gate.r_pre"),

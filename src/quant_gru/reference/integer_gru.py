@@ -12,29 +12,14 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from quant_gru.quantize.program import ActivationFormat, DirectionProgram
+from quant_gru.quantize.program import ACTIVATION_OPERATORS, ActivationFormat, DirectionProgram
 from quant_gru.quantize.requant import TERM_LIMIT, Term
 from quant_gru.quantize.tables import SEGMENTS, Table
 
 __all__ = ["TRACED_OPERATORS", "integer_gru"]
 
 # Operators recorded by the trace, in §7's order (input.x first).
-TRACED_OPERATORS: tuple[str, ...] = (
-    "input.x",
-    "matmul.Wx",
-    "matmul.Rh",
-    "op.Rh_add_br",
-    "gate.r_pre",
-    "gate.z_pre",
-    "gate.r_out",
-    "gate.z_out",
-    "op.rRh",
-    "gate.g_pre",
-    "gate.g_out",
-    "op.old_contrib",
-    "op.new_contrib",
-    "output.h",
-)
+TRACED_OPERATORS = ACTIVATION_OPERATORS
 
 _SHIFT_TO_ZERO = 63  # §3: rshr(v, n) = 0 for n >= 63 when |v| < 2^62
 _OPERAND_LIMIT = 2**62  # §3: every operand of rshr is below this in magnitude

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from quant_gru.quantize.program import ActivationFormat, DirectionProgram
-from quant_gru.quantize.requant import Term, ceil_log2
+from quant_gru.quantize.program import ACTIVATION_OPERATORS, ActivationFormat, DirectionProgram
+from quant_gru.quantize.requant import TERM_LIMIT, Term, ceil_log2
 from quant_gru.quantize.tables import Table
 
 __all__ = [
@@ -34,27 +34,11 @@ __all__ = [
     "table_lookup",
 ]
 
-TERM_LIMIT = 1 << 60  # §4: every term saturates to [-2^60, 2^60]
 FLOAT64_EXACT_BITS = 52  # float64 sums of integers of magnitude <= 2^52 are exact
 _LONGEST_SHIFT = 62  # shift amounts beyond this are handled explicitly (§3)
 _LUT_ENTRIES = 1 << 18  # tables spanning at most this many codes are expanded into a lookup table
 
-_STEP_OPERATORS = (
-    "matmul.Rh",
-    "op.Rh_add_br",
-    "gate.r_pre",
-    "gate.z_pre",
-    "gate.r_out",
-    "gate.z_out",
-    "op.rRh",
-    "gate.g_pre",
-    "gate.g_out",
-    "op.old_contrib",
-    "op.new_contrib",
-    "output.h",
-)
-# Operators recorded by quantized_gru(trace=True), each as int64 codes of shape (T, B, C).
-TRACED_OPERATORS = ("input.x", "matmul.Wx", *_STEP_OPERATORS)
+TRACED_OPERATORS = ACTIVATION_OPERATORS
 
 Traces = list[dict[str, Tensor]]
 _Constant = int | Tensor  # one value for every channel, or one per channel (last dimension)
