@@ -7,6 +7,7 @@ they share nothing else.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -145,6 +146,10 @@ def build_constants(
     def term(out: str, scales: Sequence[Fraction], operands: Sequence[str], dot: int = 1) -> Term:
         return make_term(scales, scale[out], [bits[o] for o in operands], dot, scale_type)
 
+    def activation_term(out: str, *operands: str) -> Term:
+        """A term made of activation codes only: its scale is the product of theirs."""
+        return term(out, [math.prod((scale[o] for o in operands), start=Fraction(1))], operands)
+
     s_W, s_R, s_bw, s_br = (
         row_scales(n) for n in ("weight.W", "weight.R", "weight.bw", "weight.br")
     )
@@ -174,46 +179,30 @@ def build_constants(
             ),
         ),
         "op.Rh_add_br": (
-            term("op.Rh_add_br", [scale["matmul.Rh"]], ("matmul.Rh",)),
+            activation_term("op.Rh_add_br", "matmul.Rh"),
             term("op.Rh_add_br", s_br, ("weight.br",)),
         ),
         "gate.r_pre": (
-            term("gate.r_pre", [scale["matmul.Wx"]], ("matmul.Wx",)),
-            term("gate.r_pre", [scale["op.Rh_add_br"]], ("op.Rh_add_br",)),
+            activation_term("gate.r_pre", "matmul.Wx"),
+            activation_term("gate.r_pre", "op.Rh_add_br"),
         ),
         "gate.z_pre": (
-            term("gate.z_pre", [scale["matmul.Wx"]], ("matmul.Wx",)),
-            term("gate.z_pre", [scale["op.Rh_add_br"]], ("op.Rh_add_br",)),
+            activation_term("gate.z_pre", "matmul.Wx"),
+            activation_term("gate.z_pre", "op.Rh_add_br"),
         ),
-        "op.rRh": (
-            term(
-                "op.rRh",
-                [scale["gate.r_out"] * scale["op.Rh_add_br"]],
-                ("gate.r_out", "op.Rh_add_br"),
-            ),
-        ),
+        "op.rRh": (activation_term("op.rRh", "gate.r_out", "op.Rh_add_br"),),
         "gate.g_pre": (
-            term("gate.g_pre", [scale["matmul.Wx"]], ("matmul.Wx",)),
-            term("gate.g_pre", [scale["op.rRh"]], ("op.rRh",)),
+            activation_term("gate.g_pre", "matmul.Wx"),
+            activation_term("gate.g_pre", "op.rRh"),
         ),
-        "op.old_contrib": (
-            term(
-                "op.old_contrib",
-                [scale["gate.z_out"] * scale["output.h"]],
-                ("gate.z_out", "output.h"),
-            ),
-        ),
+        "op.old_contrib": (activation_term("op.old_contrib", "gate.z_out", "output.h"),),
         "op.new_contrib": (
-            term("op.new_contrib", [scale["gate.g_out"]], ("gate.g_out",)),
-            term(
-                "op.new_contrib",
-                [scale["gate.z_out"] * scale["gate.g_out"]],
-                ("gate.z_out", "gate.g_out"),
-            ),
+            activation_term("op.new_contrib", "gate.g_out"),
+            activation_term("op.new_contrib", "gate.z_out", "gate.g_out"),
         ),
         "output.h": (
-            term("output.h", [scale["op.old_contrib"]], ("op.old_contrib",)),
-            term("output.h", [scale["op.new_contrib"]], ("op.new_contrib",)),
+            activation_term("output.h", "op.old_contrib"),
+            activation_term("output.h", "op.new_contrib"),
         ),
     }
     tables = {
