@@ -23,20 +23,18 @@ message starts with the JSON path of the offending key and says what was expecte
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import errno
 import functools
 import json
 import os
-import stat
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, NoReturn, TypeVar
+
+from quant_gru._files import atomic_write_text
 
 __all__ = [
     "GRANULARITIES",
@@ -421,7 +419,7 @@ class GRUQuantConfig:
         The write is atomic: readers see either the old file or the complete new one.
         """
         text = json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
-        _atomic_write_text(Path(path), text)
+        atomic_write_text(Path(path), text)
 
     # --- lookup and derived configs -------------------------------------------------------------
 
@@ -575,39 +573,3 @@ def _shipped_default() -> GRUQuantConfig:
         return _parse_config(_parse_json(resource.read_text(encoding="utf-8")), base=None)
     except QuantConfigError as exc:
         raise type(exc)(f"shipped quant_gru/configs/default_bitwidth.json: {exc}") from None
-
-
-def _atomic_write_text(target: Path, text: str) -> None:
-    """Write ``text`` to a temporary file next to ``target``, sync it, then rename it over."""
-    directory = target.parent
-    temporary = directory / f".{target.name}.{uuid.uuid4().hex}.tmp"
-    # O_EXCL: never write into someone else's file; 0o666 lets the umask decide, as open() does.
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    try:
-        descriptor = os.open(temporary, flags, 0o666)
-    except FileNotFoundError:
-        # Name the missing directory rather than the temporary file the caller never asked for.
-        raise FileNotFoundError(errno.ENOENT, "No such directory", str(directory)) from None
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8", newline="\n") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        with contextlib.suppress(OSError):  # overwriting keeps the existing file's permissions
-            os.chmod(temporary, stat.S_IMODE(os.stat(target).st_mode))
-        os.replace(temporary, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-    _fsync_directory(directory)
-
-
-def _fsync_directory(directory: Path) -> None:
-    # Makes the rename itself durable on POSIX; where directories cannot be opened, skip it.
-    with contextlib.suppress(OSError):
-        descriptor = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)

@@ -12,13 +12,14 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from quant_gru import functional
+from quant_gru import functional, quant_state
 from quant_gru._report import report
 from quant_gru.calibration.minmax import direction_quant
 from quant_gru.calibration.observer import empty_ranges, range_hook
 from quant_gru.config import GRUQuantConfig
+from quant_gru.export import quant_params
 from quant_gru.kernels.torch.decomposed_gru import PointHook
-from quant_gru.kernels.torch.quantized_forward import QuantizedModel
+from quant_gru.kernels.torch.quantized_forward import QuantizedModel, build_programs
 from quant_gru.kernels.torch.stack import DirectionWeights, GRUShape
 from quant_gru.quantize.params import DirectionQuant
 from quant_gru.quantize.program import ACTIVATION_OPERATORS, build_constants
@@ -271,18 +272,102 @@ class QuantGRU(nn.Module):
                 for i, name in enumerate(ACTIVATION_OPERATORS)
             }
             quant.append(direction_quant(observed, weights, self.quant_config))
+        self._install(self.quant_config, quant)
+        report(verbose, f"QuantGRU calibrated (minmax): {len(quant)} (layer, direction) pairs")
+
+    def _install(self, config: GRUQuantConfig, quant: list[DirectionQuant]) -> None:
+        """Put a config and its parameters in force (the integer constants are derived here)."""
+        dirs = self.num_directions
         constants = []
         for index, weights in enumerate(self._direction_weights()):
             layer = index // dirs
             below = [q["output.h"] for q in quant[(layer - 1) * dirs : layer * dirs]]
             rows, input_size = weights[0].shape
             constants.append(
-                build_constants(
-                    input_size, rows // 3, quant[index], self.quant_config.scale_type, below
-                )
+                build_constants(input_size, rows // 3, quant[index], config.scale_type, below)
             )
+        self.quant_config = config
         self._quantized = QuantizedModel(quant, constants)
-        report(verbose, f"QuantGRU calibrated (minmax): {len(quant)} (layer, direction) pairs")
+
+    def export_quant_params(
+        self, path: str | os.PathLike[str], include_weights: bool = False, verbose: bool = False
+    ) -> None:
+        """Write the quantization parameters as JSON (written atomically: a crash never leaves
+        a partial file). Calibrates from the collected statistics if not done yet."""
+        model = self._quantized_model()
+        programs = build_programs(model, self._direction_weights())
+        doc = quant_params.document(
+            self._model_info(),
+            self.quant_config,
+            model.quant,
+            programs,
+            self._pair_names,
+            include_weights,
+        )
+        quant_params.write(path, doc)
+        report(verbose, f"QuantGRU quantization parameters written to {os.fspath(path)}")
+
+    def load_quant_params(self, path: str | os.PathLike[str], verbose: bool = False) -> None:
+        """Load parameters written by export_quant_params (bit-width config included) into a
+        module of the same shape; afterwards it produces the exporting module's codes. A file
+        that is malformed or does not fit raises ``QuantParamsError`` and changes nothing."""
+        config, quant = quant_params.read(path, self._model_info(), self._pair_names)
+        self._install(config, quant)
+        report(verbose, f"QuantGRU quantization parameters loaded from {os.fspath(path)}")
+
+    def _model_info(self) -> dict[str, Any]:
+        return {
+            "input_size": self.input_size,
+            "hidden_size": self.hidden_size,
+            "num_layers": self.num_layers,
+            "bidirectional": self.bidirectional,
+            "bias": self.bias,
+        }
+
+    @property
+    def _pair_names(self) -> list[str]:
+        """nn.GRU's names of the (layer, direction) pairs: l0, l0_reverse, l1, ..."""
+        return [
+            f"l{layer}{suffix}"
+            for layer in range(self.num_layers)
+            for suffix in self._direction_suffixes
+        ]
+
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._quantized is not None:
+            entries = quant_state.encode_state(
+                self.quant_config, self._quantized.quant, self._pair_names
+            )
+            device = next(self.parameters()).device
+            destination.update({prefix + k: v.to(device) for k, v in entries.items()})
+
+    def _load_from_state_dict(
+        self,
+        state_dict: Any,
+        prefix: str,
+        local_metadata: Any,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        ours = [k for k in unexpected_keys if k[len(prefix) :].startswith("quant_")]
+        for key in ours:
+            unexpected_keys.remove(key)
+        if not quant_state.has_state(state_dict, prefix):
+            return
+        try:
+            config, quant = quant_state.decode_state(
+                state_dict, prefix, self._pair_names, self.hidden_size
+            )
+        except ValueError as error:
+            error_msgs.append(f"quantization state of {type(self).__name__}: {error}")
+            return
+        self._install(config, quant)
 
     def load_bitwidth_config(self, path: str | os.PathLike[str], verbose: bool = False) -> None:
         """Load a bit-width config (JSON, the seed's format); invalid files raise

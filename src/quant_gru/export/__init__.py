@@ -1,0 +1,1 @@
+"""Exports of a QuantGRU: quantization-parameter files (ONNX export follows)."""
