@@ -14,6 +14,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from quant_gru import functional, quant_state
 from quant_gru._report import report
+from quant_gru.calibration.distributed import reduce_ranges
 from quant_gru.calibration.minmax import direction_quant
 from quant_gru.calibration.observer import empty_ranges, range_hook
 from quant_gru.config import GRUQuantConfig
@@ -78,7 +79,7 @@ class QuantGRU(nn.Module):
     use_quantization: bool
     calibrating: bool
     quant_config: GRUQuantConfig
-    calibration_ranges: Tensor
+    _ranges: Tensor
 
     def __init__(
         self,
@@ -141,11 +142,9 @@ class QuantGRU(nn.Module):
                     self._flat_weights_names.append(name)
         self.reset_parameters()
         # [min, max] of every activation operator per (layer, direction), from calibration.
-        # Not part of state_dict yet, so state_dicts stay interchangeable with nn.GRU's.
-        pairs = num_layers * self.num_directions
-        self.register_buffer(
-            "calibration_ranges", empty_ranges(pairs, factory["device"]), persistent=False
-        )
+        # A plain attribute, not a buffer: DistributedDataParallel would overwrite each rank's
+        # statistics with rank 0's at every forward; finalize_calibration reduces them instead.
+        self._ranges = empty_ranges(num_layers * self.num_directions, factory["device"])
 
     @property
     def num_directions(self) -> int:
@@ -220,8 +219,13 @@ class QuantGRU(nn.Module):
 
     # --- quantization ----------------------------------------------------------------------
 
+    @property
+    def calibration_ranges(self) -> Tensor:
+        """[min, max] seen so far of every activation operator, (L*D, 14, 2) float64."""
+        return self._ranges
+
     def _observer(self, index: int) -> PointHook:
-        return range_hook(self.calibration_ranges[index])
+        return range_hook(self._ranges[index])
 
     def _quantized_model(self) -> QuantizedModel:
         if self._quantized is None:
@@ -236,7 +240,7 @@ class QuantGRU(nn.Module):
         return self._quantized
 
     def _has_statistics(self) -> bool:
-        return bool(torch.isfinite(self.calibration_ranges).all())
+        return bool(torch.isfinite(self._ranges).all())
 
     def is_calibrated(self) -> bool:
         """Whether quantization parameters are computed and in force."""
@@ -244,7 +248,7 @@ class QuantGRU(nn.Module):
 
     def reset_calibration(self) -> None:
         """Forget the collected statistics and the parameters computed from them."""
-        self.calibration_ranges.copy_(empty_ranges(self.calibration_ranges.shape[0]))
+        self._ranges.copy_(empty_ranges(self._ranges.shape[0]))
         self._quantized = None
 
     def finalize_calibration(self, verbose: bool = False) -> None:
@@ -254,12 +258,12 @@ class QuantGRU(nn.Module):
         Both directions of a layer read the same input, so they share its ``input.x``
         parameters (reference/README.md §8): the union of their ranges.
         """
-        if not self._has_statistics():
+        ranges = reduce_ranges(self._ranges).cpu()
+        if not bool(torch.isfinite(ranges).all()):
             raise RuntimeError(
                 "no calibration statistics: set model.calibrating = True and run forward on "
                 "calibration data first"
             )
-        ranges = self.calibration_ranges.detach().cpu().clone()
         dirs = self.num_directions
         x_index = ACTIVATION_OPERATORS.index("input.x")
         for layer in range(self.num_layers):
@@ -389,9 +393,8 @@ class QuantGRU(nn.Module):
 
     def _apply(self, fn: Any, recurse: bool = True) -> QuantGRU:
         # Statistics follow the module's device but keep float64 whatever dtype it moves to.
-        ranges = self.calibration_ranges
         super()._apply(fn, recurse)
-        self.calibration_ranges = ranges.to(self.calibration_ranges.device)
+        self._ranges = self._ranges.to(next(self.parameters()).device)
         return self
 
     @classmethod
