@@ -217,3 +217,34 @@ def test_export_is_atomic(tmp_path, monkeypatch) -> None:
 def test_export_of_an_uncalibrated_module_says_how(tmp_path) -> None:
     with pytest.raises(RuntimeError, match="not calibrated"):
         QuantGRU(**SHAPE).export_quant_params(tmp_path / "params.json")
+
+
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_gate", "per_channel"])
+def test_aimet_encodings_describe_the_same_grids(tmp_path, granularity: str) -> None:
+    """For every quantizer, AIMET's real value of each grid point equals ours."""
+    model = calibrated_model()
+    config = model.quant_config
+    for name in ("weight.W", "weight.R", "weight.bw", "weight.br"):
+        config = config.replace_operator(name, granularity=granularity)
+    model.quant_config = config
+    model.finalize_calibration()
+    path = tmp_path / "encodings.json"
+    model.export_aimet_encodings(path)
+    doc = json.loads(path.read_text())
+    assert doc["version"] == "1.0.0"
+    entries = {e["name"]: e for e in doc["activation_encodings"] + doc["param_encodings"]}
+    assert len(doc["activation_encodings"]) == 4 * 14 and len(doc["param_encodings"]) == 4 * 4
+    quant = model._quantized_model().quant
+    for pair_index, pair in enumerate(model._pair_names):
+        for op, key in [("gate.z_out", f"{pair}.gate.z_out"), ("weight.R", f"weight_hh_{pair}")]:
+            ours, entry = quant[pair_index][op], entries[key]
+            assert entry["bw"] == ours.spec.bitwidth and entry["is_sym"] == ours.spec.is_symmetric
+            rows = len(entry["scale"])
+            assert entry["enc_type"] == ("PER_TENSOR" if rows == 1 else "PER_CHANNEL")
+            scales = ours.scale.repeat_interleave(rows // ours.scale.numel())
+            zero_points = ours.zero_point.repeat_interleave(rows // ours.scale.numel())
+            for q in (ours.qmin, ours.qmax):
+                aimet_real = torch.tensor(entry["scale"], dtype=torch.float64) * (
+                    q - ours.qmin + torch.tensor(entry["offset"], dtype=torch.float64)
+                )
+                assert torch.equal(aimet_real, scales * (q - zero_points))

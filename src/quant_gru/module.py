@@ -18,7 +18,7 @@ from quant_gru.calibration.distributed import reduce_ranges
 from quant_gru.calibration.minmax import direction_quant
 from quant_gru.calibration.observer import empty_ranges, range_hook
 from quant_gru.config import GRUQuantConfig
-from quant_gru.export import quant_params
+from quant_gru.export import aimet, quant_params
 from quant_gru.kernels.torch.decomposed_gru import PointHook
 from quant_gru.kernels.torch.quantized_forward import QuantizedModel, build_programs
 from quant_gru.kernels.torch.stack import DirectionWeights, GRUShape
@@ -318,6 +318,13 @@ class QuantGRU(nn.Module):
         config, quant = quant_params.read(path, self._model_info(), self._pair_names)
         self._install(config, quant)
         report(verbose, f"QuantGRU quantization parameters loaded from {os.fspath(path)}")
+
+    def export_aimet_encodings(self, path: str | os.PathLike[str], verbose: bool = False) -> None:
+        """Write the quantization grids as AIMET encodings (format 1.0.0), atomically."""
+        model = self._quantized_model()
+        doc = aimet.encodings(model.quant, self._pair_names, self.hidden_size, self.bias)
+        quant_params.write(path, doc)
+        report(verbose, f"QuantGRU AIMET encodings written to {os.fspath(path)}")
 
     def _model_info(self) -> dict[str, Any]:
         return {
