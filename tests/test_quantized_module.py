@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from quant_gru import QuantGRU
-from quant_gru.calibration.observer import OPERATOR_INDEX
+from quant_gru.calibration.statistics import OPERATOR_INDEX
 from quant_gru.config import GRUQuantConfig, QuantConfigError
 
 

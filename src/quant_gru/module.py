@@ -14,12 +14,17 @@ from torch.nn.utils.rnn import PackedSequence
 
 from quant_gru import functional, quant_state
 from quant_gru._report import report
-from quant_gru.calibration.distributed import reduce_ranges
-from quant_gru.calibration.minmax import direction_quant
-from quant_gru.calibration.observer import empty_ranges, range_hook
+from quant_gru.calibration.histogram import Histogram
+from quant_gru.calibration.methods import (
+    DEFAULT_METHOD,
+    DEFAULT_PERCENTILE,
+    METHODS,
+    qparams_from_histogram,
+)
+from quant_gru.calibration.parameters import assemble_direction_quant
+from quant_gru.calibration.statistics import CalibrationStatistics
 from quant_gru.config import GRUQuantConfig
 from quant_gru.export import aimet, quant_params
-from quant_gru.kernels.torch.decomposed_gru import PointHook
 from quant_gru.kernels.torch.quantized_forward import QuantizedModel, build_programs
 from quant_gru.kernels.torch.stack import DirectionWeights, GRUShape
 from quant_gru.quantize.params import DirectionQuant
@@ -79,7 +84,9 @@ class QuantGRU(nn.Module):
     use_quantization: bool
     calibrating: bool
     quant_config: GRUQuantConfig
-    _ranges: Tensor
+    _statistics: CalibrationStatistics
+    _calibration_method: str
+    _percentile_value: float
 
     def __init__(
         self,
@@ -141,10 +148,12 @@ class QuantGRU(nn.Module):
                     self.register_parameter(name, nn.Parameter(torch.empty(shape, **factory)))
                     self._flat_weights_names.append(name)
         self.reset_parameters()
-        # [min, max] of every activation operator per (layer, direction), from calibration.
-        # A plain attribute, not a buffer: DistributedDataParallel would overwrite each rank's
-        # statistics with rank 0's at every forward; finalize_calibration reduces them instead.
-        self._ranges = empty_ranges(num_layers * self.num_directions, factory["device"])
+        # Histograms of every activation operator per (layer, direction), from calibration.
+        # Not buffers: DistributedDataParallel would overwrite each rank's statistics with rank
+        # 0's at every forward; finalize_calibration reduces them across ranks instead.
+        self._statistics = CalibrationStatistics(self.num_layers * self.num_directions, device)
+        self._calibration_method = DEFAULT_METHOD
+        self._percentile_value = DEFAULT_PERCENTILE
 
     @property
     def num_directions(self) -> int:
@@ -207,9 +216,21 @@ class QuantGRU(nn.Module):
         """
         weights, shape = self._direction_weights(), self._shape()
         if self.calibrating:
-            return functional.gru(
-                input, hx, weights, shape, self.dropout, self.training, observe=self._observer
-            )
+            try:
+                result = functional.gru(
+                    input,
+                    hx,
+                    weights,
+                    shape,
+                    self.dropout,
+                    self.training,
+                    observe=self._statistics.hook,
+                )
+            except BaseException:
+                self._statistics.discard_pending()
+                raise
+            self._statistics.flush()
+            return result
         if self.use_quantization and not self.quant_config.disable_quantization:
             model = self._quantized_model()
             return functional.quantized_gru(
@@ -221,11 +242,42 @@ class QuantGRU(nn.Module):
 
     @property
     def calibration_ranges(self) -> Tensor:
-        """[min, max] seen so far of every activation operator, (L*D, 14, 2) float64."""
-        return self._ranges
+        """[min, max] seen so far of every activation operator, (L*D, 14, 2) float64 (CPU),
+        operators in ACTIVATION_OPERATORS order; [+inf, -inf] where nothing was seen."""
+        return self._statistics.ranges()
 
-    def _observer(self, index: int) -> PointHook:
-        return range_hook(self._ranges[index])
+    @property
+    def calibration_method(self) -> str:
+        """How activation ranges are chosen from the statistics: 'sqnr' (default: least
+        quantization noise), 'percentile' (clip both tails, see percentile_value) or 'minmax'."""
+        return self._calibration_method
+
+    @calibration_method.setter
+    def calibration_method(self, method: str) -> None:
+        if method not in METHODS:
+            raise ValueError(
+                f"calibration_method must be one of {', '.join(map(repr, METHODS))}, got {method!r}"
+            )
+        self._calibration_method = method
+        self._parameters_stale()
+
+    @property
+    def percentile_value(self) -> float:
+        """Percent of the values the 'percentile' method keeps (default 99.99)."""
+        return self._percentile_value
+
+    @percentile_value.setter
+    def percentile_value(self, value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 100:
+            raise ValueError(f"percentile_value must be a number in (0, 100], got {value!r}")
+        self._percentile_value = float(value)
+        self._parameters_stale()
+
+    def _parameters_stale(self) -> None:
+        # Parameters computed from statistics are recomputed at the next quantized forward;
+        # parameters loaded from a file, with no statistics behind them, stay.
+        if self._statistics.is_complete:
+            self._quantized = None
 
     def _quantized_model(self) -> QuantizedModel:
         if self._quantized is None:
@@ -240,7 +292,7 @@ class QuantGRU(nn.Module):
         return self._quantized
 
     def _has_statistics(self) -> bool:
-        return bool(torch.isfinite(self._ranges).all())
+        return self._statistics.is_complete
 
     def is_calibrated(self) -> bool:
         """Whether quantization parameters are computed and in force."""
@@ -248,36 +300,51 @@ class QuantGRU(nn.Module):
 
     def reset_calibration(self) -> None:
         """Forget the collected statistics and the parameters computed from them."""
-        self._ranges.copy_(empty_ranges(self._ranges.shape[0]))
+        self._statistics = CalibrationStatistics(len(self._pair_names), self._device())
         self._quantized = None
 
     def finalize_calibration(self, verbose: bool = False) -> None:
         """Compute the quantization parameters of every (layer, direction) from the collected
-        statistics (min/max) and the current weights.
+        statistics (with ``calibration_method``) and the current weights (max-abs, symmetric).
 
-        Both directions of a layer read the same input, so they share its ``input.x``
-        parameters (reference/README.md §8): the union of their ranges.
+        Under torch.distributed the statistics of all ranks are merged first, so every rank
+        gets the parameters one process would get from all the data. Both directions of a
+        layer read the same input, so they share its ``input.x`` parameters
+        (reference/README.md §8), computed from both directions' statistics.
         """
-        ranges = reduce_ranges(self._ranges).cpu()
-        if not bool(torch.isfinite(ranges).all()):
+        histograms = self._statistics.reduced()
+        if not all(not h.is_empty for row in histograms for h in row):
             raise RuntimeError(
                 "no calibration statistics: set model.calibrating = True and run forward on "
                 "calibration data first"
             )
-        dirs = self.num_directions
-        x_index = ACTIVATION_OPERATORS.index("input.x")
+        dirs, x_index = self.num_directions, ACTIVATION_OPERATORS.index("input.x")
         for layer in range(self.num_layers):
-            block = ranges[layer * dirs : (layer + 1) * dirs, x_index]
-            block[:, 0], block[:, 1] = block[:, 0].min(), block[:, 1].max()
-        quant: list[DirectionQuant] = []
-        for index, weights in enumerate(self._direction_weights()):
-            observed = {
-                name: (float(ranges[index, i, 0]), float(ranges[index, i, 1]))
-                for i, name in enumerate(ACTIVATION_OPERATORS)
+            rows = histograms[layer * dirs : (layer + 1) * dirs]
+            shared = rows[0][x_index]
+            for row in rows[1:]:
+                shared = Histogram.merge(shared, row[x_index])
+            for row in rows:
+                row[x_index] = shared
+        config, quant = self.quant_config, []
+        for row, weights in zip(histograms, self._direction_weights(), strict=True):
+            activations = {
+                name: qparams_from_histogram(
+                    hist,
+                    config.spec(name),
+                    config.scale_type,
+                    self._calibration_method,
+                    self._percentile_value,
+                )
+                for name, hist in zip(ACTIVATION_OPERATORS, row, strict=True)
             }
-            quant.append(direction_quant(observed, weights, self.quant_config))
-        self._install(self.quant_config, quant)
-        report(verbose, f"QuantGRU calibrated (minmax): {len(quant)} (layer, direction) pairs")
+            quant.append(assemble_direction_quant(activations, weights, config))
+        self._install(config, quant)
+        report(
+            verbose,
+            f"QuantGRU calibrated ({self._calibration_method}): {len(quant)} "
+            "(layer, direction) pairs",
+        )
 
     def _install(self, config: GRUQuantConfig, quant: list[DirectionQuant]) -> None:
         """Put a config and its parameters in force (the integer constants are derived here)."""
@@ -350,7 +417,7 @@ class QuantGRU(nn.Module):
             entries = quant_state.encode_state(
                 self.quant_config, self._quantized.quant, self._pair_names
             )
-            device = next(self.parameters()).device
+            device = self._device()
             destination.update({prefix + k: v.to(device) for k, v in entries.items()})
 
     def _load_from_state_dict(
@@ -399,10 +466,13 @@ class QuantGRU(nn.Module):
         report(verbose, f"QuantGRU bit-width config set ({origin})")
 
     def _apply(self, fn: Any, recurse: bool = True) -> QuantGRU:
-        # Statistics follow the module's device but keep float64 whatever dtype it moves to.
+        # Statistics follow the module's device whatever dtype it moves to.
         super()._apply(fn, recurse)
-        self._ranges = self._ranges.to(next(self.parameters()).device)
+        self._statistics = self._statistics.to(self._device())
         return self
+
+    def _device(self) -> torch.device:
+        return next(self.parameters()).device
 
     @classmethod
     def from_float(cls, gru: nn.GRU, use_quantization: bool = False) -> QuantGRU:
