@@ -294,3 +294,49 @@ def test_qat_with_inter_layer_dropout_trains(device: torch.device) -> None:
         assert not torch.equal(first, second), "dropout should make training forwards differ"
         evaluated, again = model.eval()(x)[0], model(x)[0]
     assert torch.equal(evaluated, again)
+
+
+def test_calibration_method_and_percentile_are_validated() -> None:
+    model = QuantGRU(3, 4)
+    assert model.calibration_method == "sqnr" and model.percentile_value == 99.99
+    with pytest.raises(ValueError, match=r"'minmax', 'percentile', 'sqnr', got 'kl'"):
+        model.calibration_method = "kl"
+    for bad in (0, 100.5, -1, True, "99"):
+        with pytest.raises(ValueError, match=r"\(0, 100\], got"):
+            model.percentile_value = bad
+    assert model.calibration_method == "sqnr" and model.percentile_value == 99.99
+
+
+def output_sqnr(method: str, bits: int) -> float:
+    """Output SQNR (dB) on the seed's test setting, calibrated on other data."""
+    torch.manual_seed(4)
+    model = QuantGRU(128, 256)
+    model.set_all_bitwidth(bits, is_symmetric=False)
+    model.calibration_method = method
+    data = torch.Generator().manual_seed(9)
+    batches = [torch.rand(50, 64, 128, generator=data) * 1.5 - 0.7 for _ in range(3)]
+    calibrated(model, *batches[:2])
+    with torch.no_grad():
+        quantized = model(batches[2])[0].double()
+        model.use_quantization = False
+        reference = model(batches[2])[0].double()
+    noise = (quantized - reference).square().sum()
+    return 10 * math.log10(reference.square().sum() / noise)
+
+
+def test_sqnr_calibration_is_at_least_minmax_end_to_end() -> None:
+    sqnr, minmax = output_sqnr("sqnr", 8), output_sqnr("minmax", 8)
+    assert sqnr >= minmax, (sqnr, minmax)
+
+
+def test_changing_the_method_recomputes_parameters() -> None:
+    torch.manual_seed(10)
+    x = torch.randn(50, 8, 3)
+    x[0, 0, 0] = 40.0  # an outlier the methods treat differently
+    model = calibrated(QuantGRU(3, 5), x)
+    model.calibration_method = "minmax"
+    minmax_scale = model._quantized_model().quant[0]["input.x"].scale.item()
+    model.calibration_method = "percentile"
+    model.percentile_value = 99.0
+    percentile_scale = model._quantized_model().quant[0]["input.x"].scale.item()
+    assert percentile_scale < minmax_scale

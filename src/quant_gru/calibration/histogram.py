@@ -93,8 +93,9 @@ def _bin_counts(flat: Tensor, exponent: int, start: int) -> Tensor:
         scaled = flat * math.ldexp(1.0, -exponent)  # exact: scaling up, indices stay < 2^51
         scaled.floor_()
     if scaled.dtype == torch.float64 or float(np.float32(start)) == start:
-        # Both operands are integers held exactly and the difference is in [0, NUM_BINS).
-        indices = scaled.sub_(start).to(torch.int64)
+        # Both operands are integers held exactly and the difference is in [0, NUM_BINS), so
+        # int32 holds it (and halves the conversion and counting cost).
+        indices = scaled.sub_(start).to(torch.int32)
     else:
         indices = scaled.to(torch.int64).sub_(start)
     return torch.bincount(indices, minlength=NUM_BINS)
