@@ -9,27 +9,16 @@ Writes benchmarks/results/calibration_cost.json.
 from __future__ import annotations
 
 import json
-import statistics
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from cpu_timing import median_ms
 
 from quant_gru import QuantGRU
 
 RESULTS = Path(__file__).resolve().parent / "results" / "calibration_cost.json"
 SHAPES = [(64, 50, 128, 256), (16, 100, 32, 64), (1, 1000, 256, 256)]  # (B, T, I, H)
-
-
-def median_ms(fn: Callable[[], object], repeats: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
 
 
 def bench(batch: int, steps: int, inputs: int, hidden: int) -> dict[str, float | int]:

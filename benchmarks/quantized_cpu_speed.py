@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import json
 import platform
-import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from cpu_timing import median_ms
 
 from quant_gru import QuantGRU
 from quant_gru.kernels.torch.quantized_forward import build_programs, initial_codes, input_codes
@@ -23,16 +21,6 @@ from quant_gru.reference import integer_gru
 
 RESULTS = Path(__file__).resolve().parent / "results" / "quantized_cpu_speed.json"
 SHAPES = [(64, 50, 128, 256), (16, 100, 32, 64)]  # (B, T, I, H)
-
-
-def median_ms(fn: Callable[[], object], repeats: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
 
 
 def bench(batch: int, steps: int, inputs: int, hidden: int) -> dict[str, float | int]:

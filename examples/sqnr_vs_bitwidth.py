@@ -1,7 +1,8 @@
 """Output SQNR of the integer GRU against the float GRU, for every width from 2 to 16 bits.
 
 The seed's test setting: I=128, H=256, B=64, T=50, inputs uniform in [-0.7, 0.8], MinMax
-calibration on two batches, evaluation on a third. Every operator at the same width
+calibration on two batches (examples/calibration_methods.py compares the methods),
+evaluation on a third. Every operator at the same width
 (asymmetric activations, symmetric per-channel weights), float and power-of-two scales.
 Writes docs/results/sqnr_vs_bitwidth.json and prints a markdown table.
 """
@@ -30,6 +31,7 @@ def measure(bits: int, scale_type: str) -> dict[str, float]:
     model = QuantGRU(128, 256)
     config = model.quant_config.with_all_bitwidth(bits, is_symmetric=False)
     model.quant_config = dataclasses.replace(config, scale_type=scale_type)
+    model.calibration_method = "minmax"
     model.calibrating = True
     with torch.no_grad():
         model(batch(data))
