@@ -22,6 +22,7 @@ from quant_gru.kernels.torch.stack import (
     dropout_between_layers,
     run_layers,
 )
+from quant_gru.kernels.torch.traceable_gru import traceable_gru
 
 
 def gru(
@@ -77,6 +78,24 @@ def quantized_gru(
         sequence.output_from_time_major(out, layout),
         sequence.hidden_from_working_order(h_n, layout),
     )
+
+
+def export_gru(
+    input: Tensor | PackedSequence,
+    hx: Tensor | None,
+    weights: Sequence[DirectionWeights],
+    shape: GRUShape,
+) -> tuple[Tensor, Tensor]:
+    """The float GRU through ATen's GRU operator, so ONNX export keeps the sequence length
+    dynamic (kernels/torch/traceable_gru.py). Tensors only: a PackedSequence is refused."""
+    if isinstance(input, PackedSequence):
+        raise TypeError(
+            "export_mode takes a Tensor input; a PackedSequence cannot be exported (export "
+            "with a padded tensor, or set export_mode = False)"
+        )
+    _check_weight_count(weights, shape)
+    _validated_time_major(input, hx, weights[0][0], shape)
+    return traceable_gru(input, hx, weights, shape)
 
 
 def _check_weight_count(weights: Sequence[DirectionWeights], shape: GRUShape) -> None:

@@ -86,6 +86,8 @@ class QuantGRU(nn.Module):
     quant_config: GRUQuantConfig
     _statistics: CalibrationStatistics
     _calibration_method: str
+    _export_format: str
+    export_mode: bool
     _percentile_value: float
 
     def __init__(
@@ -127,6 +129,8 @@ class QuantGRU(nn.Module):
             )
         self.use_quantization = _check_bool("use_quantization", use_quantization)
         self.calibrating = False
+        self.export_mode = False
+        self._export_format = "float"
         self.quant_config = GRUQuantConfig.default()
         self._quantized: QuantizedModel | None = None
         self.proj_size = 0  # nn.GRU has no projection; kept for code that reads the attribute
@@ -215,6 +219,13 @@ class QuantGRU(nn.Module):
         the integer model, dequantized; in training, gradients pass straight through.
         """
         weights, shape = self._direction_weights(), self._shape()
+        if self.export_mode:
+            if self._export_format != "float":
+                raise NotImplementedError(
+                    "export_format='qdq' is not available yet; export the float GRU with "
+                    "export_format='float'"
+                )
+            return functional.export_gru(input, hx, weights, shape)
         if self.calibrating:
             try:
                 result = functional.gru(
@@ -237,6 +248,21 @@ class QuantGRU(nn.Module):
                 input, hx, weights, shape, model, self.dropout, self.training
             )
         return functional.gru(input, hx, weights, shape, self.dropout, self.training)
+
+    # --- export ----------------------------------------------------------------------------
+
+    @property
+    def export_format(self) -> str:
+        """What forward computes while ``export_mode`` is on: 'float' (the float GRU as ATen's
+        GRU operator, which ONNX export turns into the ONNX GRU operator with a dynamic
+        sequence length) or 'qdq' (quantize/dequantize at every operator; not available yet)."""
+        return self._export_format
+
+    @export_format.setter
+    def export_format(self, value: str) -> None:
+        if value not in ("float", "qdq"):
+            raise ValueError(f"export_format must be 'float' or 'qdq', got {value!r}")
+        self._export_format = value
 
     # --- quantization ----------------------------------------------------------------------
 
