@@ -105,3 +105,37 @@ def test_export_settings_are_validated() -> None:
         model(packed)
     with pytest.raises(RuntimeError, match="Expected 4, got 7"):
         model(torch.randn(3, 1, 7))
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_to_onnx_helper(tmp_path, dynamo: bool) -> None:
+    from quant_gru.export import to_onnx
+
+    torch.manual_seed(2)
+    model = QuantGRU(4, 10, num_layers=2, bidirectional=True, batch_first=True).train()
+    path = tmp_path / "gru.onnx"
+    to_onnx(model, path, with_hx=True, dynamo=dynamo)
+    assert model.training and not model.export_mode  # modes restored
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x, hx = torch.randn(3, 19, 4), torch.randn(4, 3, 10)
+    names = [i.name for i in session.get_inputs()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        output, hidden = session.run(None, dict(zip(names, (x.numpy(), hx.numpy()), strict=True)))
+    with torch.no_grad():
+        expected, expected_h = model.eval()(x, hx)
+    assert abs(torch.from_numpy(output) - expected).max() < 1e-5
+    assert abs(torch.from_numpy(hidden) - expected_h).max() < 1e-5
+
+
+def test_to_onnx_restores_the_module_when_export_fails(tmp_path) -> None:
+    from quant_gru.export import to_onnx
+
+    model = QuantGRU(4, 5).train()
+    with pytest.raises(NotImplementedError, match="qdq"):
+        to_onnx(model, tmp_path / "gru.onnx", export_format="qdq")
+    assert model.training and not model.export_mode and model.export_format == "float"
+    with pytest.raises(ValueError, match="'float' or 'qdq'"):
+        to_onnx(model, tmp_path / "gru.onnx", export_format="int4")
+    with pytest.raises(TypeError, match="expects a QuantGRU, got GRU"):
+        to_onnx(torch.nn.GRU(4, 5), tmp_path / "gru.onnx")

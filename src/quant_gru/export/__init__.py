@@ -1,1 +1,5 @@
-"""Exports of a QuantGRU: quantization-parameter files (ONNX export follows)."""
+"""Exports of a QuantGRU: ONNX (to_onnx), quantization-parameter files, AIMET encodings."""
+
+from quant_gru.export.to_onnx import to_onnx
+
+__all__ = ["to_onnx"]

@@ -1,0 +1,107 @@
+"""The seed's ONNX export recipe in one call."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from quant_gru.module import QuantGRU
+
+
+def to_onnx(
+    model: QuantGRU,
+    path: str | os.PathLike[str],
+    export_format: str = "float",
+    with_hx: bool = False,
+    opset: int = 17,
+    dynamo: bool = False,
+) -> None:
+    """Export ``model`` to ``path`` with dynamic batch and sequence length.
+
+    Switches ``export_mode`` on with ``export_format``, runs ``torch.onnx.export`` (the classic
+    exporter by default, the newer one with ``dynamo=True``) and restores the module's modes
+    whatever happens. Inputs ``input`` (and ``hx`` with ``with_hx``), outputs ``output`` and
+    ``hidden``, laid out as the module's ``batch_first`` says.
+    """
+    from quant_gru.module import QuantGRU
+
+    if not isinstance(model, QuantGRU):
+        raise TypeError(f"to_onnx expects a QuantGRU, got {type(model).__name__}")
+    saved = (model.export_mode, model.export_format, model.training)
+    model.export_format = export_format  # validated by the module
+    states = model.num_layers * model.num_directions
+    parameter = next(model.parameters())
+    example = torch.randn(2, 3, model.input_size, dtype=parameter.dtype, device=parameter.device)
+    if not model.batch_first:
+        example = example.transpose(0, 1)
+    args: tuple[torch.Tensor, ...] = (example,)
+    if with_hx:
+        args += (example.new_zeros(states, 2, model.hidden_size),)
+    try:
+        model.export_mode = True
+        model.eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporters' deprecation and tracer notices
+            if dynamo:
+                _export_dynamo(model, args, path, opset)
+            else:
+                _export_classic(model, args, path, opset)
+    finally:
+        model.export_mode, model.export_format = saved[0], saved[1]
+        model.train(saved[2])
+
+
+def _export_classic(
+    model: QuantGRU, args: tuple[torch.Tensor, ...], path: str | os.PathLike[str], opset: int
+) -> None:
+    batch_axis, time_axis = (0, 1) if model.batch_first else (1, 0)
+    dynamic: dict[str, Any] = {
+        "input": {batch_axis: "batch", time_axis: "seq_len"},
+        "output": {batch_axis: "batch", time_axis: "seq_len"},
+        "hidden": {1: "batch"},
+    }
+    names = ["input"]
+    if len(args) > 1:
+        names.append("hx")
+        dynamic["hx"] = {1: "batch"}
+    torch.onnx.export(
+        model,
+        args,
+        os.fspath(path),
+        input_names=names,
+        output_names=["output", "hidden"],
+        dynamic_axes=dynamic,
+        opset_version=opset,
+        dynamo=False,
+    )
+
+
+def _export_dynamo(
+    model: QuantGRU, args: tuple[torch.Tensor, ...], path: str | os.PathLike[str], opset: int
+) -> None:
+    batch, steps = torch.export.Dim("batch"), torch.export.Dim("seq_len")
+    batch_axis, time_axis = (0, 1) if model.batch_first else (1, 0)
+    shapes: tuple[dict[int, Any], ...] = ({batch_axis: batch, time_axis: steps},)
+    if len(args) > 1:
+        shapes += ({1: batch},)
+    try:
+        program = torch.onnx.export(
+            model,
+            args,
+            dynamic_shapes=shapes,
+            input_names=["input", "hx"][: len(args)],
+            output_names=["output", "hidden"],
+            opset_version=opset,
+            dynamo=True,
+        )
+    except Exception as error:  # the newer exporter's failures come in many types
+        raise RuntimeError(
+            f"the dynamo-based ONNX exporter failed ({type(error).__name__}: {error}); "
+            "export with dynamo=False (the classic exporter) instead"
+        ) from error
+    assert program is not None
+    program.save(os.fspath(path))
