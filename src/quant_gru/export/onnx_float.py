@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from quant_gru.export.onnx_common import check_module, check_opset, save_checked
+
 if TYPE_CHECKING:
     import onnx
 
@@ -38,43 +40,15 @@ def export_float_onnx(
     Raises ``ValueError`` for a module this export does not represent (non-float32 parameters,
     quantized mode) and for an opset outside what the graph and the installed onnx support.
     """
-    import onnx
-
-    _check_exportable(model, opset, onnx.defs.onnx_opset_version())
-    graph = _graph(model, with_hx)
-    proto = onnx.helper.make_model(
-        graph,
-        opset_imports=[onnx.helper.make_opsetid("", opset)],
-        producer_name="quant_gru",
-        doc_string="QuantGRU float forward (torch.nn.GRU semantics)",
-    )
-    # The oldest IR version the opset allows, so older runtimes accept the file.
-    proto.ir_version = onnx.helper.find_min_ir_version_for(list(proto.opset_import))
-    onnx.checker.check_model(proto, full_check=True)
-    onnx.save_model(proto, os.fspath(path))
-
-
-def _check_exportable(model: QuantGRU, opset: int, max_opset: int) -> None:
-    from quant_gru.module import QuantGRU
-
-    if not isinstance(model, QuantGRU):
-        raise TypeError(f"export_float_onnx expects a QuantGRU, got {type(model).__name__}")
-    dtypes = sorted({str(p.dtype) for p in model.parameters()})
-    if dtypes != [str(torch.float32)]:
-        raise ValueError(
-            f"float ONNX export requires float32 parameters, got {', '.join(dtypes)}; "
-            "convert the module with model.float() first"
-        )
+    check_module(model, "export_float_onnx")
     if model.use_quantization and not model.quant_config.disable_quantization:
         raise ValueError(
             "float ONNX export represents the float forward, but the module runs its quantized "
             "model (use_quantization=True); set use_quantization=False to export the float GRU"
         )
-    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= max_opset:
-        raise ValueError(
-            f"opset must be an int in [{MIN_OPSET}, {max_opset}] (the installed onnx's newest), "
-            f"got {opset!r}"
-        )
+    check_opset(opset, MIN_OPSET)
+    description = "QuantGRU float forward (torch.nn.GRU semantics)"
+    save_checked(_graph(model, with_hx), opset, description, path)
 
 
 def _onnx_gates(weight: torch.Tensor, hidden_size: int) -> np.ndarray:

@@ -43,6 +43,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from quant_gru.export.onnx_common import check_module, check_opset, save_checked
+from quant_gru.quantize.program import ACTIVATION_OPERATORS
+
 if TYPE_CHECKING:
     import onnx
 
@@ -53,22 +56,7 @@ if TYPE_CHECKING:
 MIN_OPSET = 21  # int16 / uint16 QuantizeLinear and DequantizeLinear
 
 # The activation operators of one step, in §7's order (input.x first: the layer input).
-STEP_OPERATORS: tuple[str, ...] = (
-    "input.x",
-    "matmul.Wx",
-    "matmul.Rh",
-    "op.Rh_add_br",
-    "gate.r_pre",
-    "gate.z_pre",
-    "gate.r_out",
-    "gate.z_out",
-    "op.rRh",
-    "gate.g_pre",
-    "gate.g_out",
-    "op.old_contrib",
-    "op.new_contrib",
-    "output.h",
-)
+STEP_OPERATORS = ACTIVATION_OPERATORS
 
 
 def export_qdq_onnx(
@@ -83,43 +71,16 @@ def export_qdq_onnx(
     ``h_n``; symbolic ``seq_len`` and ``batch``). Raises ``RuntimeError`` for an uncalibrated
     model and ``ValueError`` for non-float32 parameters or an unsupported opset.
     """
-    import onnx
-
-    _check_exportable(model, opset, onnx.defs.onnx_opset_version())
-    graph = _Builder(model).graph(with_hx)
-    proto = onnx.helper.make_model(
-        graph,
-        opset_imports=[onnx.helper.make_opsetid("", opset)],
-        producer_name="quant_gru",
-        doc_string="QuantGRU quantized forward (QDQ, fake quantization at every operator)",
-    )
-    proto.ir_version = onnx.helper.find_min_ir_version_for(list(proto.opset_import))
-    onnx.checker.check_model(proto, full_check=True)
-    onnx.save_model(proto, os.fspath(path))
-
-
-def _check_exportable(model: QuantGRU, opset: int, max_opset: int) -> None:
-    from quant_gru.module import QuantGRU
-
-    if not isinstance(model, QuantGRU):
-        raise TypeError(f"export_qdq_onnx expects a QuantGRU, got {type(model).__name__}")
+    check_module(model, "export_qdq_onnx")
     if not model.is_calibrated():
         raise RuntimeError(
             "QDQ ONNX export needs quantization parameters, but the QuantGRU is not calibrated: "
             "calibrate first (model.calibrating = True, run forward on calibration data, "
             "model.calibrating = False, model.finalize_calibration())"
         )
-    dtypes = sorted({str(p.dtype) for p in model.parameters()})
-    if dtypes != [str(torch.float32)]:
-        raise ValueError(
-            f"QDQ ONNX export requires float32 parameters, got {', '.join(dtypes)}; "
-            "convert the module with model.float() first"
-        )
-    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= max_opset:
-        raise ValueError(
-            f"opset must be an int in [{MIN_OPSET}, {max_opset}] (the installed onnx's newest), "
-            f"got {opset!r}"
-        )
+    check_opset(opset, MIN_OPSET)
+    description = "QuantGRU quantized forward (QDQ, fake quantization at every operator)"
+    save_checked(_Builder(model).graph(with_hx), opset, description, path)
 
 
 def _container(qmin: int, qmax: int) -> int | None:
