@@ -12,32 +12,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from quant_gru import QuantGRU
-from quant_gru.config import GRANULARITIES, OPERATORS, WEIGHT_OPERATORS, GRUQuantConfig
 from quant_gru.kernels.torch.quant_gru import quantized_gru
 from quant_gru.kernels.torch.quantized_forward import build_programs, initial_codes, input_codes
 from quant_gru.quantize.scales import dequantize
 from quant_gru.reference import integer_gru
 
+from strategies import quant_configs
 from tolerance import assert_codes_equal
-
-WIDTHS = st.one_of(st.integers(1, 32), st.sampled_from([2, 4, 8, 16]))
-
-
-@st.composite
-def quant_configs(draw: st.DrawFn) -> GRUQuantConfig:
-    operators = {}
-    for name in OPERATORS:
-        entry = {"bitwidth": draw(WIDTHS)}
-        if name in WEIGHT_OPERATORS:
-            entry.update(is_symmetric=True, is_unsigned=False)
-            entry["granularity"] = draw(st.sampled_from(GRANULARITIES))
-        else:
-            entry.update(is_symmetric=draw(st.booleans()), is_unsigned=draw(st.booleans()))
-        operators[name] = entry
-    scale_type = draw(st.sampled_from(["float", "pot"]))
-    return GRUQuantConfig.from_dict(
-        {"GRU_config": {"default_config": {"scale_type": scale_type}, "operator_config": operators}}
-    )
 
 
 @st.composite

@@ -1,9 +1,11 @@
-"""export_mode with export_format='float': the seed's torch.onnx.export recipe gives a graph whose
-batch and sequence length stay dynamic, and ONNX Runtime agrees with the float forward."""
+"""export_mode: the seed's torch.onnx.export recipe gives a graph whose batch and sequence length
+stay dynamic. With export_format='float' ONNX Runtime agrees with the float forward; with 'qdq'
+it returns exactly the quantized forward's values (the integer model's codes, dequantized)."""
 
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ import torch
 from quant_gru import QuantGRU
 
 ort = pytest.importorskip("onnxruntime")
-pytest.importorskip("onnx")
+onnx = pytest.importorskip("onnx")
 
 CASES = [
     dict(input_size=6, hidden_size=11, num_layers=1, batch_first=True, bidirectional=False),
@@ -22,7 +24,7 @@ CASES = [
 ]
 
 
-def export(model: QuantGRU, path, with_hx: bool) -> None:
+def export(model: QuantGRU, path, with_hx: bool, export_format: str = "float") -> None:
     """The seed's recipe (classic exporter), with an initial state input when asked."""
     example = torch.randn(2, 7, model.input_size)
     if not model.batch_first:
@@ -40,6 +42,7 @@ def export(model: QuantGRU, path, with_hx: bool) -> None:
         names.append("hx")
         dynamic["hx"] = {1: "batch"}
     model.export_mode = True
+    model.export_format = export_format
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -97,7 +100,7 @@ def test_export_settings_are_validated() -> None:
     with pytest.raises(ValueError, match="'float' or 'qdq', got 'int8'"):
         model.export_format = "int8"
     model.export_mode, model.export_format = True, "qdq"
-    with pytest.raises(NotImplementedError, match="export_format='float'"):
+    with pytest.raises(RuntimeError, match="not calibrated: calibrate first"):
         model(torch.randn(3, 1, 4))
     model.export_format = "float"
     packed = torch.nn.utils.rnn.pack_padded_sequence(torch.randn(3, 2, 4), torch.tensor([3, 2]))
@@ -132,10 +135,107 @@ def test_to_onnx_restores_the_module_when_export_fails(tmp_path) -> None:
     from quant_gru.export import to_onnx
 
     model = QuantGRU(4, 5).train()
-    with pytest.raises(NotImplementedError, match="qdq"):
+    with pytest.raises(RuntimeError, match="not calibrated"):
         to_onnx(model, tmp_path / "gru.onnx", export_format="qdq")
     assert model.training and not model.export_mode and model.export_format == "float"
+    model = calibrated(QuantGRU(4, 5)).double()  # QDQ export takes float32 parameters only
+    with pytest.raises(ValueError, match="float32"):
+        to_onnx(model, tmp_path / "gru.onnx", export_format="qdq")
+    assert not model.export_mode and model.export_format == "float"
+    with pytest.raises(ValueError, match="classic exporter"):
+        to_onnx(model.float(), tmp_path / "gru.onnx", export_format="qdq", dynamo=True)
     with pytest.raises(ValueError, match="'float' or 'qdq'"):
         to_onnx(model, tmp_path / "gru.onnx", export_format="int4")
     with pytest.raises(TypeError, match="expects a QuantGRU, got GRU"):
         to_onnx(torch.nn.GRU(4, 5), tmp_path / "gru.onnx")
+
+
+# --- export_format='qdq' ----------------------------------------------------------------------
+
+
+def calibrated(model: QuantGRU, bits: int = 8) -> QuantGRU:
+    """Statistics collected; the parameters are left to the export (finalize is optional)."""
+    model.set_all_bitwidth(bits, is_symmetric=False)
+    model.calibration_method = "minmax"
+    model.calibrating = True
+    with torch.no_grad():
+        for _ in range(2):
+            x = torch.randn(4, 9, model.input_size)
+            model(x if model.batch_first else x.transpose(0, 1))
+    model.calibrating = False
+    return model
+
+
+def quantized_reference(model: QuantGRU, x: torch.Tensor, hx: torch.Tensor | None):
+    mode = model.export_mode, model.use_quantization
+    model.export_mode, model.use_quantization = False, True
+    with torch.no_grad():
+        result = model(x, hx)
+    model.export_mode, model.use_quantization = mode
+    return result
+
+
+@pytest.mark.parametrize("with_hx", [False, True])
+@pytest.mark.parametrize("kwargs", CASES)
+def test_qdq_recipe_runs_any_batch_and_length(tmp_path, kwargs: dict, with_hx: bool) -> None:
+    """The seed's QDQ recipe: ONNX Runtime returns the quantized forward's values exactly, on
+    shapes the export never saw (a longer sequence would expose an unrolled loop)."""
+    torch.manual_seed(0)
+    model = calibrated(QuantGRU(**kwargs).eval())
+    path = tmp_path / "gru_qdq.onnx"
+    export(model, path, with_hx, export_format="qdq")
+    assert model.is_calibrated()  # switching to QDQ export finalized the statistics
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch, steps in ((1, 1), (3, 25), (5, 7)):
+        x = torch.randn(batch, steps, model.input_size) * 1.3
+        if not model.batch_first:
+            x = x.transpose(0, 1).contiguous()
+        feed = {"input": x.numpy()}
+        hx = None
+        if with_hx:
+            hx = torch.randn(model.num_layers * model.num_directions, batch, model.hidden_size)
+            feed["hx"] = hx.numpy()
+        output, hidden = session.run(None, feed)
+        expected, expected_h = quantized_reference(model, x, hx)
+        assert torch.equal(torch.from_numpy(output), expected)
+        assert torch.equal(torch.from_numpy(hidden), expected_h)
+
+
+def test_qdq_export_mode_forward_is_the_quantized_forward() -> None:
+    torch.manual_seed(3)
+    model = calibrated(QuantGRU(4, 9, num_layers=2, bidirectional=True))
+    x = torch.randn(6, 3, 4)
+    model.export_mode, model.export_format = True, "qdq"
+    with torch.no_grad():
+        got = model(x)
+        unbatched = model(x[:, 0])
+    expected = quantized_reference(model, x, None)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    assert torch.equal(unbatched[0], expected[0][:, 0])
+
+
+def test_to_onnx_qdq(tmp_path) -> None:
+    from quant_gru.export import to_onnx
+
+    torch.manual_seed(4)
+    model = calibrated(QuantGRU(4, 10, num_layers=2, bidirectional=True, batch_first=True))
+    model.train()
+    path = tmp_path / "gru_qdq.onnx"
+    to_onnx(model, path, export_format="qdq", with_hx=True)
+    assert model.training and not model.export_mode and model.export_format == "float"
+    proto = onnx.load(str(path))
+    kinds = Counter(n.op_type for n in proto.graph.node)
+    assert kinds["Loop"] == 4 and kinds["QuantizeLinear"] > 0
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x, hx = torch.randn(3, 19, 4), torch.randn(4, 3, 10)
+    output, hidden = session.run(None, {"input": x.numpy(), "hx": hx.numpy()})
+    expected, expected_h = quantized_reference(model, x, hx)
+    assert torch.equal(torch.from_numpy(output), expected)
+    assert torch.equal(torch.from_numpy(hidden), expected_h)
+
+
+def test_qdq_under_the_newer_exporter_fails_clearly() -> None:
+    model = calibrated(QuantGRU(4, 5))
+    model.export_mode, model.export_format = True, "qdq"
+    with pytest.raises(Exception, match=r"classic ONNX exporter.*dynamo=False"):
+        torch.onnx.export(model, (torch.randn(3, 2, 4),), dynamo=True)

@@ -5,6 +5,8 @@
   float64 reference), as an error relative to the size of the oracle's values.
 - ratio-to-reference: a fast float kernel's error against float64 is at most a multiple of
   the error the oracle (cuDNN) makes at the same precision.
+- LSB: a float result of a runtime that is not ours (ONNX Runtime) against the integer
+  reference, in units of the output scale.
 """
 
 from __future__ import annotations
@@ -46,3 +48,22 @@ def assert_codes_equal(actual: Tensor, expected: Tensor, what: str = "") -> None
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
     mismatches = (actual.cpu() != expected.cpu()).sum().item()
     assert mismatches == 0, f"{what}: {mismatches} of {expected.numel()} codes differ"
+
+
+def lsb_errors(actual: Tensor, expected_codes: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
+    """|actual - dequantized expected codes| in units of the scale, per element (float64);
+    scale and zero_point broadcast against the last dimension."""
+    expected = (expected_codes.double() - zero_point.double()) * scale.double()
+    return (actual.detach().double().cpu() - expected).abs() / scale.double()
+
+
+def assert_within_lsb(errors: Tensor, lsb: float, fraction: float, what: str = "") -> None:
+    """The LSB rung: at least `fraction` of the elements within `lsb` of the reference."""
+    # The float32 result of an exactly matching code q differs from the float64 dequantized
+    # reference by its rounding, |q| * 2^-24 LSB: below 0.01 LSB for codes up to 17 bits.
+    within = (errors <= lsb + 0.01).double().mean().item()
+    worst = errors.max().item()
+    assert within >= fraction, (
+        f"{what}: {within:.4%} of elements within {lsb} LSB (need {fraction:.2%}), "
+        f"worst {worst:.2f}"
+    )

@@ -98,6 +98,28 @@ def export_gru(
     return traceable_gru(input, hx, weights, shape)
 
 
+def export_qdq_input(
+    input: Tensor | PackedSequence,
+    hx: Tensor | None,
+    weights: Sequence[DirectionWeights],
+    shape: GRUShape,
+) -> tuple[Tensor, Tensor | None, bool]:
+    """Validate an export_format='qdq' call; returns the input and hx batched (3-D) and
+    whether they were unbatched. Tensors only: a PackedSequence is refused."""
+    if isinstance(input, PackedSequence):
+        raise TypeError(
+            "export_mode takes a Tensor input; a PackedSequence cannot be exported (export "
+            "with a padded tensor, or set export_mode = False)"
+        )
+    _check_weight_count(weights, shape)
+    _validated_time_major(input, hx, weights[0][0], shape)
+    unbatched = input.dim() == 2
+    if unbatched:
+        input = input.unsqueeze(0 if shape.batch_first else 1)
+        hx = None if hx is None else hx.unsqueeze(1)
+    return input, hx, unbatched
+
+
 def _check_weight_count(weights: Sequence[DirectionWeights], shape: GRUShape) -> None:
     expected_pairs = shape.num_layers * shape.num_directions
     if len(weights) != expected_pairs:

@@ -87,7 +87,7 @@ class QuantGRU(nn.Module):
     _statistics: CalibrationStatistics
     _calibration_method: str
     _export_format: str
-    export_mode: bool
+    _export_mode: bool
     _percentile_value: float
 
     def __init__(
@@ -129,7 +129,7 @@ class QuantGRU(nn.Module):
             )
         self.use_quantization = _check_bool("use_quantization", use_quantization)
         self.calibrating = False
-        self.export_mode = False
+        self._export_mode = False
         self._export_format = "float"
         self.quant_config = GRUQuantConfig.default()
         self._quantized: QuantizedModel | None = None
@@ -220,11 +220,8 @@ class QuantGRU(nn.Module):
         """
         weights, shape = self._direction_weights(), self._shape()
         if self.export_mode:
-            if self._export_format != "float":
-                raise NotImplementedError(
-                    "export_format='qdq' is not available yet; export the float GRU with "
-                    "export_format='float'"
-                )
+            if self._export_format == "qdq":
+                return self._qdq_export_forward(input, hx)
             return functional.export_gru(input, hx, weights, shape)
         if self.calibrating:
             try:
@@ -255,7 +252,8 @@ class QuantGRU(nn.Module):
     def export_format(self) -> str:
         """What forward computes while ``export_mode`` is on: 'float' (the float GRU as ATen's
         GRU operator, which ONNX export turns into the ONNX GRU operator with a dynamic
-        sequence length) or 'qdq' (quantize/dequantize at every operator; not available yet)."""
+        sequence length) or 'qdq' (the calibrated quantized model, which ONNX export turns into
+        a QuantizeLinear / DequantizeLinear pair at every operator, export/onnx_qdq.py)."""
         return self._export_format
 
     @export_format.setter
@@ -263,6 +261,44 @@ class QuantGRU(nn.Module):
         if value not in ("float", "qdq"):
             raise ValueError(f"export_format must be 'float' or 'qdq', got {value!r}")
         self._export_format = value
+        self._finalize_for_export()
+
+    @property
+    def export_mode(self) -> bool:
+        """Whether forward computes the traceable graph of ``export_format`` for ONNX export.
+        Switching to QDQ export finalizes a pending calibration, since the exporter forbids
+        forward to change the module's state."""
+        return self._export_mode
+
+    @export_mode.setter
+    def export_mode(self, value: bool) -> None:
+        self._export_mode = _check_bool("export_mode", value)
+        self._finalize_for_export()
+
+    def _finalize_for_export(self) -> None:
+        qdq_export = self._export_mode and self._export_format == "qdq"
+        if qdq_export and not self.is_calibrated() and self._has_statistics():
+            self.finalize_calibration()
+
+    def _qdq_export_forward(
+        self, input: Tensor | PackedSequence, hx: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """The quantized forward as one traceable call whose ONNX export is the QDQ graph
+        (export/qdq_trace.py)."""
+        from quant_gru.export.onnx_qdq import NOT_CALIBRATED
+        from quant_gru.export.qdq_trace import QDQExport, check_not_dynamo
+
+        batched, batched_hx, unbatched = functional.export_qdq_input(
+            input, hx, self._direction_weights(), self._shape()
+        )
+        check_not_dynamo()
+        if not self.is_calibrated():
+            # Setting export_mode / export_format finalized any collected statistics.
+            raise RuntimeError(NOT_CALIBRATED)
+        output, h_n = QDQExport.apply(batched, batched_hx, self)
+        if unbatched:
+            return output.squeeze(0 if self.batch_first else 1), h_n.squeeze(1)
+        return output, h_n
 
     # --- quantization ----------------------------------------------------------------------
 

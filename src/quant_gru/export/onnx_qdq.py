@@ -1,62 +1,49 @@
-"""QDQ ONNX export: a calibrated QuantGRU as a float graph with a fake quantization (quantize,
-then dequantize) at every activation operator of the integer model (reference/README.md §7).
+"""QDQ ONNX export: a calibrated QuantGRU as a graph with a quantization point (a
+``QuantizeLinear`` / ``DequantizeLinear`` pair, qdq_points.py) at every activation operator of
+the integer model (reference/README.md §7), carrying the calibrated scale and zero point, and
+the weights as ``DequantizeLinear`` of their integer codes (per row, axis 0).
 
-Why this shape: runtimes and hardware toolchains recognise ``QuantizeLinear`` /
-``DequantizeLinear`` pairs around float operators and fuse them into integer kernels, while the
-graph itself stays runnable anywhere. The time loop is one ``Scan`` per (layer, direction), so
-``seq_len`` and ``batch`` stay dynamic; the reverse direction scans its input and writes its
-output backwards (``scan_input_directions`` / ``scan_output_directions`` = 1). The input
-projection ``matmul.Wx`` of all steps does not depend on ``h`` and is computed before the Scan,
-which receives it as its scan input.
+Two arithmetics fill the space between the points:
 
-Fake quantization of an operator with (s, zp, qmin, qmax):
+- ``"integer"`` (default, qdq_integer_ops.py): the integer model's own arithmetic, so ONNX
+  Runtime reproduces the integer reference's codes;
+- ``"float"`` (qdq_float_ops.py): float MatMul / Add / Mul / Sigmoid / Tanh, the conventional
+  form that QDQ-fusing runtimes replace with their own integer kernels, within a few LSB.
 
-- an 8- or 16-bit operator whose range is its container's full range (int8, uint8, int16,
-  uint16) becomes a ``QuantizeLinear`` / ``DequantizeLinear`` pair of that type (nodes
-  ``<pair>/<operator>/Q`` and ``/DQ``; int16 and uint16 need opset 21);
-- any other width is emulated in float, since ONNX has no narrower integer types:
-  ``q = Clip(Round(v / s) + zp, qmin, qmax)``, ``v' = (q - zp) * s`` (nodes named
-  ``<pair>/<operator>/...``). Above 24 bits float32 cannot hold every code exactly.
+The time loop is one ONNX ``Loop`` per (layer, direction), so batch and sequence length stay
+dynamic; the reverse direction reads step ``T - 1 - i`` at iteration ``i`` and its stacked
+outputs are reversed afterwards. matmul.Wx of all steps does not depend on ``h`` and is computed
+before the loop. (``Loop`` rather than ``Scan``: torch's classic exporter can emit it, which
+``export_mode`` needs, see qdq_trace.py.)
 
-Weights and biases are ``DequantizeLinear`` of the integer codes the integer model uses
-(per row, axis of the output channels) for widths up to 16 bits, float constants equal to
-``codes * scale`` above.
-
-Where ONNX Runtime may differ from the integer reference by a few LSB: ONNX rounds half to
-even, the integer model half up; the integer model evaluates sigmoid and tanh with integer
-tables (§6) and requantizes each term of a sum separately in fixed point (§4, §5), the graph
-rounds the float sum once; float32 arithmetic rounds where the integer model is exact. A
-difference in the hidden state can then propagate through the following steps (measured on
-small models: at most 4 to 6 LSB of output.h, 91 % or more of the outputs within 2 LSB).
-ONNX Runtime's extended graph optimizations (its QDQ fusions) changed this graph's results by
-tens of LSB with onnxruntime 1.32; ``GraphOptimizationLevel.ORT_ENABLE_BASIC`` keeps them.
-
-Not represented: packed sequences (per-sequence lengths; the graph runs every sequence over
-all ``seq_len`` steps) and training-only inter-layer dropout.
+Not represented: packed sequences (per-sequence lengths; the graph runs every sequence over all
+``seq_len`` steps) and training-only inter-layer dropout.
 """
 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from quant_gru.export.onnx_common import check_module, check_opset, save_checked
-from quant_gru.quantize.program import ACTIVATION_OPERATORS
+from quant_gru.export.onnx_graph import GraphWriter, Nodes
 
 if TYPE_CHECKING:
     import onnx
 
+    from quant_gru.export.qdq_operators import QDQOperators
     from quant_gru.module import QuantGRU
-    from quant_gru.quantize.params import OperatorQuant
-    from quant_gru.quantize.program import ActivationFormat, DirectionProgram
 
-MIN_OPSET = 21  # int16 / uint16 QuantizeLinear and DequantizeLinear
-
-# The activation operators of one step, in §7's order (input.x first: the layer input).
-STEP_OPERATORS = ACTIVATION_OPERATORS
+MIN_OPSET = 13  # per-axis DequantizeLinear
+ARITHMETICS = ("integer", "float")
+_INT64_MIN = np.iinfo(np.int64).min
+NOT_CALIBRATED = (
+    "QDQ ONNX export needs quantization parameters, but the QuantGRU is not calibrated: "
+    "calibrate first (model.calibrating = True, run forward on calibration data, "
+    "model.calibrating = False; finalize_calibration() is then optional)"
+)
 
 
 def export_qdq_onnx(
@@ -64,197 +51,103 @@ def export_qdq_onnx(
     path: str | os.PathLike[str],
     opset: int = 21,
     with_hx: bool = True,
+    arithmetic: str = "integer",
 ) -> None:
     """Write ``model``'s quantized forward to ``path`` as a QDQ ONNX model.
 
     Inputs and outputs are those of the float export (``input``, optional ``h0``; ``output``,
-    ``h_n``; symbolic ``seq_len`` and ``batch``). Raises ``RuntimeError`` for an uncalibrated
-    model and ``ValueError`` for non-float32 parameters or an unsupported opset.
+    ``h_n``; symbolic ``seq_len`` and ``batch``). From opset 21 operators of 9 to 16 bits get
+    int16 / uint16 pairs; before, a float form (qdq_points.py). Raises ``RuntimeError`` for an
+    uncalibrated model and ``ValueError`` for non-float32 parameters, an unsupported opset or
+    an unknown arithmetic.
     """
-    check_module(model, "export_qdq_onnx")
-    if not model.is_calibrated():
-        raise RuntimeError(
-            "QDQ ONNX export needs quantization parameters, but the QuantGRU is not calibrated: "
-            "calibrate first (model.calibrating = True, run forward on calibration data, "
-            "model.calibrating = False, model.finalize_calibration())"
-        )
+    graph = qdq_graph(model, opset, with_hx, arithmetic, "export_qdq_onnx")
+    description = f"QuantGRU quantized forward (QDQ, {arithmetic} arithmetic)"
+    save_checked(graph, opset, description, path)
+
+
+def qdq_graph(
+    model: QuantGRU, opset: int, with_hx: bool, arithmetic: str, what: str
+) -> onnx.GraphProto:
+    """The QDQ graph of ``model`` (checks as export_qdq_onnx says; ``what`` names the caller)."""
+    check_module(model, what)
+    if not model.is_calibrated() and not model._has_statistics():
+        raise RuntimeError(NOT_CALIBRATED)
     check_opset(opset, MIN_OPSET)
-    description = "QuantGRU quantized forward (QDQ, fake quantization at every operator)"
-    save_checked(_Builder(model).graph(with_hx), opset, description, path)
+    if arithmetic not in ARITHMETICS:
+        raise ValueError(f"arithmetic must be one of {ARITHMETICS}, got {arithmetic!r}")
+    writer = GraphWriter()
+    operators: QDQOperators
+    if arithmetic == "integer":
+        from quant_gru.export.qdq_integer_ops import IntegerOperators
+
+        operators = IntegerOperators(model, writer, opset)
+    else:
+        from quant_gru.export.qdq_float_ops import FloatOperators
+
+        operators = FloatOperators(model, writer, opset)
+    return _Skeleton(model, writer, operators).graph(with_hx)
 
 
-def _container(qmin: int, qmax: int) -> int | None:
-    """The ONNX integer type whose full range is exactly [qmin, qmax], if any."""
-    from onnx import TensorProto
+class _Skeleton:
+    """Inputs, layers, directions and their loops; the operators fill in the arithmetic."""
 
-    types = {
-        (-(1 << 7), (1 << 7) - 1): TensorProto.INT8,
-        (0, (1 << 8) - 1): TensorProto.UINT8,
-        (-(1 << 15), (1 << 15) - 1): TensorProto.INT16,
-        (0, (1 << 16) - 1): TensorProto.UINT16,
-    }
-    return types.get((qmin, qmax))
-
-
-def _weight_container(quant: OperatorQuant) -> int | None:
-    """Integer type holding a weight's codes (DequantizeLinear does not clip, so any width up
-    to the container's fits)."""
-    from onnx import TensorProto
-
-    bits, unsigned = quant.spec.bitwidth, quant.spec.is_unsigned
-    if bits <= 8:
-        return TensorProto.UINT8 if unsigned else TensorProto.INT8
-    if bits <= 16:
-        return TensorProto.UINT16 if unsigned else TensorProto.INT16
-    return None
-
-
-class _Nodes:
-    """The node list of one graph (the main graph or a Scan body)."""
-
-    def __init__(self, builder: _Builder) -> None:
-        self.builder = builder
-        self.nodes: list[Any] = []
-
-    def op(self, op_type: str, inputs: list[str], name: str = "", **attrs: Any) -> str:
-        return self.ops(op_type, inputs, 1, name, **attrs)[0]
-
-    def ops(
-        self, op_type: str, inputs: list[str], count: int, name: str = "", **attrs: Any
-    ) -> list[str]:
-        from onnx import helper
-
-        outputs = [self.builder.fresh() for _ in range(count)]
-        node_name = name or f"{op_type}_{self.builder.fresh()}"
-        self.nodes.append(helper.make_node(op_type, inputs, outputs, name=node_name, **attrs))
-        return outputs
-
-
-class _Builder:
-    """Builds the graph; initializers live in the main graph, and Scan bodies read them (and
-    the dequantized weights) from the outer scope."""
-
-    def __init__(self, model: QuantGRU) -> None:
-        from quant_gru.kernels.torch.quantized_forward import build_programs
-
+    def __init__(self, model: QuantGRU, writer: GraphWriter, operators: QDQOperators) -> None:
         self.model = model
-        quantized = model._quantized_model()
-        self.quant = quantized.quant
-        self.programs: list[DirectionProgram] = build_programs(
-            quantized, model._direction_weights()
-        )
-        self.initializers: list[Any] = []
-        self._constants: set[str] = set()
-        self._count = 0
+        self.writer = writer
+        self.operators = operators
 
-    def fresh(self) -> str:
-        self._count += 1
-        return f"t{self._count}"
-
-    def const(self, name: str, value: np.ndarray) -> str:
-        from onnx import numpy_helper
-
-        if name not in self._constants:
-            self._constants.add(name)
-            self.initializers.append(numpy_helper.from_array(value, name))
-        return name
-
-    def fake_quant(
-        self, g: _Nodes, value: str, pair: str, op: str, fmt: ActivationFormat, tag: str = ""
-    ) -> str:
-        """Quantize then dequantize ``value`` with operator ``op``'s parameters."""
-        from onnx import helper
-
-        prefix = f"{pair}/{op}" + (f"/{tag}" if tag else "")
-        scale = self.const(f"{prefix}/scale", np.array(fmt.scale, dtype=np.float32))
-        container = _container(fmt.qmin, fmt.qmax)
-        if container is not None:
-            dtype = helper.tensor_dtype_to_np_dtype(container)
-            zp = self.const(f"{prefix}/zero_point", np.array(fmt.zero_point, dtype=dtype))
-            q = g.op("QuantizeLinear", [value, scale, zp], name=f"{prefix}/Q")
-            return g.op("DequantizeLinear", [q, scale, zp], name=f"{prefix}/DQ")
-        zp = self.const(f"{prefix}/zero_point", np.array(fmt.zero_point, dtype=np.float32))
-        lo = self.const(f"{prefix}/qmin", np.array(fmt.qmin, dtype=np.float32))
-        hi = self.const(f"{prefix}/qmax", np.array(fmt.qmax, dtype=np.float32))
-        scaled = g.op("Div", [value, scale], name=f"{prefix}/Div")
-        rounded = g.op("Round", [scaled], name=f"{prefix}/Round")
-        shifted = g.op("Add", [rounded, zp], name=f"{prefix}/AddZeroPoint")
-        codes = g.op("Clip", [shifted, lo, hi], name=f"{prefix}/Clip")
-        centred = g.op("Sub", [codes, zp], name=f"{prefix}/SubZeroPoint")
-        return g.op("Mul", [centred, scale], name=f"{prefix}/Mul")
-
-    def weight(self, g: _Nodes, pair: str, op: str, codes: torch.Tensor, index: int) -> str:
-        """A weight ([3H, K] stored transposed as [K, 3H]) or bias [3H] from its integer codes."""
-        from onnx import helper
-
-        from quant_gru.quantize.scales import per_row
-
-        quant = self.quant[index][op]
-        scales = per_row(quant.scale.detach().cpu(), codes.shape[0]).numpy()
-        values = codes.detach().cpu().numpy()
-        container = _weight_container(quant)
-        if container is not None:
-            dtype = helper.tensor_dtype_to_np_dtype(container)
-            info = np.iinfo(dtype)
-            if values.min(initial=0) >= info.min and values.max(initial=0) <= info.max:
-                stored = self.const(f"{pair}/{op}/codes", values.astype(dtype))
-                scale = self.const(f"{pair}/{op}/scale", scales.astype(np.float32))
-                value = g.op("DequantizeLinear", [stored, scale], name=f"{pair}/{op}/DQ", axis=0)
-                if values.ndim == 1:
-                    return value
-                # DQ of the [3H, K] codes per row, then Transpose for x @ W^T.
-                return g.op("Transpose", [value], name=f"{pair}/{op}/T", perm=[1, 0])
-        shape = (-1, 1) if values.ndim == 2 else (-1,)
-        dequantized = values.astype(np.float64) * scales.reshape(shape)
-        if values.ndim == 2:
-            dequantized = dequantized.T
-        return self.const(f"{pair}/{op}/value", np.ascontiguousarray(dequantized, np.float32))
-
-    def step(self, pair: str, index: int, r_t: str, b_r: str) -> Any:
-        """The Scan body: (h_prev [B, H], wx_t [B, 3H]) -> (h_next, y_t), §7's step."""
+    def _loop(
+        self, main: Nodes, pair: str, index: int, reverse: bool, h0: str, wx: str
+    ) -> tuple[str, str]:
+        """The recurrence of one (layer, direction): (h_last [B, H], outputs [T, B, H])."""
         from onnx import TensorProto, helper
 
-        g, fmt = _Nodes(self), self.programs[index].formats
-        hidden = self.model.hidden_size
-        split = self.const("split_gates", np.array([hidden] * 3, dtype=np.int64))
+        writer, hidden = self.writer, self.model.hidden_size
+        outer = self.operators.prepare(main, pair, index)
+        first = writer.const("axis0", np.array([0], dtype=np.int64))
+        shape = main.op("Shape", [wx], name=f"{pair}/wx_shape")
+        time_dim = writer.const("time_dim", np.array(0, dtype=np.int64))
+        steps = main.op("Gather", [shape, time_dim], name=f"{pair}/trip_count", axis=0)
+        keep_going = writer.const("true", np.array(True))
 
-        def fq(value: str, op: str) -> str:
-            return self.fake_quant(g, value, pair, op, fmt[op])
-
-        h, wx_t = f"{pair}/h_prev", f"{pair}/wx_t"
-        rh = fq(g.op("MatMul", [h, r_t], name=f"{pair}/R_matmul"), "matmul.Rh")
-        rb = fq(g.op("Add", [rh, b_r], name=f"{pair}/br_add"), "op.Rh_add_br")
-        x_r, x_z, x_n = g.ops("Split", [wx_t, split], 3, name=f"{pair}/split_wx", axis=1)
-        rb_r, rb_z, rb_n = g.ops("Split", [rb, split], 3, name=f"{pair}/split_rb", axis=1)
-        r_pre = fq(g.op("Add", [x_r, rb_r], name=f"{pair}/r_add"), "gate.r_pre")
-        z_pre = fq(g.op("Add", [x_z, rb_z], name=f"{pair}/z_add"), "gate.z_pre")
-        r = fq(g.op("Sigmoid", [r_pre], name=f"{pair}/r_sigmoid"), "gate.r_out")
-        z = fq(g.op("Sigmoid", [z_pre], name=f"{pair}/z_sigmoid"), "gate.z_out")
-        r_rb = fq(g.op("Mul", [r, rb_n], name=f"{pair}/r_mul"), "op.rRh")
-        g_pre = fq(g.op("Add", [x_n, r_rb], name=f"{pair}/g_add"), "gate.g_pre")
-        gate = fq(g.op("Tanh", [g_pre], name=f"{pair}/g_tanh"), "gate.g_out")
-        old = fq(g.op("Mul", [z, h], name=f"{pair}/old_mul"), "op.old_contrib")
-        # (1 - z) * g as g - z * g, the form of §7.
-        zg = g.op("Mul", [z, gate], name=f"{pair}/zg_mul")
-        new = fq(g.op("Sub", [gate, zg], name=f"{pair}/new_sub"), "op.new_contrib")
-        h_next = fq(g.op("Add", [old, new], name=f"{pair}/h_add"), "output.h")
-        y_t = g.op("Identity", [h_next], name=f"{pair}/y")
+        body = writer.nodes()
+        iteration, condition, h = f"{pair}/i", f"{pair}/condition", f"{pair}/h_prev"
+        t = iteration
+        if reverse:
+            last = body.op("Sub", [steps, writer.const("one_int", np.array(1, np.int64))])
+            t = body.op("Sub", [last, iteration], name=f"{pair}/reverse_time")
+        wx_t = body.op("Gather", [wx, t], name=f"{pair}/wx_t", axis=0)
+        h_next = self.operators.step(body, pair, index, outer, h, wx_t)
+        carried = body.op("Identity", [condition], name=f"{pair}/continue")
+        y_t = body.op("Identity", [h_next], name=f"{pair}/y")
         inputs = [
+            helper.make_tensor_value_info(iteration, TensorProto.INT64, []),
+            helper.make_tensor_value_info(condition, TensorProto.BOOL, []),
             helper.make_tensor_value_info(h, TensorProto.FLOAT, ["batch", hidden]),
-            helper.make_tensor_value_info(wx_t, TensorProto.FLOAT, ["batch", 3 * hidden]),
         ]
         outputs = [
-            helper.make_tensor_value_info(h_next, TensorProto.FLOAT, None),
-            helper.make_tensor_value_info(y_t, TensorProto.FLOAT, None),
+            helper.make_tensor_value_info(name, kind, None)
+            for name, kind in (
+                (carried, TensorProto.BOOL),
+                (h_next, TensorProto.FLOAT),
+                (y_t, TensorProto.FLOAT),
+            )
         ]
-        return helper.make_graph(g.nodes, f"{pair}_step", inputs, outputs)
+        graph = helper.make_graph(body.nodes, f"{pair}_step", inputs, outputs)
+        h_last, ys = main.ops("Loop", [steps, keep_going, h0], 2, name=f"{pair}/loop", body=graph)
+        if reverse:
+            start = writer.const("minus_one", np.array([-1], dtype=np.int64))
+            end = writer.const("int64_min", np.array([_INT64_MIN], dtype=np.int64))
+            ys = main.op("Slice", [ys, start, end, first, start], name=f"{pair}/reverse_outputs")
+        return h_last, ys
 
     def graph(self, with_hx: bool) -> onnx.GraphProto:
         from onnx import TensorProto, helper
 
-        model = self.model
+        model, writer = self.model, self.writer
         hidden, dirs, layers = model.hidden_size, model.num_directions, model.num_layers
-        main = _Nodes(self)
+        main = writer.nodes()
 
         def io_dims(features: int) -> list[int | str]:
             lead: list[int | str] = (
@@ -278,53 +171,38 @@ class _Builder:
         zeros = ""
         if not with_hx:
             # The code of 0.0 dequantizes to exactly 0: h0 is zeros of shape [batch, H].
-            shape = main.op("Shape", [x], name="input_shape", start=1, end=2)
-            hidden_dim = self.const("hidden_dim", np.array([hidden], dtype=np.int64))
+            batch_dim = writer.const("batch_dim", np.array([1], dtype=np.int64))
+            full_shape = main.op("Shape", [x], name="input_shape")
+            shape = main.op("Gather", [full_shape, batch_dim], name="batch_size", axis=0)
+            hidden_dim = writer.const("hidden_dim", np.array([hidden], dtype=np.int64))
             state_shape = main.op("Concat", [shape, hidden_dim], name="h0_shape", axis=0)
             zero = helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0])
             zeros = main.op("ConstantOfShape", [state_shape], name="h0_zeros", value=zero)
-        axes = self.const("unsqueeze_axes", np.array([0], dtype=np.int64))
-        finals: list[str] = []
+        axes = writer.const("axis0", np.array([0], dtype=np.int64))
+        sources, finals = [x], []
         for layer in range(layers):
             directions: list[str] = []
             for d in range(dirs):
                 index = layer * dirs + d
                 pair = f"l{layer}" + ("_reverse" if d else "")
-                program, fmt = self.programs[index], self.programs[index].formats
-                x_q = self.fake_quant(main, x, pair, "input.x", fmt["input.x"])
-                w_t = self.weight(main, pair, "weight.W", program.weight_W, index)
-                b_w = self.weight(main, pair, "weight.bw", program.bias_w, index)
-                r_t = self.weight(main, pair, "weight.R", program.weight_R, index)
-                b_r = self.weight(main, pair, "weight.br", program.bias_r, index)
-                projected = main.op("MatMul", [x_q, w_t], name=f"{pair}/W_matmul")
-                biased = main.op("Add", [projected, b_w], name=f"{pair}/bw_add")
-                wx = self.fake_quant(main, biased, pair, "matmul.Wx", fmt["matmul.Wx"])
+                x_q = self.operators.layer_input(main, pair, index, sources)
+                wx = self.operators.projection(main, pair, index, x_q)
                 if with_hx:
-                    row = self.const(f"{pair}/h0_index", np.array(index, dtype=np.int64))
+                    row = writer.const(f"{pair}/h0_index", np.array(index, dtype=np.int64))
                     h0 = main.op("Gather", ["h0", row], name=f"{pair}/h0_gather", axis=0)
-                    h0 = self.fake_quant(main, h0, pair, "output.h", fmt["output.h"], tag="h0")
+                    h0 = self.operators.initial_state(main, pair, index, h0)
                 else:
                     h0 = zeros
-                h_last, y = main.ops(
-                    "Scan",
-                    [h0, wx],
-                    2,
-                    name=f"{pair}/scan",
-                    body=self.step(pair, index, r_t, b_r),
-                    num_scan_inputs=1,
-                    scan_input_directions=[d],
-                    scan_output_directions=[d],
-                )
-                directions.append(y)
+                h_last, ys = self._loop(main, pair, index, bool(d), h0, wx)
+                directions.append(ys)
                 finals.append(main.op("Unsqueeze", [h_last, axes], name=f"{pair}/h_n"))
-            if dirs == 1:
-                x = directions[0]
-            else:
-                x = main.op("Concat", directions, name=f"l{layer}/concat", axis=-1)
+            sources = directions
+        last = (
+            sources[0] if dirs == 1 else main.op("Concat", sources, name="output_concat", axis=-1)
+        )
         if model.batch_first:
-            last = helper.make_node("Transpose", [x], ["output"], name="output", perm=[1, 0, 2])
+            main.named("Transpose", [last], "output", "output", perm=[1, 0, 2])
         else:
-            last = helper.make_node("Identity", [x], ["output"], name="output")
-        main.nodes.append(last)
-        main.nodes.append(helper.make_node("Concat", finals, ["h_n"], name="h_n", axis=0))
-        return helper.make_graph(main.nodes, "quant_gru_qdq", inputs, outputs, self.initializers)
+            main.named("Identity", [last], "output", "output")
+        main.named("Concat", finals, "h_n", "h_n", axis=0)
+        return helper.make_graph(main.nodes, "quant_gru_qdq", inputs, outputs, writer.initializers)

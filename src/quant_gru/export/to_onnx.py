@@ -26,13 +26,30 @@ def to_onnx(
     exporter by default, the newer one with ``dynamo=True``) and restores the module's modes
     whatever happens. Inputs ``input`` (and ``hx`` with ``with_hx``), outputs ``output`` and
     ``hidden``, laid out as the module's ``batch_first`` says.
+
+    ``'float'`` gives the ONNX GRU operator per layer; ``'qdq'`` the calibrated quantized model
+    with a quantization point at every operator and the integer model's arithmetic between them
+    (export/onnx_qdq.py; a pending calibration is finalized first). QDQ export needs the
+    classic exporter, whose newest opset is 20: 9- to 16-bit operators then use the float
+    form of their quantization points; ``onnx_qdq.export_qdq_onnx`` writes opset 21 and more.
     """
+    from quant_gru.export.onnx_qdq import NOT_CALIBRATED
     from quant_gru.module import QuantGRU
 
     if not isinstance(model, QuantGRU):
         raise TypeError(f"to_onnx expects a QuantGRU, got {type(model).__name__}")
+    if export_format not in ("float", "qdq"):
+        raise ValueError(f"export_format must be 'float' or 'qdq', got {export_format!r}")
+    if export_format == "qdq":
+        if dynamo:
+            raise ValueError(
+                "export_format='qdq' needs the classic exporter (dynamo=False): the newer "
+                "exporter does not run the symbolic that writes the QDQ graph"
+            )
+        if not model.is_calibrated() and not model._has_statistics():
+            raise RuntimeError(NOT_CALIBRATED)
     saved = (model.export_mode, model.export_format, model.training)
-    model.export_format = export_format  # validated by the module
+    model.export_format = export_format
     states = model.num_layers * model.num_directions
     parameter = next(model.parameters())
     example = torch.randn(2, 3, model.input_size, dtype=parameter.dtype, device=parameter.device)
