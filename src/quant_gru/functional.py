@@ -88,14 +88,7 @@ def export_gru(
 ) -> tuple[Tensor, Tensor]:
     """The float GRU through ATen's GRU operator, so ONNX export keeps the sequence length
     dynamic (kernels/torch/traceable_gru.py). Tensors only: a PackedSequence is refused."""
-    if isinstance(input, PackedSequence):
-        raise TypeError(
-            "export_mode takes a Tensor input; a PackedSequence cannot be exported (export "
-            "with a padded tensor, or set export_mode = False)"
-        )
-    _check_weight_count(weights, shape)
-    _validated_time_major(input, hx, weights[0][0], shape)
-    return traceable_gru(input, hx, weights, shape)
+    return traceable_gru(_validated_export_input(input, hx, weights, shape), hx, weights, shape)
 
 
 def export_qdq_input(
@@ -106,6 +99,21 @@ def export_qdq_input(
 ) -> tuple[Tensor, Tensor | None, bool]:
     """Validate an export_format='qdq' call; returns the input and hx batched (3-D) and
     whether they were unbatched. Tensors only: a PackedSequence is refused."""
+    input = _validated_export_input(input, hx, weights, shape)
+    unbatched = input.dim() == 2
+    if unbatched:
+        input = input.unsqueeze(0 if shape.batch_first else 1)
+        hx = None if hx is None else hx.unsqueeze(1)
+    return input, hx, unbatched
+
+
+def _validated_export_input(
+    input: Tensor | PackedSequence,
+    hx: Tensor | None,
+    weights: Sequence[DirectionWeights],
+    shape: GRUShape,
+) -> Tensor:
+    """Check an export-mode call like any forward call; export takes tensors only."""
     if isinstance(input, PackedSequence):
         raise TypeError(
             "export_mode takes a Tensor input; a PackedSequence cannot be exported (export "
@@ -113,11 +121,7 @@ def export_qdq_input(
         )
     _check_weight_count(weights, shape)
     _validated_time_major(input, hx, weights[0][0], shape)
-    unbatched = input.dim() == 2
-    if unbatched:
-        input = input.unsqueeze(0 if shape.batch_first else 1)
-        hx = None if hx is None else hx.unsqueeze(1)
-    return input, hx, unbatched
+    return input
 
 
 def _check_weight_count(weights: Sequence[DirectionWeights], shape: GRUShape) -> None:
