@@ -1,0 +1,108 @@
+"""Where quantization noise comes from: the SQNR of every operator of the integer model against
+the float GRU at the same point.
+
+Both models run their own recurrence over the same input, so an operator's SQNR includes the
+noise it inherits from earlier operators and earlier steps: it is what the value seen at that
+point loses, end to end. Padded steps of packed sequences are left out.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence
+
+from quant_gru import functional
+from quant_gru.kernels.torch.decomposed_gru import PointHook
+from quant_gru.kernels.torch.quant_gru import quantized_gru as integer_codes
+from quant_gru.kernels.torch.quantized_forward import build_programs, initial_codes, input_codes
+from quant_gru.quantize.program import ACTIVATION_OPERATORS
+from quant_gru.quantize.scales import dequantize
+
+if TYPE_CHECKING:
+    from quant_gru.module import QuantGRU
+
+
+def operator_sqnr(
+    model: QuantGRU, input: Tensor | PackedSequence, hx: Tensor | None = None
+) -> dict[str, dict[str, float]]:
+    """SQNR in dB of every activation operator, per (layer, direction) name (``l0``,
+    ``l0_reverse``, ...): 10 log10(sum float^2 / sum (quantized - float)^2); +inf where the
+    two agree exactly. The model must be calibrated (or hold statistics to finalize)."""
+    weights, shape = model._direction_weights(), model._shape()
+    quantized = model._quantized_model()
+    x, h0, lengths, _ = functional._validated_time_major(input, hx, weights[0][0], shape)
+    float_values = _float_values(model, input, hx)
+    with torch.no_grad():
+        programs = build_programs(quantized, weights)
+        _, _, traces = integer_codes(
+            programs,
+            input_codes(x, programs),
+            initial_codes(h0 if hx is not None else None, programs, x),
+            lengths,
+            shape.num_layers,
+            shape.bidirectional,
+            trace=True,
+        )
+    assert traces is not None
+    steps, batch = x.shape[0], x.shape[1]
+    valid = torch.ones(steps, batch, 1, dtype=torch.bool, device=x.device)
+    if lengths is not None:
+        time = torch.arange(steps, device=x.device).unsqueeze(1)
+        valid = (time < lengths.to(x.device).view(1, -1)).unsqueeze(-1)
+    result: dict[str, dict[str, float]] = {}
+    for index, (name, program) in enumerate(zip(model._pair_names, programs, strict=True)):
+        result[name] = {}
+        for op in ACTIVATION_OPERATORS:
+            fmt = program.formats[op]
+            reference = float_values[index][op]
+            noisy = dequantize(traces[index][op], fmt.scale, fmt.zero_point)
+            result[name][op] = _sqnr_db(reference, noisy, valid)
+    return result
+
+
+def _float_values(
+    model: QuantGRU, input: Tensor | PackedSequence, hx: Tensor | None
+) -> list[dict[str, Tensor]]:
+    """Every operator's float value (T, B, C) per (layer, direction), from the float GRU
+    decomposed at the quantization points."""
+    steps_of: list[dict[str, dict[int, Tensor]]] = [defaultdict(dict) for _ in model._pair_names]
+    whole: list[dict[str, Tensor]] = [{} for _ in model._pair_names]
+
+    def observe(pair: int) -> PointHook:
+        def record(name: str, value: Tensor, valid: Tensor | None, step: int | None) -> Tensor:
+            if name in ACTIVATION_OPERATORS:
+                if step is None:
+                    whole[pair][name] = value.detach()
+                elif step >= 0:  # step -1 is h0, not an output of the step
+                    steps_of[pair][name][step] = value.detach()
+            return value
+
+        return record
+
+    with torch.no_grad():
+        functional.gru(
+            input, hx, model._direction_weights(), model._shape(), 0.0, False, observe=observe
+        )
+    values = []
+    for pair in range(len(model._pair_names)):
+        found = dict(whole[pair])
+        for name, by_step in steps_of[pair].items():
+            found[name] = torch.stack([by_step[t] for t in sorted(by_step)])
+        values.append(found)
+    return values
+
+
+def _sqnr_db(reference: Tensor, noisy: Tensor, valid: Tensor) -> float:
+    mask = valid.expand_as(reference)
+    signal = reference[mask].double().square().sum().item()
+    noise = (noisy - reference)[mask].double().square().sum().item()
+    if noise == 0:
+        return math.inf
+    if signal == 0:
+        return -math.inf
+    return 10 * math.log10(signal / noise)
