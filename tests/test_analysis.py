@@ -14,7 +14,6 @@ from quant_gru.analysis import operator_sqnr
 from quant_gru.quantize.program import ACTIVATION_OPERATORS
 from quant_gru.quantize.scales import dequantize, quantize
 
-
 # The module returns float32 values; analysis keeps its dequantized values in float64. Their
 # rounding (2^-24 relative, on values up to 2^7 LSB) moves an 8-bit SQNR by about 1e-4 dB.
 DB = 1e-3
