@@ -122,3 +122,25 @@ def _export_dynamo(
         ) from error
     assert program is not None
     program.save(os.fspath(path))
+    _check_dynamic(path, batch_axis, time_axis)
+
+
+def _check_dynamic(path: str | os.PathLike[str], batch_axis: int, time_axis: int) -> None:
+    """Some torch releases' newer exporter fixes the example's sequence length in the graph;
+    such a file would refuse every other length, so it is removed and the export fails."""
+    import onnx
+
+    model = onnx.load(os.fspath(path), load_external_data=False)
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    fixed = [
+        (name, dims[axis].dim_value)
+        for name, axis in (("batch", batch_axis), ("sequence length", time_axis))
+        if dims[axis].HasField("dim_value")
+    ]
+    if fixed:
+        os.remove(path)
+        what = ", ".join(f"{name} {value}" for name, value in fixed)
+        raise RuntimeError(
+            f"the dynamo-based ONNX exporter of torch {torch.__version__} fixed the input's "
+            f"{what} to the example's; export with dynamo=False (the classic exporter) instead"
+        )
