@@ -19,9 +19,8 @@ import onnxruntime as ort
 import torch
 
 from quant_gru import QuantGRU
+from quant_gru.analysis import reference_output
 from quant_gru.export.onnx_qdq import export_qdq_onnx
-from quant_gru.kernels.torch.quantized_forward import build_programs, initial_codes, input_codes
-from quant_gru.reference import integer_gru
 
 RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results" / "onnx_lsb.json"
 MODELS = {"1 layer": (1, False), "2 layers, bidirectional": (2, True)}
@@ -52,25 +51,14 @@ def lsb_distances(model: QuantGRU, path: Path, level: str) -> np.ndarray:
     x = inputs(37, 5, data)
     states = model.num_layers * model.num_directions
     h0 = torch.rand(states, 5, 256, generator=data) - 0.5
-    programs = build_programs(model._quantized_model(), model._direction_weights())
-    codes, _, _ = integer_gru(
-        programs,
-        input_codes(x, programs),
-        initial_codes(h0, programs, x),
-        None,
-        model.num_layers,
-        model.bidirectional,
-    )
-    formats = [p.formats["output.h"] for p in programs[-model.num_directions :]]
-    scale = torch.tensor([f.scale for f in formats], dtype=torch.float64).repeat_interleave(256)
-    zero = torch.tensor([f.zero_point for f in formats], dtype=torch.float64).repeat_interleave(256)
-    expected = (codes.double() - zero) * scale
+    reference = reference_output(model, x, h0)
     options = ort.SessionOptions()
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, LEVELS[level])
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     actual = torch.from_numpy(session.run(None, {"input": x.numpy(), "h0": h0.numpy()})[0])
     # Whole LSB: an exactly matching code differs by float32 rounding only (< 0.01 LSB here).
-    return torch.round((actual.double() - expected).abs() / scale).numpy()
+    distance = (actual.double() - reference.dequantized()).abs() / reference.scale
+    return torch.round(distance).numpy()
 
 
 def measure(model_name: str, bits: int, arithmetic: str, level: str) -> dict[str, object]:

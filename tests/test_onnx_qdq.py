@@ -16,12 +16,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from quant_gru.analysis import OutputCodes, reference_output
 from quant_gru.config import GRUQuantConfig
 from quant_gru.export.onnx_qdq import export_qdq_onnx
-from quant_gru.kernels.torch.quantized_forward import build_programs, initial_codes, input_codes
 from quant_gru.module import QuantGRU
 from quant_gru.quantize.program import ACTIVATION_OPERATORS
-from quant_gru.reference import integer_gru
 
 from strategies import quant_configs
 from tolerance import assert_codes_equal, assert_within_lsb, lsb_errors
@@ -75,36 +74,19 @@ def session(path: Path, level: str = "ORT_ENABLE_ALL") -> ort.InferenceSession:
 
 def run_both(
     model: QuantGRU, path: Path, steps: int, batch: int, level: str = "ORT_ENABLE_ALL"
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(ORT output, reference output codes, output.h scale, zero point per feature), time-major,
-    on a new input 1.3 times the calibration data's spread (saturation included)."""
+) -> tuple[torch.Tensor, OutputCodes]:
+    """(ORT output, the integer reference's output), time-major, on a new input 1.3 times the
+    calibration data's spread (saturation included) and a random initial state."""
     dirs, layers, hidden = model.num_directions, model.num_layers, model.hidden_size
     x = torch.randn(steps, batch, model.input_size) * 1.3
     h0 = torch.randn(layers * dirs, batch, hidden) * 0.5
-    programs = build_programs(model._quantized_model(), model._direction_weights())
-    codes, _, _ = integer_gru(
-        programs,
-        input_codes(x, programs),
-        initial_codes(h0, programs, x),
-        None,
-        layers,
-        model.bidirectional,
-    )
-    formats = [p.formats["output.h"] for p in programs[-dirs:]]
-    scale = torch.tensor([f.scale for f in formats], dtype=torch.float64)
-    zero_point = torch.tensor([f.zero_point for f in formats], dtype=torch.float64)
+    expected = reference_output(model, x, h0)
     feed_x = x.transpose(0, 1) if model.batch_first else x
     feed = {"input": feed_x.numpy(), "h0": h0.numpy()}
     actual = torch.from_numpy(session(path, level).run(None, feed)[0])
     if model.batch_first:
         actual = actual.transpose(0, 1)
-    per_feature = (scale.repeat_interleave(hidden), zero_point.repeat_interleave(hidden))
-    return actual, codes, *per_feature
-
-
-def ort_codes(actual: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
-    """Codes of a dequantized float32 output: exact while |q - zp| < 2^22."""
-    return torch.round(actual.double() / scale + zero_point).long()
+    return actual, expected
 
 
 # --- the integer arithmetic: the reference's codes --------------------------------------------
@@ -139,8 +121,8 @@ def test_integer_arithmetic_reproduces_the_reference_codes(
     model = calibrated(layers, bidirectional, batch_first, config, *sizes, bias, seed)
     path = tmp_path / "qdq.onnx"
     export_qdq_onnx(model, path, opset=opset)
-    actual, codes, scale, zero_point = run_both(model, path, steps=5, batch=3)
-    assert_codes_equal(ort_codes(actual, scale, zero_point), codes, "ORT output codes")
+    actual, expected = run_both(model, path, steps=5, batch=3)
+    assert_codes_equal(expected.codes_of(actual), expected.codes, "ORT output codes")
 
 
 CASES = [(1, False, False), (1, True, True), (2, False, True), (2, True, False)]
@@ -156,10 +138,11 @@ def test_integer_arithmetic_on_common_widths(
     model = calibrated(layers, bidirectional, batch_first, widths(bits))
     path = tmp_path / "qdq.onnx"
     export_qdq_onnx(model, path)
-    actual, codes, scale, zero_point = run_both(model, path, steps=11, batch=3)
-    assert_codes_equal(ort_codes(actual, scale, zero_point), codes, "ORT output codes")
+    actual, expected = run_both(model, path, steps=11, batch=3)
+    assert_codes_equal(expected.codes_of(actual), expected.codes, "ORT output codes")
     # The acceptance rung, which exact codes satisfy with room to spare.
-    assert_within_lsb(lsb_errors(actual, codes, scale, zero_point), 2, 0.999, "ORT output")
+    errors = lsb_errors(actual, expected.codes, expected.scale, expected.zero_point)
+    assert_within_lsb(errors, 2, 0.999, "ORT output")
 
 
 # --- the float arithmetic: within a few LSB ---------------------------------------------------
@@ -176,8 +159,8 @@ def test_float_arithmetic_stays_within_a_few_lsb(
     path = tmp_path / "qdq.onnx"
     export_qdq_onnx(model, path, arithmetic="float")
     # Basic optimizations: ORT's QDQ fusions change this graph (docs/onnx.md).
-    actual, codes, scale, zero_point = run_both(model, path, 11, 3, "ORT_ENABLE_BASIC")
-    errors = lsb_errors(actual, codes, scale, zero_point)
+    actual, expected = run_both(model, path, 11, 3, "ORT_ENABLE_BASIC")
+    errors = lsb_errors(actual, expected.codes, expected.scale, expected.zero_point)
     assert_within_lsb(errors, 6, 1.0, "float arithmetic, worst case")
     assert_within_lsb(errors, 2, 0.9, "float arithmetic")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -22,9 +23,46 @@ from quant_gru.kernels.torch.quant_gru import quantized_gru as integer_codes
 from quant_gru.kernels.torch.quantized_forward import build_programs, initial_codes, input_codes
 from quant_gru.quantize.program import ACTIVATION_OPERATORS
 from quant_gru.quantize.scales import dequantize
+from quant_gru.reference import integer_gru
 
 if TYPE_CHECKING:
     from quant_gru.module import QuantGRU
+
+
+@dataclass(frozen=True)
+class OutputCodes:
+    """The GRU output as output.h codes (T, B, D*H), with each feature's scale and zero point
+    (float64, (D*H,): the last layer's directions side by side)."""
+
+    codes: Tensor
+    scale: Tensor
+    zero_point: Tensor
+
+    def dequantized(self) -> Tensor:
+        return (self.codes.double() - self.zero_point) * self.scale
+
+    def codes_of(self, values: Tensor) -> Tensor:
+        """Codes of dequantized float values (exact while |code - zero point| < 2^22)."""
+        return torch.round(values.double().cpu() / self.scale + self.zero_point).long()
+
+
+def reference_output(model: QuantGRU, x: Tensor, h0: Tensor | None = None) -> OutputCodes:
+    """The integer reference's output (reference/README.md) for time-major ``x`` (T, B, I) and
+    an optional initial state (L*D, B, H): the oracle the other realizations answer to."""
+    programs = build_programs(model._quantized_model(), model._direction_weights())
+    codes, _, _ = integer_gru(
+        programs,
+        input_codes(x, programs),
+        initial_codes(h0, programs, x),
+        None,
+        model.num_layers,
+        model.bidirectional,
+    )
+    formats = [p.formats["output.h"] for p in programs[-model.num_directions :]]
+    hidden = model.hidden_size
+    scale = torch.tensor([f.scale for f in formats], dtype=torch.float64)
+    zero_point = torch.tensor([f.zero_point for f in formats], dtype=torch.float64)
+    return OutputCodes(codes, scale.repeat_interleave(hidden), zero_point.repeat_interleave(hidden))
 
 
 def operator_sqnr(

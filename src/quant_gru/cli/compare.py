@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ import torch
 from torch import Tensor
 
 from quant_gru import metrics
+from quant_gru.analysis import OutputCodes, reference_output
 from quant_gru.cli.errors import CLIError
 from quant_gru.cli.files import (
     batched,
@@ -26,9 +26,7 @@ from quant_gru.cli.files import (
     sequences_and_steps,
     write_json,
 )
-from quant_gru.kernels.torch.quantized_forward import build_programs, initial_codes, input_codes
 from quant_gru.module import QuantGRU
-from quant_gru.reference import integer_gru
 
 NAME = "compare"
 HELP = (
@@ -41,22 +39,6 @@ ROWS = {
     "onnxruntime": "ONNX Runtime",
 }
 STATE_INPUTS = ("h0", "hx")  # the QDQ builder's and torch.onnx's initial-state input names
-
-
-@dataclass(frozen=True)
-class Grid:
-    """output.h's quantization grid per output feature (directions side by side)."""
-
-    scale: Tensor
-    zero_point: Tensor
-    bitwidth: int
-
-    def codes(self, values: Tensor) -> Tensor:
-        # Exact for dequantized codes (|code - zero point| < 2^22 in float32).
-        return torch.round(values.double() / self.scale + self.zero_point)
-
-    def values(self, codes: Tensor) -> Tensor:
-        return (codes.double() - self.zero_point) * self.scale
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -89,13 +71,14 @@ def run(args: argparse.Namespace) -> None:
     data = batched(data, args.batch_first)
     session = _session(args.onnx, model) if args.onnx is not None else None
 
-    reference_codes, grid = reference(model, _time_major(data, model))
+    reference = reference_output(model, _time_major(data, model))
+    bitwidth = model.quant_config.spec("output.h").bitwidth
     with torch.no_grad():
         model.use_quantization = False
         expected = _time_major(model(data)[0], model).double()
         model.use_quantization = True
         outputs = {"quantized": _time_major(model(data)[0], model)}
-    reference_values = grid.values(reference_codes)
+    reference_values = reference.dequantized()
     outputs["reference"] = reference_values
     if session is not None:
         outputs["onnxruntime"] = _time_major(_run_session(session, model, data), model)
@@ -109,41 +92,21 @@ def run(args: argparse.Namespace) -> None:
             "max_lsb_vs_reference": None,
         }
         if name != "reference":
-            snapped = grid.values(grid.codes(actual))
-            row["max_lsb_vs_reference"] = metrics.max_lsb(snapped, reference_values, grid.scale)
+            # Both read back as codes, so equal codes show exactly 0.
+            snapped = (reference.codes_of(actual) - reference.zero_point) * reference.scale
+            row["max_lsb_vs_reference"] = metrics.max_lsb(
+                snapped, reference_values, reference.scale
+            )
         results[name] = row
     sequences, steps = sequences_and_steps(data, args.batch_first)
     print(
         f"compare: {describe(model)}, {sequences} sequences of {steps} steps, output.h "
-        f"{grid.bitwidth}-bit; against the float output"
+        f"{bitwidth}-bit; against the float output"
     )
     print(_table(results))
     if json_path is not None:
-        write_json(json_path, _document(args, results, grid, model, (sequences, steps)))
-
-
-def reference(model: QuantGRU, x: Tensor) -> tuple[Tensor, Grid]:
-    """The integer reference's output codes (T, B, D*H) on time-major ``x`` from a zero
-    initial state, and output.h's grid."""
-    programs = build_programs(model._quantized_model(), model._direction_weights())
-    codes, _, _ = integer_gru(
-        programs,
-        input_codes(x, programs),
-        initial_codes(None, programs, x),
-        None,
-        model.num_layers,
-        model.bidirectional,
-    )
-    formats = [p.formats["output.h"] for p in programs[-model.num_directions :]]
-    hidden = model.hidden_size
-    grid = Grid(
-        torch.tensor([f.scale for f in formats], dtype=torch.float64).repeat_interleave(hidden),
-        torch.tensor([f.zero_point for f in formats], dtype=torch.float64).repeat_interleave(
-            hidden
-        ),
-        model.quant_config.spec("output.h").bitwidth,
-    )
-    return codes, grid
+        document = _document(args, results, reference, bitwidth, model, (sequences, steps))
+        write_json(json_path, document)
 
 
 def _time_major(tensor: Tensor, model: QuantGRU) -> Tensor:
@@ -210,7 +173,8 @@ def _table(results: dict[str, dict[str, float | None]]) -> str:
 def _document(
     args: argparse.Namespace,
     results: dict[str, dict[str, float | None]],
-    grid: Grid,
+    reference: OutputCodes,
+    bitwidth: int,
     model: QuantGRU,
     shape: tuple[int, int],
 ) -> dict[str, Any]:
@@ -227,10 +191,10 @@ def _document(
         "steps": shape[1],
         "against": "float",
         "output_h": {
-            "bitwidth": grid.bitwidth,
+            "bitwidth": bitwidth,
             # One per last-layer direction (forward, then reverse).
-            "scale": grid.scale[:: model.hidden_size].tolist(),
-            "zero_point": grid.zero_point[:: model.hidden_size].long().tolist(),
+            "scale": reference.scale[:: model.hidden_size].tolist(),
+            "zero_point": reference.zero_point[:: model.hidden_size].long().tolist(),
         },
         "results": finite,
     }
