@@ -67,3 +67,20 @@ def assert_within_lsb(errors: Tensor, lsb: float, fraction: float, what: str = "
         f"{what}: {within:.4%} of elements within {lsb} LSB (need {fraction:.2%}), "
         f"worst {worst:.2f}"
     )
+
+
+RATIO_TO_REFERENCE = 2.0
+
+
+def assert_ratio_to_reference(
+    actual: Tensor, oracle: Tensor, exact: Tensor, what: str = "", floor: float = 0.0
+) -> None:
+    """The ratio-to-reference rung: `actual`'s scaled error against the float64 result `exact`
+    is at most twice the error that `oracle` (cuDNN, or the plain path, at the same precision)
+    makes. `floor`: an error always accepted, for oracles that happen to be exact."""
+    error, reference = scaled_error(actual, exact), scaled_error(oracle, exact)
+    limit = max(RATIO_TO_REFERENCE * reference, floor)
+    assert error <= limit, (
+        f"{what}: scaled error {error:.3e} exceeds {RATIO_TO_REFERENCE}x the reference's "
+        f"{reference:.3e}"
+    )

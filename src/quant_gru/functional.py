@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
 from quant_gru import sequence
+from quant_gru.kernels.backend import resolve as backend_choice
 from quant_gru.kernels.torch.decomposed_gru import PointHook, decomposed_direction
 from quant_gru.kernels.torch.float_gru import gru_direction
 from quant_gru.kernels.torch.quantized_forward import QuantizedModel, quantized_forward
@@ -33,22 +36,36 @@ def gru(
     dropout: float = 0.0,
     training: bool = False,
     observe: Callable[[int], PointHook] | None = None,
+    backend: str = "auto",
 ) -> tuple[Tensor | PackedSequence, Tensor]:
     """nn.GRU's forward: `weights` lists (layer, direction) pairs in nn.GRU's order.
 
     With `observe`, the float GRU runs decomposed at the integer model's quantization points
-    and `observe(pair_index)` gives the hook that sees them (calibration).
+    and `observe(pair_index)` gives the hook that sees them (calibration). `backend` picks the
+    realization of the plain forward (kernels/backend.py).
     """
 
     def run_direction(
         index: int, x: Tensor, h0: Tensor, lengths: Tensor | None, reverse: bool
     ) -> tuple[Tensor, Tensor]:
-        if observe is None:
-            return gru_direction(x, h0, *weights[index], lengths, reverse)
-        return decomposed_direction(x, h0, weights[index], lengths, reverse, observe(index))
+        if observe is not None:
+            return decomposed_direction(x, h0, weights[index], lengths, reverse, observe(index))
+        if chosen == "triton":
+            from quant_gru.kernels.triton.gru_forward import gru_direction_forward
+
+            w_ih, w_hh, b_ih, b_hh = weights[index]
+            gates_x = F.linear(x, w_ih, b_ih)  # every step's input projection, one product
+            return gru_direction_forward(gates_x, h0, w_hh, b_hh, lengths, reverse)
+        return gru_direction(x, h0, *weights[index], lengths, reverse)
 
     _check_weight_count(weights, shape)
     x, h0, lengths, layout = _validated_time_major(input, hx, weights[0][0], shape)
+    records = torch.is_grad_enabled() and (
+        x.requires_grad
+        or h0.requires_grad
+        or any(w is not None and w.requires_grad for pair in weights for w in pair)
+    )
+    chosen = "torch" if observe is not None else backend_choice(backend, x, records)
     out, h_n = run_layers(
         x, h0, lengths, shape, run_direction, dropout_between_layers(dropout, training)
     )

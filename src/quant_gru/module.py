@@ -25,6 +25,7 @@ from quant_gru.calibration.parameters import assemble_direction_quant
 from quant_gru.calibration.statistics import CalibrationStatistics
 from quant_gru.config import GRUQuantConfig
 from quant_gru.export import aimet, quant_params
+from quant_gru.kernels.backend import check_backend
 from quant_gru.kernels.torch.quantized_forward import QuantizedModel, build_programs
 from quant_gru.kernels.torch.stack import DirectionWeights, GRUShape
 from quant_gru.quantize.params import DirectionQuant
@@ -88,6 +89,7 @@ class QuantGRU(nn.Module):
     _calibration_method: str
     _export_format: str
     _export_mode: bool
+    _backend: str
     _percentile_value: float
 
     def __init__(
@@ -131,6 +133,7 @@ class QuantGRU(nn.Module):
         self.calibrating = False
         self._export_mode = False
         self._export_format = "float"
+        self._backend = "auto"
         self.quant_config = GRUQuantConfig.default()
         self._quantized: QuantizedModel | None = None
         self.proj_size = 0  # nn.GRU has no projection; kept for code that reads the attribute
@@ -244,7 +247,21 @@ class QuantGRU(nn.Module):
             return functional.quantized_gru(
                 input, hx, weights, shape, model, self.dropout, self.training
             )
-        return functional.gru(input, hx, weights, shape, self.dropout, self.training)
+        return functional.gru(
+            input, hx, weights, shape, self.dropout, self.training, backend=self._backend
+        )
+
+    @property
+    def backend(self) -> str:
+        """Which realization runs the float forward: 'auto' (default: the persistent Triton
+        kernels on CUDA where they apply, plain PyTorch otherwise; the environment variable
+        QUANT_GRU_BACKEND overrides 'auto'), 'triton' (insist; RuntimeError saying why not)
+        or 'torch'."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        self._backend = check_backend(value)
 
     # --- export ----------------------------------------------------------------------------
 

@@ -1,0 +1,200 @@
+"""A persistent Triton kernel for the float GRU recurrence of one layer and one direction.
+
+One launch runs every time step. The input projection of all steps (x W_ih^T + b_ih) is one
+large matrix product before the launch; the kernel adds the recurrent product and the gates.
+
+Work split: program (i, j) owns batch rows [i*BB, (i+1)*BB) and hidden units [j*BH, (j+1)*BH)
+of all three gates, so it reads the 3*BH rows of R = W_hh it needs (from L2, where R stays
+resident across steps) and the whole previous state of its batch rows. States are exchanged
+through a global double buffer; after each step the programs of one batch tile meet at a
+barrier (an atomic counter per batch tile), which needs every program of the grid resident at
+once: the launcher sizes the grid to at most one program per SM. A batch tile with a single
+hidden tile meets only itself, which is also how the kernel runs under TRITON_INTERPRET=1,
+where programs run one after another.
+
+Semantics are kernels/torch/float_gru.py's (nn.GRU's): r = σ(gx_r + R_r h + b_r),
+z = σ(gx_z + R_z h + b_z), n = tanh(gx_n + r ⊙ (R_n h + b_n)), h' = (1 - z) ⊙ n + z ⊙ h;
+steps at or past a sequence's length keep its state and write zeros.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+@triton.jit
+def _barrier(counter_ptr, target):
+    """Wait until the batch tile's counter reaches ``target`` after adding this program's 1.
+
+    The CTA barrier makes every thread's stores precede the release of the (single-thread)
+    atomic; the acquiring spin and the second CTA barrier order the loads that follow."""
+    tl.debug_barrier()
+    tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
+    while tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu") < target:
+        pass
+    tl.debug_barrier()
+
+
+@triton.jit
+def _gru_forward_kernel(
+    gx_ptr,  # (T, B, 3H) input projections with b_ih
+    w_ptr,  # (3H, H) recurrent weights, gate order r, z, n
+    bias_ptr,  # (3H,) recurrent bias (zeros without bias)
+    h0_ptr,  # (B, H)
+    lengths_ptr,  # (B,) int32
+    out_ptr,  # (T, B, H)
+    h_n_ptr,  # (B, H)
+    exchange_ptr,  # (2, B, H) float32
+    counter_ptr,  # (number of batch tiles,) int32, zeros
+    steps,
+    batch,
+    hidden,
+    REVERSE: tl.constexpr,
+    PRECISION: tl.constexpr,  # "ieee" or "tf32" for float32; ignored for 16-bit types
+    BB: tl.constexpr,
+    BH: tl.constexpr,
+    BK: tl.constexpr,
+):
+    tile_b = tl.program_id(0)
+    tile_h = tl.program_id(1)
+    hidden_tiles = tl.num_programs(1)
+    rows = tile_b * BB + tl.arange(0, BB)
+    units = tile_h * BH + tl.arange(0, BH)
+    row_ok = rows < batch
+    unit_ok = units < hidden
+    own = row_ok[:, None] & unit_ok[None, :]
+    own_offsets = rows[:, None] * hidden + units[None, :]
+    counter = counter_ptr + tile_b
+    plane = batch * hidden
+
+    length = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
+    h = tl.load(h0_ptr + own_offsets, mask=own, other=0.0).to(tl.float32)
+    tl.store(exchange_ptr + own_offsets, h, mask=own)
+    _barrier(counter, hidden_tiles)
+    bias_r = tl.load(bias_ptr + units, mask=unit_ok, other=0.0).to(tl.float32)
+    bias_z = tl.load(bias_ptr + hidden + units, mask=unit_ok, other=0.0).to(tl.float32)
+    bias_n = tl.load(bias_ptr + 2 * hidden + units, mask=unit_ok, other=0.0).to(tl.float32)
+    dtype = w_ptr.dtype.element_ty
+
+    for step in range(steps):
+        t = steps - 1 - step if REVERSE else step
+        source = exchange_ptr + (step % 2) * plane
+        acc_r = tl.zeros((BB, BH), dtype=tl.float32)
+        acc_z = tl.zeros((BB, BH), dtype=tl.float32)
+        acc_n = tl.zeros((BB, BH), dtype=tl.float32)
+        for k0 in range(0, hidden, BK):
+            ks = k0 + tl.arange(0, BK)
+            k_ok = ks < hidden
+            # .cg: read the state from L2, where the other programs' stores are.
+            h_k = tl.load(
+                source + rows[:, None] * hidden + ks[None, :],
+                mask=row_ok[:, None] & k_ok[None, :],
+                other=0.0,
+                cache_modifier=".cg",
+            ).to(dtype)
+            w_mask = k_ok[:, None] & unit_ok[None, :]
+            w_offsets = units[None, :] * hidden + ks[:, None]  # R^T tile (BK, BH)
+            w_r = tl.load(w_ptr + w_offsets, mask=w_mask, other=0.0)
+            w_z = tl.load(w_ptr + hidden * hidden + w_offsets, mask=w_mask, other=0.0)
+            w_n = tl.load(w_ptr + 2 * hidden * hidden + w_offsets, mask=w_mask, other=0.0)
+            acc_r = tl.dot(h_k, w_r, acc_r, input_precision=PRECISION)
+            acc_z = tl.dot(h_k, w_z, acc_z, input_precision=PRECISION)
+            acc_n = tl.dot(h_k, w_n, acc_n, input_precision=PRECISION)
+
+        gx = gx_ptr + t * batch * 3 * hidden + rows[:, None] * (3 * hidden) + units[None, :]
+        gx_r = tl.load(gx, mask=own, other=0.0).to(tl.float32)
+        gx_z = tl.load(gx + hidden, mask=own, other=0.0).to(tl.float32)
+        gx_n = tl.load(gx + 2 * hidden, mask=own, other=0.0).to(tl.float32)
+        r = tl.sigmoid(gx_r + acc_r + bias_r[None, :])
+        z = tl.sigmoid(gx_z + acc_z + bias_z[None, :])
+        pre_n = gx_n + r * (acc_n + bias_n[None, :])
+        n = 2.0 * tl.sigmoid(2.0 * pre_n) - 1.0  # tanh
+        h_new = (1.0 - z) * n + z * h
+        active = (t < length)[:, None]
+        h = tl.where(active, h_new, h)
+        out = out_ptr + t * plane + own_offsets
+        tl.store(out, tl.where(active, h_new, 0.0).to(out_ptr.dtype.element_ty), mask=own)
+        tl.store(exchange_ptr + ((step + 1) % 2) * plane + own_offsets, h, mask=own)
+        _barrier(counter, hidden_tiles * (step + 2))
+
+    tl.store(h_n_ptr + own_offsets, h.to(h_n_ptr.dtype.element_ty), mask=own)
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _tiles(batch: int, hidden: int, device: torch.device) -> tuple[int, int]:
+    """(BB, BH): batch tiles of up to 64 rows; hidden tiles as small as fill the SMs once
+    (every program must be resident for the barrier); one hidden tile when interpreted."""
+    block_b = min(64, max(16, triton.next_power_of_2(batch)))
+    batch_tiles = triton.cdiv(batch, block_b)
+    full = max(16, triton.next_power_of_2(hidden))
+    if _interpreted() or device.type != "cuda":
+        return block_b, full
+    programs = torch.cuda.get_device_properties(device).multi_processor_count
+    block_h = 16
+    while block_h < full and batch_tiles * triton.cdiv(hidden, block_h) > programs:
+        block_h *= 2
+    if batch_tiles * triton.cdiv(hidden, block_h) > programs:
+        raise ValueError(
+            f"batch {batch} needs {batch_tiles} batch tiles, more than the {programs} SMs the "
+            "persistent kernel can keep resident"
+        )
+    return block_b, block_h
+
+
+def gru_direction_forward(
+    gates_x: Tensor,
+    h0: Tensor,
+    w_hh: Tensor,
+    b_hh: Tensor | None,
+    lengths: Tensor | None,
+    reverse: bool,
+) -> tuple[Tensor, Tensor]:
+    """The recurrence over precomputed input projections ``gates_x`` (T, B, 3H) from ``h0``
+    (B, H); returns output (T, B, H) and h_n (B, H) in ``gates_x``'s dtype."""
+    steps, batch, three_h = gates_x.shape
+    hidden = three_h // 3
+    device, dtype = gates_x.device, gates_x.dtype
+    out = torch.empty(steps, batch, hidden, device=device, dtype=dtype)
+    h_n = torch.empty(batch, hidden, device=device, dtype=dtype)
+    if steps == 0 or batch == 0:
+        h_n.copy_(h0)
+        return out, h_n
+    block_b, block_h = _tiles(batch, hidden, device)
+    grid = (triton.cdiv(batch, block_b), triton.cdiv(hidden, block_h))
+    if lengths is None:
+        lengths32 = torch.full((batch,), steps, device=device, dtype=torch.int32)
+    else:
+        lengths32 = lengths.to(device=device, dtype=torch.int32)
+    bias = b_hh if b_hh is not None else w_hh.new_zeros(three_h)
+    exchange = torch.empty(2, batch, hidden, device=device, dtype=torch.float32)
+    counters = torch.zeros(grid[0], device=device, dtype=torch.int32)
+    tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    _gru_forward_kernel[grid](
+        gates_x.contiguous(),
+        w_hh.contiguous(),
+        bias.contiguous(),
+        h0.contiguous(),
+        lengths32,
+        out,
+        h_n,
+        exchange,
+        counters,
+        steps,
+        batch,
+        hidden,
+        REVERSE=reverse,
+        PRECISION="tf32" if tf32 else "ieee",
+        BB=block_b,
+        BH=block_h,
+        BK=min(64, max(16, triton.next_power_of_2(hidden))),
+        num_warps=4,
+    )
+    return out, h_n

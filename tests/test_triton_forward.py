@@ -1,0 +1,139 @@
+"""The persistent Triton forward (kernels/triton/gru_forward.py) against nn.GRU.
+
+Without a GPU the kernels run under TRITON_INTERPRET=1 on small shapes (one hidden tile per
+batch tile: interpreted programs run one after another, so they cannot meet at a barrier);
+on a GPU the multi-program grid with its barrier runs too, against cuDNN's own error.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from quant_gru import QuantGRU
+
+from tolerance import assert_float_conformant, assert_ratio_to_reference
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # read when the kernel module is first imported
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+CASES = [
+    dict(input_size=4, hidden_size=16, num_layers=1),
+    dict(input_size=3, hidden_size=37, num_layers=2, bidirectional=True),
+    dict(input_size=5, hidden_size=20, num_layers=1, batch_first=True, bias=False),
+    dict(input_size=7, hidden_size=9, num_layers=2, batch_first=True, bidirectional=True),
+]
+
+
+def pair(kwargs: dict, dtype: torch.dtype = torch.float32) -> tuple[QuantGRU, nn.GRU]:
+    torch.manual_seed(0)
+    model = QuantGRU(**kwargs).to(DEVICE, dtype)
+    model.backend = "triton"
+    return model, model.to_float().to(DEVICE, torch.float64)
+
+
+def inputs(model: QuantGRU, batch: int, steps: int, dtype: torch.dtype) -> torch.Tensor:
+    shape = (batch, steps) if model.batch_first else (steps, batch)
+    return torch.randn(*shape, model.input_size, device=DEVICE, dtype=dtype)
+
+
+@pytest.mark.parametrize("kwargs", CASES)
+@pytest.mark.parametrize(("batch", "steps"), [(1, 1), (3, 6), (70, 4)])
+@pytest.mark.parametrize("with_hx", [False, True])
+def test_matches_nn_gru(kwargs: dict, batch: int, steps: int, with_hx: bool) -> None:
+    model, oracle = pair(kwargs)
+    x = inputs(model, batch, steps, torch.float32)
+    states = model.num_layers * model.num_directions
+    hx = torch.randn(states, batch, model.hidden_size, device=DEVICE) if with_hx else None
+    with torch.no_grad():
+        out, h_n = model(x, hx)
+        want, want_h = oracle(x.double(), None if hx is None else hx.double())
+    assert_float_conformant(out, want, "output")
+    assert_float_conformant(h_n, want_h, "h_n")
+
+
+@pytest.mark.parametrize("kwargs", CASES[:2])
+def test_packed_sequences(kwargs: dict) -> None:
+    """Lengths are handled inside the kernel: unsorted, mixed, one of full length."""
+    model, oracle = pair(kwargs)
+    lengths = torch.tensor([5, 2, 7, 1, 7, 3])
+    x = inputs(model, len(lengths), 7, torch.float32)
+    packed = pack_padded_sequence(x, lengths, model.batch_first, enforce_sorted=False)
+    with torch.no_grad():
+        out, h_n = model(packed)
+        want, want_h = oracle(
+            pack_padded_sequence(x.double(), lengths, model.batch_first, enforce_sorted=False)
+        )
+    padded, _ = pad_packed_sequence(out, model.batch_first)
+    want_padded, _ = pad_packed_sequence(want, model.batch_first)
+    assert_float_conformant(padded, want_padded, "output")
+    assert_float_conformant(h_n, want_h, "h_n")
+
+
+INTERPRETER_BF16 = pytest.mark.skipif(
+    DEVICE.type != "cuda",
+    reason="the Triton interpreter's bfloat16 tl.dot is wrong (errors of 1e10 on a plain "
+    "16x16 product with triton 3.9); checked on the GPU",
+)
+
+
+@pytest.mark.parametrize(
+    "dtype", [pytest.param(torch.bfloat16, marks=INTERPRETER_BF16), torch.float16]
+)
+def test_half_precision_within_twice_the_plain_path(dtype: torch.dtype) -> None:
+    """16-bit inputs: error against float64 at most twice the plain path's at that dtype
+    (on a GPU the plain path in bf16 uses cuBLAS as cuDNN does)."""
+    model, oracle = pair(CASES[1], dtype)
+    x = inputs(model, 5, 9, dtype)
+    with torch.no_grad():
+        out, _ = model(x)
+        model.backend = "torch"
+        plain, _ = model(x)
+        exact, _ = oracle(x.double())
+    assert out.dtype == dtype
+    assert_ratio_to_reference(out, plain, exact, str(dtype))
+
+
+def test_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = QuantGRU(3, 8)
+    assert model.backend == "auto"
+    with pytest.raises(ValueError, match="backend must be one of 'auto', 'triton', 'torch'"):
+        model.backend = "cuda"
+    x = torch.randn(4, 2, 3)
+    model.backend = "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="the input is on cpu and the Triton kernels run on"):
+        model(x)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(RuntimeError, match="the Triton backward is not available yet"):
+        model(x)  # parameters require gradients
+    with torch.no_grad(), pytest.raises(RuntimeError, match="take float32, bfloat16, float16"):
+        model.double()(x.double())
+    model.backend = "auto"
+    monkeypatch.setenv("QUANT_GRU_BACKEND", "fast")
+    with pytest.raises(ValueError, match="QUANT_GRU_BACKEND must be one of"):
+        model(x.double())
+
+
+def test_environment_selects_the_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    """QUANT_GRU_BACKEND=triton forces the kernels for modules left at 'auto'."""
+    model = QuantGRU(3, 8).to(DEVICE)
+    x = torch.randn(4, 2, 3, device=DEVICE)
+    monkeypatch.setenv("TRITON_INTERPRET", "0" if DEVICE.type == "cuda" else "1")
+    monkeypatch.setenv("QUANT_GRU_BACKEND", "triton")
+    with pytest.raises(RuntimeError, match="Triton backward"):
+        model(x)
+    with torch.no_grad():
+        out, _ = model(x)
+    monkeypatch.setenv("QUANT_GRU_BACKEND", "torch")
+    with torch.no_grad():
+        plain, _ = model(x)
+    torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-6)
