@@ -59,6 +59,7 @@ def _gru_forward_kernel(
     BB: tl.constexpr,
     BH: tl.constexpr,
     BK: tl.constexpr,
+    RESIDENT: tl.constexpr,  # BK covers H and R's slice is loaded once, before the time loop
 ):
     tile_b = tl.program_id(0)
     tile_h = tl.program_id(1)
@@ -80,6 +81,15 @@ def _gru_forward_kernel(
     bias_z = tl.load(bias_ptr + hidden + units, mask=unit_ok, other=0.0).to(tl.float32)
     bias_n = tl.load(bias_ptr + 2 * hidden + units, mask=unit_ok, other=0.0).to(tl.float32)
     dtype = w_ptr.dtype.element_ty
+    if RESIDENT:
+        # The whole R^T slice of this program (BK = padded H) stays in registers.
+        ks_all = tl.arange(0, BK)
+        k_all_ok = ks_all < hidden
+        w_mask_all = k_all_ok[:, None] & unit_ok[None, :]
+        w_offsets_all = units[None, :] * hidden + ks_all[:, None]
+        w_r_all = tl.load(w_ptr + w_offsets_all, mask=w_mask_all, other=0.0)
+        w_z_all = tl.load(w_ptr + hidden * hidden + w_offsets_all, mask=w_mask_all, other=0.0)
+        w_n_all = tl.load(w_ptr + 2 * hidden * hidden + w_offsets_all, mask=w_mask_all, other=0.0)
 
     for step in range(steps):
         t = steps - 1 - step if REVERSE else step
@@ -87,24 +97,35 @@ def _gru_forward_kernel(
         acc_r = tl.zeros((BB, BH), dtype=tl.float32)
         acc_z = tl.zeros((BB, BH), dtype=tl.float32)
         acc_n = tl.zeros((BB, BH), dtype=tl.float32)
-        for k0 in range(0, hidden, BK):
-            ks = k0 + tl.arange(0, BK)
-            k_ok = ks < hidden
-            # .cg: read the state from L2, where the other programs' stores are.
-            h_k = tl.load(
-                source + rows[:, None] * hidden + ks[None, :],
-                mask=row_ok[:, None] & k_ok[None, :],
+        if RESIDENT:
+            h_all = tl.load(
+                source + rows[:, None] * hidden + ks_all[None, :],
+                mask=row_ok[:, None] & k_all_ok[None, :],
                 other=0.0,
                 cache_modifier=".cg",
             ).to(dtype)
-            w_mask = k_ok[:, None] & unit_ok[None, :]
-            w_offsets = units[None, :] * hidden + ks[:, None]  # R^T tile (BK, BH)
-            w_r = tl.load(w_ptr + w_offsets, mask=w_mask, other=0.0)
-            w_z = tl.load(w_ptr + hidden * hidden + w_offsets, mask=w_mask, other=0.0)
-            w_n = tl.load(w_ptr + 2 * hidden * hidden + w_offsets, mask=w_mask, other=0.0)
-            acc_r = tl.dot(h_k, w_r, acc_r, input_precision=PRECISION)
-            acc_z = tl.dot(h_k, w_z, acc_z, input_precision=PRECISION)
-            acc_n = tl.dot(h_k, w_n, acc_n, input_precision=PRECISION)
+            acc_r = tl.dot(h_all, w_r_all, acc_r, input_precision=PRECISION)
+            acc_z = tl.dot(h_all, w_z_all, acc_z, input_precision=PRECISION)
+            acc_n = tl.dot(h_all, w_n_all, acc_n, input_precision=PRECISION)
+        else:
+            for k0 in range(0, hidden, BK):
+                ks = k0 + tl.arange(0, BK)
+                k_ok = ks < hidden
+                # .cg: read the state from L2, where the other programs' stores are.
+                h_k = tl.load(
+                    source + rows[:, None] * hidden + ks[None, :],
+                    mask=row_ok[:, None] & k_ok[None, :],
+                    other=0.0,
+                    cache_modifier=".cg",
+                ).to(dtype)
+                w_mask = k_ok[:, None] & unit_ok[None, :]
+                w_offsets = units[None, :] * hidden + ks[:, None]  # R^T tile (BK, BH)
+                w_r = tl.load(w_ptr + w_offsets, mask=w_mask, other=0.0)
+                w_z = tl.load(w_ptr + hidden * hidden + w_offsets, mask=w_mask, other=0.0)
+                w_n = tl.load(w_ptr + 2 * hidden * hidden + w_offsets, mask=w_mask, other=0.0)
+                acc_r = tl.dot(h_k, w_r, acc_r, input_precision=PRECISION)
+                acc_z = tl.dot(h_k, w_z, acc_z, input_precision=PRECISION)
+                acc_n = tl.dot(h_k, w_n, acc_n, input_precision=PRECISION)
 
         gx = gx_ptr + t * batch * 3 * hidden + rows[:, None] * (3 * hidden) + units[None, :]
         gx_r = tl.load(gx, mask=own, other=0.0).to(tl.float32)
@@ -123,6 +144,11 @@ def _gru_forward_kernel(
         _barrier(counter, hidden_tiles * (step + 2))
 
     tl.store(h_n_ptr + own_offsets, h.to(h_n_ptr.dtype.element_ty), mask=own)
+
+
+# R^T slices up to this size stay in registers for the whole launch (48 KiB: 48 registers a
+# thread for 8 warps); larger ones are re-read from L2 every step.
+RESIDENT_BYTES = 48 * 1024
 
 
 def _interpreted() -> bool:
@@ -177,6 +203,8 @@ def gru_direction_forward(
     exchange = torch.empty(2, batch, hidden, device=device, dtype=torch.float32)
     counters = torch.zeros(grid[0], device=device, dtype=torch.int32)
     tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    padded = max(16, triton.next_power_of_2(hidden))
+    resident = 3 * padded * block_h * w_hh.element_size() <= RESIDENT_BYTES
     _gru_forward_kernel[grid](
         gates_x.contiguous(),
         w_hh.contiguous(),
@@ -194,7 +222,8 @@ def gru_direction_forward(
         PRECISION="tf32" if tf32 else "ieee",
         BB=block_b,
         BH=block_h,
-        BK=min(64, max(16, triton.next_power_of_2(hidden))),
-        num_warps=4,
+        BK=padded if resident else min(64, padded),
+        RESIDENT=resident,
+        num_warps=8 if resident else 4,
     )
     return out, h_n
