@@ -30,9 +30,13 @@ CASES = [
     dict(input_size=3, hidden_size=37, num_layers=2, bidirectional=True),
     dict(input_size=5, hidden_size=20, num_layers=1, batch_first=True, bias=False),
     dict(input_size=7, hidden_size=9, num_layers=2, batch_first=True, bidirectional=True),
-    # R's slice too large to stay in registers: re-read in chunks of H every step.
+    # Too large for one program: several hidden tiles on a GPU (R's slices in registers),
+    # one tile re-reading R in chunks of H every step under the interpreter.
     dict(input_size=3, hidden_size=80, num_layers=1),
 ]
+if DEVICE.type == "cuda":
+    # Several hidden tiles re-reading their R slices from L2 every step.
+    CASES.append(dict(input_size=8, hidden_size=300, num_layers=1, bidirectional=True))
 
 
 def pair(kwargs: dict, dtype: torch.dtype = torch.float32) -> tuple[QuantGRU, nn.GRU]:

@@ -60,6 +60,7 @@ def _gru_forward_kernel(
     BH: tl.constexpr,
     BK: tl.constexpr,
     RESIDENT: tl.constexpr,  # BK covers H and R's slice is loaded once, before the time loop
+    SINGLE: tl.constexpr,  # one hidden tile holds every unit (BH == BK): the state stays here
 ):
     tile_b = tl.program_id(0)
     tile_h = tl.program_id(1)
@@ -75,8 +76,9 @@ def _gru_forward_kernel(
 
     length = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
     h = tl.load(h0_ptr + own_offsets, mask=own, other=0.0).to(tl.float32)
-    tl.store(exchange_ptr + own_offsets, h, mask=own)
-    _barrier(counter, hidden_tiles)
+    if not SINGLE:
+        tl.store(exchange_ptr + own_offsets, h, mask=own)
+        _barrier(counter, hidden_tiles)
     bias_r = tl.load(bias_ptr + units, mask=unit_ok, other=0.0).to(tl.float32)
     bias_z = tl.load(bias_ptr + hidden + units, mask=unit_ok, other=0.0).to(tl.float32)
     bias_n = tl.load(bias_ptr + 2 * hidden + units, mask=unit_ok, other=0.0).to(tl.float32)
@@ -98,12 +100,15 @@ def _gru_forward_kernel(
         acc_z = tl.zeros((BB, BH), dtype=tl.float32)
         acc_n = tl.zeros((BB, BH), dtype=tl.float32)
         if RESIDENT:
-            h_all = tl.load(
-                source + rows[:, None] * hidden + ks_all[None, :],
-                mask=row_ok[:, None] & k_all_ok[None, :],
-                other=0.0,
-                cache_modifier=".cg",
-            ).to(dtype)
+            if SINGLE:
+                h_all = h.to(dtype)  # this program holds the whole state: no exchange
+            else:
+                h_all = tl.load(
+                    source + rows[:, None] * hidden + ks_all[None, :],
+                    mask=row_ok[:, None] & k_all_ok[None, :],
+                    other=0.0,
+                    cache_modifier=".cg",
+                ).to(dtype)
             acc_r = tl.dot(h_all, w_r_all, acc_r, input_precision=PRECISION)
             acc_z = tl.dot(h_all, w_z_all, acc_z, input_precision=PRECISION)
             acc_n = tl.dot(h_all, w_n_all, acc_n, input_precision=PRECISION)
@@ -140,8 +145,9 @@ def _gru_forward_kernel(
         h = tl.where(active, h_new, h)
         out = out_ptr + t * plane + own_offsets
         tl.store(out, tl.where(active, h_new, 0.0).to(out_ptr.dtype.element_ty), mask=own)
-        tl.store(exchange_ptr + ((step + 1) % 2) * plane + own_offsets, h, mask=own)
-        _barrier(counter, hidden_tiles * (step + 2))
+        if not SINGLE:
+            tl.store(exchange_ptr + ((step + 1) % 2) * plane + own_offsets, h, mask=own)
+            _barrier(counter, hidden_tiles * (step + 2))
 
     tl.store(h_n_ptr + own_offsets, h.to(h_n_ptr.dtype.element_ty), mask=own)
 
@@ -149,18 +155,24 @@ def _gru_forward_kernel(
 # R^T slices up to this size stay in registers for the whole launch (48 KiB: 48 registers a
 # thread for 8 warps); larger ones are re-read from L2 every step.
 RESIDENT_BYTES = 48 * 1024
+# All of R up to this size lives in one program (16 warps: 48 registers a thread).
+SINGLE_BYTES = 96 * 1024
 
 
 def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _tiles(batch: int, hidden: int, device: torch.device) -> tuple[int, int]:
-    """(BB, BH): batch tiles of up to 64 rows; hidden tiles as small as fill the SMs once
-    (every program must be resident for the barrier); one hidden tile when interpreted."""
+def _tiles(batch: int, hidden: int, element_size: int, device: torch.device) -> tuple[int, int]:
+    """(BB, BH). When all of R fits in one program's registers, one program per batch tile of
+    16 rows holds every hidden unit and needs no barrier. Otherwise batch tiles of up to 64
+    rows and hidden tiles as small as fill the SMs once (every program must be resident for
+    the barrier). One hidden tile when interpreted."""
+    full = max(16, triton.next_power_of_2(hidden))
+    if 3 * full * full * element_size <= SINGLE_BYTES:
+        return 16, full
     block_b = min(64, max(16, triton.next_power_of_2(batch)))
     batch_tiles = triton.cdiv(batch, block_b)
-    full = max(16, triton.next_power_of_2(hidden))
     if _interpreted() or device.type != "cuda":
         return block_b, full
     programs = torch.cuda.get_device_properties(device).multi_processor_count
@@ -193,7 +205,7 @@ def gru_direction_forward(
     if steps == 0 or batch == 0:
         h_n.copy_(h0)
         return out, h_n
-    block_b, block_h = _tiles(batch, hidden, device)
+    block_b, block_h = _tiles(batch, hidden, w_hh.element_size(), device)
     grid = (triton.cdiv(batch, block_b), triton.cdiv(hidden, block_h))
     if lengths is None:
         lengths32 = torch.full((batch,), steps, device=device, dtype=torch.int32)
@@ -204,7 +216,9 @@ def gru_direction_forward(
     counters = torch.zeros(grid[0], device=device, dtype=torch.int32)
     tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
     padded = max(16, triton.next_power_of_2(hidden))
-    resident = 3 * padded * block_h * w_hh.element_size() <= RESIDENT_BYTES
+    weight_bytes = 3 * padded * block_h * w_hh.element_size()
+    single = block_h == padded and weight_bytes <= SINGLE_BYTES
+    resident = single or weight_bytes <= RESIDENT_BYTES
     _gru_forward_kernel[grid](
         gates_x.contiguous(),
         w_hh.contiguous(),
@@ -224,6 +238,7 @@ def gru_direction_forward(
         BH=block_h,
         BK=padded if resident else min(64, padded),
         RESIDENT=resident,
-        num_warps=8 if resident else 4,
+        SINGLE=single,
+        num_warps=16 if weight_bytes > RESIDENT_BYTES and resident else 8 if resident else 4,
     )
     return out, h_n
