@@ -93,8 +93,22 @@ def _gru_forward_kernel(
         w_z_all = tl.load(w_ptr + hidden * hidden + w_offsets_all, mask=w_mask_all, other=0.0)
         w_n_all = tl.load(w_ptr + 2 * hidden * hidden + w_offsets_all, mask=w_mask_all, other=0.0)
 
+    # This step's input projections are loaded one step ahead: they do not depend on the
+    # state, so their latency hides behind the previous step's work.
+    gx_rows = gx_ptr + rows[:, None] * (3 * hidden) + units[None, :]
+    first = steps - 1 if REVERSE else 0
+    gx_r = tl.load(gx_rows + first * batch * 3 * hidden, mask=own, other=0.0)
+    gx_z = tl.load(gx_rows + first * batch * 3 * hidden + hidden, mask=own, other=0.0)
+    gx_n = tl.load(gx_rows + first * batch * 3 * hidden + 2 * hidden, mask=own, other=0.0)
+
     for step in range(steps):
         t = steps - 1 - step if REVERSE else step
+        # The next step's row, clamped to a valid step on the last one (loaded, not used).
+        t_next = tl.maximum(t - 1, 0) if REVERSE else tl.minimum(t + 1, steps - 1)
+        gx_next = gx_rows + t_next * batch * 3 * hidden
+        next_r = tl.load(gx_next, mask=own, other=0.0)
+        next_z = tl.load(gx_next + hidden, mask=own, other=0.0)
+        next_n = tl.load(gx_next + 2 * hidden, mask=own, other=0.0)
         source = exchange_ptr + (step % 2) * plane
         acc_r = tl.zeros((BB, BH), dtype=tl.float32)
         acc_z = tl.zeros((BB, BH), dtype=tl.float32)
@@ -132,13 +146,10 @@ def _gru_forward_kernel(
                 acc_z = tl.dot(h_k, w_z, acc_z, input_precision=PRECISION)
                 acc_n = tl.dot(h_k, w_n, acc_n, input_precision=PRECISION)
 
-        gx = gx_ptr + t * batch * 3 * hidden + rows[:, None] * (3 * hidden) + units[None, :]
-        gx_r = tl.load(gx, mask=own, other=0.0).to(tl.float32)
-        gx_z = tl.load(gx + hidden, mask=own, other=0.0).to(tl.float32)
-        gx_n = tl.load(gx + 2 * hidden, mask=own, other=0.0).to(tl.float32)
-        r = tl.sigmoid(gx_r + acc_r + bias_r[None, :])
-        z = tl.sigmoid(gx_z + acc_z + bias_z[None, :])
-        pre_n = gx_n + r * (acc_n + bias_n[None, :])
+        r = tl.sigmoid(gx_r.to(tl.float32) + acc_r + bias_r[None, :])
+        z = tl.sigmoid(gx_z.to(tl.float32) + acc_z + bias_z[None, :])
+        pre_n = gx_n.to(tl.float32) + r * (acc_n + bias_n[None, :])
+        gx_r, gx_z, gx_n = next_r, next_z, next_n
         n = 2.0 * tl.sigmoid(2.0 * pre_n) - 1.0  # tanh
         h_new = (1.0 - z) * n + z * h
         active = (t < length)[:, None]
@@ -157,6 +168,13 @@ def _gru_forward_kernel(
 RESIDENT_BYTES = 48 * 1024
 # All of R up to this size lives in one program (16 warps: 48 registers a thread).
 SINGLE_BYTES = 96 * 1024
+
+
+def _warps(resident: bool, weight_bytes: int) -> int:
+    """Enough warps that a resident R slice takes at most about 48 registers a thread."""
+    if not resident:
+        return 4
+    return 16 if weight_bytes > RESIDENT_BYTES else 8
 
 
 def _interpreted() -> bool:
@@ -239,6 +257,6 @@ def gru_direction_forward(
         BK=padded if resident else min(64, padded),
         RESIDENT=resident,
         SINGLE=single,
-        num_warps=16 if weight_bytes > RESIDENT_BYTES and resident else 8 if resident else 4,
+        num_warps=_warps(resident, weight_bytes),
     )
     return out, h_n
