@@ -119,8 +119,6 @@ def test_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(RuntimeError, match="the input is on cpu and the Triton kernels run on"):
         model(x)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    with pytest.raises(RuntimeError, match="the Triton backward is not available yet"):
-        model(x)  # parameters require gradients
     with torch.no_grad(), pytest.raises(RuntimeError, match="take float32, bfloat16, float16"):
         model.double()(x.double())
     model.backend = "auto"
@@ -135,11 +133,43 @@ def test_environment_selects_the_backend(monkeypatch: pytest.MonkeyPatch) -> Non
     x = torch.randn(4, 2, 3, device=DEVICE)
     monkeypatch.setenv("TRITON_INTERPRET", "0" if DEVICE.type == "cuda" else "1")
     monkeypatch.setenv("QUANT_GRU_BACKEND", "triton")
-    with pytest.raises(RuntimeError, match="Triton backward"):
-        model(x)
     with torch.no_grad():
         out, _ = model(x)
     monkeypatch.setenv("QUANT_GRU_BACKEND", "torch")
     with torch.no_grad():
         plain, _ = model(x)
     torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs", CASES)
+@pytest.mark.parametrize("packed", [False, True])
+def test_gradients_match_nn_gru(kwargs: dict, packed: bool) -> None:
+    """Training through the kernels: the input's, h0's and every parameter's gradient."""
+    model, oracle = pair(kwargs)
+    batch, steps = 6, 7
+    x = inputs(model, batch, steps, torch.float32).requires_grad_()
+    states = model.num_layers * model.num_directions
+    hx = torch.randn(states, batch, model.hidden_size, device=DEVICE).requires_grad_()
+    x64 = x.detach().double().requires_grad_()
+    hx64 = hx.detach().double().requires_grad_()
+    lengths = torch.tensor([7, 2, 5, 1, 7, 4])
+    if packed:
+        feed = pack_padded_sequence(x, lengths, model.batch_first, enforce_sorted=False)
+        feed64 = pack_padded_sequence(x64, lengths, model.batch_first, enforce_sorted=False)
+    else:
+        feed, feed64 = x, x64
+    weight = torch.randn(steps * batch * model.num_directions * model.hidden_size, device=DEVICE)
+
+    def loss(output, h_n):
+        data = output.data if packed else output
+        flat = data.flatten()
+        return (flat * weight[: flat.numel()].to(flat.dtype)).sum() + h_n.square().sum()
+
+    loss(*model(feed, hx)).backward()
+    loss(*oracle(feed64, hx64)).backward()
+    assert_float_conformant(x.grad, x64.grad, "input grad")
+    assert_float_conformant(hx.grad, hx64.grad, "hx grad")
+    for (name, ours), (_, theirs) in zip(
+        model.named_parameters(), oracle.named_parameters(), strict=True
+    ):
+        assert_float_conformant(ours.grad, theirs.grad, name)

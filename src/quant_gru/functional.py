@@ -51,11 +51,17 @@ def gru(
         if observe is not None:
             return decomposed_direction(x, h0, weights[index], lengths, reverse, observe(index))
         if chosen == "triton":
+            from quant_gru.kernels.triton.gru_backward import TritonGRUDirection
             from quant_gru.kernels.triton.gru_forward import gru_direction_forward
 
             w_ih, w_hh, b_ih, b_hh = weights[index]
             gates_x = F.linear(x, w_ih, b_ih)  # every step's input projection, one product
-            return gru_direction_forward(gates_x, h0, w_hh, b_hh, lengths, reverse)
+            if not records:
+                return gru_direction_forward(gates_x, h0, w_hh, b_hh, lengths, reverse)
+            steps = torch.full((x.shape[1],), x.shape[0], device=x.device)
+            valid = (steps if lengths is None else lengths).to(x.device, torch.int32)
+            result = TritonGRUDirection.apply(gates_x, h0, w_hh, b_hh, valid, reverse)
+            return result[0], result[1]
         return gru_direction(x, h0, *weights[index], lengths, reverse)
 
     _check_weight_count(weights, shape)
@@ -65,7 +71,7 @@ def gru(
         or h0.requires_grad
         or any(w is not None and w.requires_grad for pair in weights for w in pair)
     )
-    chosen = "torch" if observe is not None else backend_choice(backend, x, records)
+    chosen = "torch" if observe is not None else backend_choice(backend, x)
     out, h_n = run_layers(
         x, h0, lengths, shape, run_direction, dropout_between_layers(dropout, training)
     )

@@ -1,11 +1,10 @@
 """Which realization runs a float forward: the persistent Triton kernels or plain PyTorch.
 
 ``'auto'`` takes Triton for float32, bfloat16 and float16 inputs on a CUDA device when triton
-is installed and no gradient is recorded (the Triton backward is not there yet), PyTorch
-otherwise. ``'triton'`` insists and raises ``RuntimeError`` saying why it cannot; ``'torch'``
-always takes PyTorch. The environment variable ``QUANT_GRU_BACKEND`` sets the choice for
-modules left at ``'auto'``. Under ``TRITON_INTERPRET=1`` a forced ``'triton'`` runs the kernels
-on the CPU (how the tests check them without a GPU).
+is installed, PyTorch otherwise. ``'triton'`` insists and raises ``RuntimeError`` saying why
+it cannot; ``'torch'`` always takes PyTorch. The environment variable ``QUANT_GRU_BACKEND``
+sets the choice for modules left at ``'auto'``. Under ``TRITON_INTERPRET=1`` a forced
+``'triton'`` runs the kernels on the CPU (how the tests check them without a GPU).
 """
 
 from __future__ import annotations
@@ -28,20 +27,20 @@ def check_backend(value: object, what: str = "backend") -> str:
     return value
 
 
-def resolve(requested: str, x: Tensor, records_gradient: bool) -> str:
+def resolve(requested: str, x: Tensor) -> str:
     """'triton' or 'torch' for a forward on ``x``."""
     choice = requested
     if choice == "auto":
         choice = check_backend(os.environ.get(ENVIRONMENT, "auto"), ENVIRONMENT)
     if choice == "torch":
         return "torch"
-    reason = _triton_unavailable(x, records_gradient)
+    reason = _triton_unavailable(x)
     if choice == "triton" and reason is not None:
         raise RuntimeError(f"backend 'triton' was requested, but {reason}")
     return "torch" if reason is not None else "triton"
 
 
-def _triton_unavailable(x: Tensor, records_gradient: bool) -> str | None:
+def _triton_unavailable(x: Tensor) -> str | None:
     interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
     if x.device.type != "cuda" and not interpreted:
         return f"the input is on {x.device} and the Triton kernels run on CUDA devices"
@@ -50,6 +49,4 @@ def _triton_unavailable(x: Tensor, records_gradient: bool) -> str | None:
     if x.dtype not in TRITON_DTYPES:
         names = ", ".join(str(d).removeprefix("torch.") for d in TRITON_DTYPES)
         return f"the Triton kernels take {names}, got {str(x.dtype).removeprefix('torch.')}"
-    if records_gradient:
-        return "the Triton backward is not available yet (run without gradients)"
     return None

@@ -50,6 +50,7 @@ def _gru_forward_kernel(
     out_ptr,  # (T, B, H)
     h_n_ptr,  # (B, H)
     exchange_ptr,  # (2, B, H) float32
+    saved_ptr,  # (T, B, 4H) float32: r, z, n and R_n h + b_n of every step (SAVE only)
     counter_ptr,  # (number of batch tiles,) int32, zeros
     steps,
     batch,
@@ -61,6 +62,7 @@ def _gru_forward_kernel(
     BK: tl.constexpr,
     RESIDENT: tl.constexpr,  # BK covers H and R's slice is loaded once, before the time loop
     SINGLE: tl.constexpr,  # one hidden tile holds every unit (BH == BK): the state stays here
+    SAVE: tl.constexpr,  # training: keep what the backward needs
 ):
     tile_b = tl.program_id(0)
     tile_h = tl.program_id(1)
@@ -152,6 +154,14 @@ def _gru_forward_kernel(
         gx_r, gx_z, gx_n = next_r, next_z, next_n
         n = 2.0 * tl.sigmoid(2.0 * pre_n) - 1.0  # tanh
         h_new = (1.0 - z) * n + z * h
+        if SAVE:
+            saved = (
+                saved_ptr + t * batch * 4 * hidden + rows[:, None] * (4 * hidden) + units[None, :]
+            )
+            tl.store(saved, r, mask=own)
+            tl.store(saved + hidden, z, mask=own)
+            tl.store(saved + 2 * hidden, n, mask=own)
+            tl.store(saved + 3 * hidden, acc_n + bias_n[None, :], mask=own)
         active = (t < length)[:, None]
         h = tl.where(active, h_new, h)
         out = out_ptr + t * plane + own_offsets
@@ -212,9 +222,11 @@ def gru_direction_forward(
     b_hh: Tensor | None,
     lengths: Tensor | None,
     reverse: bool,
+    saved: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The recurrence over precomputed input projections ``gates_x`` (T, B, 3H) from ``h0``
-    (B, H); returns output (T, B, H) and h_n (B, H) in ``gates_x``'s dtype."""
+    (B, H); returns output (T, B, H) and h_n (B, H) in ``gates_x``'s dtype. With ``saved``
+    (T, B, 4H) float32, also fills it with r, z, n and R_n h + b_n of every step."""
     steps, batch, three_h = gates_x.shape
     hidden = three_h // 3
     device, dtype = gates_x.device, gates_x.dtype
@@ -246,6 +258,7 @@ def gru_direction_forward(
         out,
         h_n,
         exchange,
+        exchange if saved is None else saved,
         counters,
         steps,
         batch,
@@ -257,6 +270,7 @@ def gru_direction_forward(
         BK=padded if resident else min(64, padded),
         RESIDENT=resident,
         SINGLE=single,
+        SAVE=saved is not None,
         num_warps=_warps(resident, weight_bytes),
     )
     return out, h_n

@@ -1,0 +1,228 @@
+"""The persistent Triton backward of one GRU direction (the reverse of gru_forward.py's time
+loop), and the autograd function that pairs the two.
+
+Per step, from the gradient dh reaching h_t and the gates the forward saved:
+dn = dh (1 - z), dz = dh (h_{t-1} - n), da_n = dn (1 - n²), da_r = da_n ghn r (1 - r),
+da_z = dz z (1 - z) (ghn = R_n h_{t-1} + b_n); the gradient of the recurrent pre-activations
+is dgh = (da_r, da_z, da_n r), of the input projections dgx = (da_r, da_z, da_n), and
+dh_{t-1} = dh z + dgh R. Programs own hidden units as in the forward; dgh, which every program
+needs whole, goes through a global double buffer and a barrier per step. The weight gradients
+are one matrix product over all steps afterwards: dR = Σ_t dgh_tᵀ h_{t-1}, db = Σ_t dgh_t.
+Padded steps (t at or past a sequence's length) pass dh through unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from quant_gru.kernels.triton.gru_forward import _barrier, _tiles, gru_direction_forward
+
+
+@triton.jit
+def _gru_backward_kernel(
+    grad_out_ptr,  # (T, B, H)
+    grad_h_n_ptr,  # (B, H)
+    out_ptr,  # (T, B, H): the forward's outputs, h_t at valid steps
+    h0_ptr,  # (B, H)
+    saved_ptr,  # (T, B, 4H) float32: r, z, n, ghn
+    w_ptr,  # (3H, H)
+    lengths_ptr,  # (B,) int32
+    grad_gh_ptr,  # (T, B, 3H) float32 out
+    grad_gx_ptr,  # (T, B, 3H) out
+    grad_h0_ptr,  # (B, H) float32 out
+    exchange_ptr,  # (2, B, 3H) float32
+    counter_ptr,  # (batch tiles,) int32, zeros
+    steps,
+    batch,
+    hidden,
+    REVERSE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BB: tl.constexpr,
+    BH: tl.constexpr,
+    BK: tl.constexpr,
+):
+    tile_b = tl.program_id(0)
+    tile_h = tl.program_id(1)
+    hidden_tiles = tl.num_programs(1)
+    rows = tile_b * BB + tl.arange(0, BB)
+    units = tile_h * BH + tl.arange(0, BH)
+    row_ok = rows < batch
+    unit_ok = units < hidden
+    own = row_ok[:, None] & unit_ok[None, :]
+    own_offsets = rows[:, None] * hidden + units[None, :]
+    counter = counter_ptr + tile_b
+    plane = batch * hidden
+    dtype = w_ptr.dtype.element_ty
+
+    length = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
+    carry = tl.load(grad_h_n_ptr + own_offsets, mask=own, other=0.0).to(tl.float32)
+    h0 = tl.load(h0_ptr + own_offsets, mask=own, other=0.0).to(tl.float32)
+
+    for step in range(steps):
+        t = step if REVERSE else steps - 1 - step
+        active = (t < length)[:, None]
+        grad_out = tl.load(grad_out_ptr + t * plane + own_offsets, mask=own, other=0.0)
+        dh = carry + tl.where(active, grad_out.to(tl.float32), 0.0)
+        gates = saved_ptr + t * batch * 4 * hidden + rows[:, None] * (4 * hidden) + units[None, :]
+        r = tl.load(gates, mask=own, other=0.0)
+        z = tl.load(gates + hidden, mask=own, other=0.0)
+        n = tl.load(gates + 2 * hidden, mask=own, other=0.0)
+        ghn = tl.load(gates + 3 * hidden, mask=own, other=0.0)
+        # h_{t-1}: the output of the step before in the direction's order, or h0.
+        if REVERSE:
+            t_prev = t + 1
+            has_prev = (t_prev < length)[:, None]
+        else:
+            t_prev = t - 1
+            has_prev = ((length * 0 + t_prev) >= 0)[:, None] & active
+        t_load = tl.minimum(tl.maximum(t_prev, 0), steps - 1)
+        h_prev = tl.load(out_ptr + t_load * plane + own_offsets, mask=own & has_prev, other=0.0)
+        h_prev = tl.where(has_prev, h_prev.to(tl.float32), h0)
+
+        dn = dh * (1.0 - z)
+        dz = dh * (h_prev - n)
+        da_n = tl.where(active, dn * (1.0 - n * n), 0.0)
+        da_r = tl.where(active, da_n * ghn * r * (1.0 - r), 0.0)
+        da_z = tl.where(active, dz * z * (1.0 - z), 0.0)
+        dghn = da_n * r
+
+        three = t * batch * 3 * hidden + rows[:, None] * (3 * hidden) + units[None, :]
+        gx_type = grad_gx_ptr.dtype.element_ty
+        tl.store(grad_gx_ptr + three, da_r.to(gx_type), mask=own)
+        tl.store(grad_gx_ptr + three + hidden, da_z.to(gx_type), mask=own)
+        tl.store(grad_gx_ptr + three + 2 * hidden, da_n.to(gx_type), mask=own)
+        tl.store(grad_gh_ptr + three, da_r, mask=own)
+        tl.store(grad_gh_ptr + three + hidden, da_z, mask=own)
+        tl.store(grad_gh_ptr + three + 2 * hidden, dghn, mask=own)
+        buffer = exchange_ptr + (step % 2) * batch * 3 * hidden
+        mine = rows[:, None] * (3 * hidden) + units[None, :]
+        tl.store(buffer + mine, da_r, mask=own)
+        tl.store(buffer + mine + hidden, da_z, mask=own)
+        tl.store(buffer + mine + 2 * hidden, dghn, mask=own)
+        _barrier(counter, hidden_tiles * (step + 1))
+
+        acc = tl.zeros((BB, BH), dtype=tl.float32)
+        for gate in tl.static_range(3):
+            for k0 in range(0, hidden, BK):
+                ks = k0 + tl.arange(0, BK)
+                k_ok = ks < hidden
+                d_k = tl.load(
+                    buffer + rows[:, None] * (3 * hidden) + gate * hidden + ks[None, :],
+                    mask=row_ok[:, None] & k_ok[None, :],
+                    other=0.0,
+                    cache_modifier=".cg",
+                ).to(dtype)
+                w_k = tl.load(
+                    w_ptr + (gate * hidden + ks[:, None]) * hidden + units[None, :],
+                    mask=k_ok[:, None] & unit_ok[None, :],
+                    other=0.0,
+                )
+                acc = tl.dot(d_k, w_k, acc, input_precision=PRECISION)
+        carry = tl.where(active, dh * z + acc, dh)
+
+    tl.store(grad_h0_ptr + own_offsets, carry, mask=own)
+
+
+def gru_direction_backward(
+    grad_out: Tensor,
+    grad_h_n: Tensor,
+    out: Tensor,
+    h0: Tensor,
+    saved: Tensor,
+    w_hh: Tensor,
+    lengths: Tensor,
+    reverse: bool,
+    gx_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad of the input projections (T, B, 3H), grad of h0 (B, H) float32, grad of the
+    recurrent pre-activations (T, B, 3H) float32)."""
+    steps, batch, hidden = out.shape
+    device = out.device
+    grad_gh = torch.empty(steps, batch, 3 * hidden, device=device, dtype=torch.float32)
+    grad_gx = torch.empty(steps, batch, 3 * hidden, device=device, dtype=gx_dtype)
+    grad_h0 = torch.empty(batch, hidden, device=device, dtype=torch.float32)
+    block_b, block_h = _tiles(batch, hidden, w_hh.element_size(), device)
+    grid = (triton.cdiv(batch, block_b), triton.cdiv(hidden, block_h))
+    exchange = torch.empty(2, batch, 3 * hidden, device=device, dtype=torch.float32)
+    counters = torch.zeros(grid[0], device=device, dtype=torch.int32)
+    tf32 = w_hh.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    _gru_backward_kernel[grid](
+        grad_out.contiguous(),
+        grad_h_n.contiguous(),
+        out,
+        h0.contiguous(),
+        saved,
+        w_hh.contiguous(),
+        lengths,
+        grad_gh,
+        grad_gx,
+        grad_h0,
+        exchange,
+        counters,
+        steps,
+        batch,
+        hidden,
+        REVERSE=reverse,
+        PRECISION="tf32" if tf32 else "ieee",
+        BB=block_b,
+        BH=block_h,
+        BK=min(64, max(16, triton.next_power_of_2(hidden))),
+        num_warps=4,
+    )
+    return grad_gx, grad_h0, grad_gh
+
+
+def _previous_states(out: Tensor, h0: Tensor, lengths: Tensor, reverse: bool) -> Tensor:
+    """h_{t-1} of every step (T, B, H): the neighbouring output in the direction's order, h0
+    where there is none. Padded steps get values their zero gradients ignore."""
+    steps = out.shape[0]
+    if not reverse:
+        return torch.cat([h0.unsqueeze(0).to(out.dtype), out[:-1]])
+    shifted = torch.cat([out[1:], out.new_zeros(1, *out.shape[1:])])
+    time = torch.arange(steps, device=out.device).view(-1, 1, 1)
+    has_next = (time + 1) < lengths.view(1, -1, 1).to(out.device)
+    return torch.where(has_next, shifted, h0.unsqueeze(0).to(out.dtype))
+
+
+class TritonGRUDirection(torch.autograd.Function):
+    """(gates_x (T, B, 3H), h0, w_hh, b_hh or None, lengths (B,) int32, reverse) ->
+    (output, h_n), differentiable in gates_x, h0, w_hh and b_hh."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        gates_x: Tensor,
+        h0: Tensor,
+        w_hh: Tensor,
+        b_hh: Tensor | None,
+        lengths: Tensor,
+        reverse: bool,
+    ) -> tuple[Tensor, Tensor]:
+        steps, batch, three_h = gates_x.shape
+        saved = torch.empty(
+            steps, batch, 4 * (three_h // 3), device=gates_x.device, dtype=torch.float32
+        )
+        out, h_n = gru_direction_forward(gates_x, h0, w_hh, b_hh, lengths, reverse, saved)
+        ctx.save_for_backward(h0, w_hh, out, saved, lengths)
+        ctx.reverse, ctx.has_bias, ctx.gx_dtype = reverse, b_hh is not None, gates_x.dtype
+        return out, h_n
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad_out: Tensor | None, grad_h_n: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        h0, w_hh, out, saved, lengths = ctx.saved_tensors
+        grad_out = torch.zeros_like(out) if grad_out is None else grad_out
+        grad_h_n = torch.zeros_like(h0) if grad_h_n is None else grad_h_n
+        grad_gx, grad_h0, grad_gh = gru_direction_backward(
+            grad_out, grad_h_n, out, h0, saved, w_hh, lengths, ctx.reverse, ctx.gx_dtype
+        )
+        previous = _previous_states(out, h0, lengths, ctx.reverse).float()
+        grad_w = (grad_gh.flatten(0, 1).t() @ previous.flatten(0, 1)).to(w_hh.dtype)
+        grad_b = grad_gh.sum(dim=(0, 1)).to(w_hh.dtype) if ctx.has_bias else None
+        return grad_gx, grad_h0.to(h0.dtype), grad_w, grad_b, None, None
