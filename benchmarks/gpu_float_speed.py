@@ -3,9 +3,8 @@
 Shapes (B, T, I, H) of issue 6 plus a 2-layer bidirectional case. Precisions: cuDNN fp32 (TF32
 off), cuDNN tf32, cuDNN bf16; QuantGRU fp32, tf32 and bf16 (the Triton kernels honour
 torch.backends.cuda.matmul.allow_tf32). Inference is forward under no_grad; training is forward
-plus backward (QuantGRU trains through the plain path until the Triton backward lands, so it is
-timed only with --train). Median of CUDA-event timings after warm-up; peak memory above the
-inputs and weights. Prints a table of ratios (cuDNN's best of the same family over ours) and
+plus backward. Median of CUDA-event timings after warm-up; peak memory above the inputs and
+weights. Prints a table of ratios (cuDNN's best of the same family over ours) and
 writes benchmarks/results/gpu_float_speed.json.
 """
 
@@ -63,7 +62,7 @@ def peak_mb(fn: Callable[[], object]) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def measure(shape: tuple[int, int, int, int, int, bool], repeats: int, train: bool) -> dict:
+def measure(shape: tuple[int, int, int, int, int, bool], repeats: int) -> dict:
     batch, steps, inputs, hidden, layers, bidirectional = shape
     torch.manual_seed(0)
     row: dict = {"shape": list(shape[:4]), "layers": layers, "bidirectional": bidirectional}
@@ -101,27 +100,28 @@ def measure(shape: tuple[int, int, int, int, int, bool], repeats: int, train: bo
             "ours_infer_peak_mb": peak_mb(infer(ours)),
             "max_abs_difference": error,
             "cudnn_train_ms": cuda_ms(step(cudnn), repeats),
+            "ours_train_ms": cuda_ms(step(ours), repeats),
+            "cudnn_train_peak_mb": peak_mb(step(cudnn)),
+            "ours_train_peak_mb": peak_mb(step(ours)),
         }
-        if train:
-            ours.backend = "auto"
-            row[name]["ours_train_ms"] = cuda_ms(step(ours), max(1, repeats // 4), warmup=1)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     return row
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], kind: str = "infer") -> str:
+    """Markdown table of one kind of timing ('infer' or 'train')."""
     lines = [
-        "| shape (B, T, I, H) | cuDNN fp32 / tf32 / bf16 (ms) | ours fp32 / tf32 / bf16 (ms) "
-        "| speed-up fp32 family | speed-up bf16 |",
+        f"| shape (B, T, I, H), {kind} | cuDNN fp32 / tf32 / bf16 (ms) "
+        "| ours fp32 / tf32 / bf16 (ms) | speed-up fp32 family | speed-up bf16 |",
         "|---|---|---|---:|---:|",
     ]
     for row in rows:
         label = ", ".join(map(str, row["shape"]))
         if row["layers"] > 1 or row["bidirectional"]:
             label += f" ({row['layers']} layers{', bidir.' if row['bidirectional'] else ''})"
-        cudnn = [row[p]["cudnn_infer_ms"] for p in PRECISIONS]
-        ours = [row[p]["ours_infer_ms"] for p in PRECISIONS]
+        cudnn = [row[p][f"cudnn_{kind}_ms"] for p in PRECISIONS]
+        ours = [row[p][f"ours_{kind}_ms"] for p in PRECISIONS]
         fp32_family = min(cudnn[:2]) / min(ours[:2])
         bf16 = cudnn[2] / ours[2]
         lines.append(
@@ -134,24 +134,26 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--train", action="store_true", help="also time QuantGRU training")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA device")
     rows = []
     for shape in SHAPES:
-        rows.append(measure(shape, args.repeats, args.train))
+        rows.append(measure(shape, args.repeats))
         print(table(rows[-1:]).splitlines()[-1], flush=True)
     document = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "inference": "forward under no_grad; median of CUDA events after warm-up",
+        "training": "forward + backward of sum(output); median of CUDA events after warm-up",
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(document, indent=2) + "\n")
     print(table(rows))
+    print()
+    print(table(rows, "train"))
 
 
 if __name__ == "__main__":
