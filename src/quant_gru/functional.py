@@ -26,6 +26,7 @@ from quant_gru.kernels.torch.stack import (
     run_layers,
 )
 from quant_gru.kernels.torch.traceable_gru import traceable_gru
+from quant_gru.kernels.triton import ops as triton_ops
 
 
 def gru(
@@ -51,17 +52,12 @@ def gru(
         if observe is not None:
             return decomposed_direction(x, h0, weights[index], lengths, reverse, observe(index))
         if chosen == "triton":
-            from quant_gru.kernels.triton.gru_backward import TritonGRUDirection
-            from quant_gru.kernels.triton.gru_forward import gru_direction_forward
-
             w_ih, w_hh, b_ih, b_hh = weights[index]
             gates_x = F.linear(x, w_ih, b_ih)  # every step's input projection, one product
-            if not records:
-                return gru_direction_forward(gates_x, h0, w_hh, b_hh, lengths, reverse)
             steps = torch.full((x.shape[1],), x.shape[0], device=x.device)
             valid = (steps if lengths is None else lengths).to(x.device, torch.int32)
-            result = TritonGRUDirection.apply(gates_x, h0, w_hh, b_hh, valid, reverse)
-            return result[0], result[1]
+            out, h_n, _ = triton_ops.gru_direction(gates_x, h0, w_hh, b_hh, valid, reverse, records)
+            return out, h_n
         return gru_direction(x, h0, *weights[index], lengths, reverse)
 
     _check_weight_count(weights, shape)

@@ -1,5 +1,5 @@
-"""The persistent Triton backward of one GRU direction (the reverse of gru_forward.py's time
-loop), and the autograd function that pairs the two.
+"""The persistent Triton backward of one GRU direction: gru_forward.py's time loop in
+reverse.
 
 Per step, from the gradient dh reaching h_t and the gates the forward saved:
 dn = dh (1 - z), dz = dh (h_{t-1} - n), da_n = dn (1 - n²), da_r = da_n ghn r (1 - r),
@@ -13,14 +13,12 @@ Padded steps (t at or past a sequence's length) pass dh through unchanged.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from quant_gru.kernels.triton.gru_forward import _barrier, _tiles, gru_direction_forward
+from quant_gru.kernels.triton.gru_forward import _barrier, _tiles
 
 
 @triton.jit
@@ -175,54 +173,3 @@ def gru_direction_backward(
         num_warps=4,
     )
     return grad_gx, grad_h0, grad_gh
-
-
-def _previous_states(out: Tensor, h0: Tensor, lengths: Tensor, reverse: bool) -> Tensor:
-    """h_{t-1} of every step (T, B, H): the neighbouring output in the direction's order, h0
-    where there is none. Padded steps get values their zero gradients ignore."""
-    steps = out.shape[0]
-    if not reverse:
-        return torch.cat([h0.unsqueeze(0).to(out.dtype), out[:-1]])
-    shifted = torch.cat([out[1:], out.new_zeros(1, *out.shape[1:])])
-    time = torch.arange(steps, device=out.device).view(-1, 1, 1)
-    has_next = (time + 1) < lengths.view(1, -1, 1).to(out.device)
-    return torch.where(has_next, shifted, h0.unsqueeze(0).to(out.dtype))
-
-
-class TritonGRUDirection(torch.autograd.Function):
-    """(gates_x (T, B, 3H), h0, w_hh, b_hh or None, lengths (B,) int32, reverse) ->
-    (output, h_n), differentiable in gates_x, h0, w_hh and b_hh."""
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        gates_x: Tensor,
-        h0: Tensor,
-        w_hh: Tensor,
-        b_hh: Tensor | None,
-        lengths: Tensor,
-        reverse: bool,
-    ) -> tuple[Tensor, Tensor]:
-        steps, batch, three_h = gates_x.shape
-        saved = torch.empty(
-            steps, batch, 4 * (three_h // 3), device=gates_x.device, dtype=torch.float32
-        )
-        out, h_n = gru_direction_forward(gates_x, h0, w_hh, b_hh, lengths, reverse, saved)
-        ctx.save_for_backward(h0, w_hh, out, saved, lengths)
-        ctx.reverse, ctx.has_bias, ctx.gx_dtype = reverse, b_hh is not None, gates_x.dtype
-        return out, h_n
-
-    @staticmethod
-    def backward(
-        ctx: Any, grad_out: Tensor | None, grad_h_n: Tensor | None
-    ) -> tuple[Tensor | None, ...]:
-        h0, w_hh, out, saved, lengths = ctx.saved_tensors
-        grad_out = torch.zeros_like(out) if grad_out is None else grad_out
-        grad_h_n = torch.zeros_like(h0) if grad_h_n is None else grad_h_n
-        grad_gx, grad_h0, grad_gh = gru_direction_backward(
-            grad_out, grad_h_n, out, h0, saved, w_hh, lengths, ctx.reverse, ctx.gx_dtype
-        )
-        previous = _previous_states(out, h0, lengths, ctx.reverse).float()
-        grad_w = (grad_gh.flatten(0, 1).t() @ previous.flatten(0, 1)).to(w_hh.dtype)
-        grad_b = grad_gh.sum(dim=(0, 1)).to(w_hh.dtype) if ctx.has_bias else None
-        return grad_gx, grad_h0.to(h0.dtype), grad_w, grad_b, None, None
