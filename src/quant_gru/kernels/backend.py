@@ -3,8 +3,9 @@
 ``'auto'`` takes Triton for float32, bfloat16 and float16 inputs on a CUDA device when triton
 is installed, PyTorch otherwise. ``'triton'`` insists and raises ``RuntimeError`` saying why
 it cannot; ``'torch'`` always takes PyTorch. The environment variable ``QUANT_GRU_BACKEND``
-sets the choice for modules left at ``'auto'``. Under ``TRITON_INTERPRET=1`` a forced
-``'triton'`` runs the kernels on the CPU (how the tests check them without a GPU).
+sets the choice for modules left at ``'auto'`` (torch.compile reads it when it compiles).
+Under ``TRITON_INTERPRET=1`` a forced ``'triton'`` runs the kernels on the CPU (how the tests
+check them without a GPU).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import torch
 from torch import Tensor
 
 BACKENDS = ("auto", "triton", "torch")
+# Looked up once (without importing triton): torch.compile cannot trace importlib.
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 ENVIRONMENT = "QUANT_GRU_BACKEND"
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -44,7 +47,7 @@ def _triton_unavailable(x: Tensor) -> str | None:
     interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
     if x.device.type != "cuda" and not interpreted:
         return f"the input is on {x.device} and the Triton kernels run on CUDA devices"
-    if importlib.util.find_spec("triton") is None:
+    if not TRITON_INSTALLED:
         return "triton is not installed (pip install 'quant-gru[triton]')"
     if x.dtype not in TRITON_DTYPES:
         names = ", ".join(str(d).removeprefix("torch.") for d in TRITON_DTYPES)
