@@ -16,21 +16,12 @@ from tolerance import assert_float_conformant
 GPU = torch.cuda.is_available()
 
 
-def compiled_step(model: QuantGRU, x: torch.Tensor, backend: str) -> tuple[torch.Tensor, ...]:
-    """Output, h_n and the gradients of the input and every parameter, through
-    torch.compile(fullgraph=True), which raises at any graph break."""
-    compiled = torch.compile(model, backend=backend, fullgraph=True)
+def step(model: QuantGRU, x: torch.Tensor, backend: str | None = None) -> tuple[torch.Tensor, ...]:
+    """Output, h_n and the gradients of the input and every parameter; through
+    torch.compile(fullgraph=True), which raises at any graph break, when given a backend."""
+    run = model if backend is None else torch.compile(model, backend=backend, fullgraph=True)
     x = x.detach().requires_grad_()
-    out, h_n = compiled(x)
-    (out.square().sum() + h_n.sum()).backward()
-    grads = [p.grad.detach().clone() for p in model.parameters()]
-    model.zero_grad()
-    return out.detach(), h_n.detach(), x.grad, *grads
-
-
-def eager_step(model: QuantGRU, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    x = x.detach().requires_grad_()
-    out, h_n = model(x)
+    out, h_n = run(x)
     (out.square().sum() + h_n.sum()).backward()
     grads = [p.grad.detach().clone() for p in model.parameters()]
     model.zero_grad()
@@ -43,7 +34,7 @@ def test_plain_path_compiles_without_a_graph_break() -> None:
     model = QuantGRU(5, 12, num_layers=2, bidirectional=True, batch_first=True)
     model.backend = "torch"
     x = torch.randn(3, 6, 5)
-    for got, want in zip(compiled_step(model, x, "aot_eager"), eager_step(model, x), strict=True):
+    for got, want in zip(step(model, x, "aot_eager"), step(model, x), strict=True):
         assert_float_conformant(got, want.double())
 
 
@@ -58,5 +49,5 @@ def test_triton_path_compiles_without_a_graph_break() -> None:
     model = QuantGRU(5, 12, num_layers=2, bidirectional=True).cuda()
     model.backend = "triton"
     x = torch.randn(6, 3, 5, device="cuda")
-    for got, want in zip(compiled_step(model, x, "inductor"), eager_step(model, x), strict=True):
+    for got, want in zip(step(model, x, "inductor"), step(model, x), strict=True):
         assert_float_conformant(got, want.double())

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from quant_gru.kernels.triton.gru_forward import _barrier, _tiles
+from quant_gru.kernels.triton.gru_forward import _barrier, _program_tile, _tiles
 
 
 @triton.jit
@@ -44,16 +44,9 @@ def _gru_backward_kernel(
     BH: tl.constexpr,
     BK: tl.constexpr,
 ):
-    tile_b = tl.program_id(0)
-    tile_h = tl.program_id(1)
+    rows, units, row_ok, unit_ok, own, own_offsets = _program_tile(batch, hidden, BB, BH)
     hidden_tiles = tl.num_programs(1)
-    rows = tile_b * BB + tl.arange(0, BB)
-    units = tile_h * BH + tl.arange(0, BH)
-    row_ok = rows < batch
-    unit_ok = units < hidden
-    own = row_ok[:, None] & unit_ok[None, :]
-    own_offsets = rows[:, None] * hidden + units[None, :]
-    counter = counter_ptr + tile_b
+    counter = counter_ptr + tl.program_id(0)
     plane = batch * hidden
     dtype = w_ptr.dtype.element_ty
 

@@ -41,6 +41,18 @@ def _barrier(counter_ptr, target):
 
 
 @triton.jit
+def _program_tile(batch, hidden, BB: tl.constexpr, BH: tl.constexpr):
+    """This program's batch rows and hidden units, their masks, and the offsets of its
+    (BB, BH) block in a (B, H) tensor."""
+    rows = tl.program_id(0) * BB + tl.arange(0, BB)
+    units = tl.program_id(1) * BH + tl.arange(0, BH)
+    row_ok = rows < batch
+    unit_ok = units < hidden
+    own = row_ok[:, None] & unit_ok[None, :]
+    return rows, units, row_ok, unit_ok, own, rows[:, None] * hidden + units[None, :]
+
+
+@triton.jit
 def _gru_forward_kernel(
     gx_ptr,  # (T, B, 3H) input projections with b_ih
     w_ptr,  # (3H, H) recurrent weights, gate order r, z, n
@@ -64,16 +76,9 @@ def _gru_forward_kernel(
     SINGLE: tl.constexpr,  # one hidden tile holds every unit (BH == BK): the state stays here
     SAVE: tl.constexpr,  # training: keep what the backward needs
 ):
-    tile_b = tl.program_id(0)
-    tile_h = tl.program_id(1)
+    rows, units, row_ok, unit_ok, own, own_offsets = _program_tile(batch, hidden, BB, BH)
     hidden_tiles = tl.num_programs(1)
-    rows = tile_b * BB + tl.arange(0, BB)
-    units = tile_h * BH + tl.arange(0, BH)
-    row_ok = rows < batch
-    unit_ok = units < hidden
-    own = row_ok[:, None] & unit_ok[None, :]
-    own_offsets = rows[:, None] * hidden + units[None, :]
-    counter = counter_ptr + tile_b
+    counter = counter_ptr + tl.program_id(0)
     plane = batch * hidden
 
     length = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
