@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from quant_gru import QuantGRU
+from quant_gru.kernels.backend import resolve
 
 from tolerance import assert_float_conformant, assert_ratio_to_reference
 
@@ -122,6 +123,7 @@ def test_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     with torch.no_grad(), pytest.raises(RuntimeError, match="take float32, bfloat16, float16"):
         model.double()(x.double())
     model.backend = "auto"
+    assert resolve("auto", x) == "torch"  # the interpreter serves forced 'triton' only
     monkeypatch.setenv("QUANT_GRU_BACKEND", "fast")
     with pytest.raises(ValueError, match="QUANT_GRU_BACKEND must be one of"):
         model(x.double())

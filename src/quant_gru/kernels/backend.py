@@ -37,14 +37,15 @@ def resolve(requested: str, x: Tensor) -> str:
         choice = check_backend(os.environ.get(ENVIRONMENT, "auto"), ENVIRONMENT)
     if choice == "torch":
         return "torch"
-    reason = _triton_unavailable(x)
+    reason = _triton_unavailable(x, forced=choice == "triton")
     if choice == "triton" and reason is not None:
         raise RuntimeError(f"backend 'triton' was requested, but {reason}")
     return "torch" if reason is not None else "triton"
 
 
-def _triton_unavailable(x: Tensor) -> str | None:
-    interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
+def _triton_unavailable(x: Tensor, forced: bool) -> str | None:
+    # The interpreter is a test harness: only a forced 'triton' uses it for CPU tensors.
+    interpreted = forced and os.environ.get("TRITON_INTERPRET", "0") == "1"
     if x.device.type != "cuda" and not interpreted:
         return f"the input is on {x.device} and the Triton kernels run on CUDA devices"
     if not TRITON_INSTALLED:
