@@ -23,6 +23,7 @@ from quant_gru.kernels.torch.stack import (
     DirectionWeights,
     GRUShape,
     dropout_between_layers,
+    records_gradient,
     run_layers,
 )
 from quant_gru.kernels.torch.traceable_gru import traceable_gru
@@ -51,23 +52,22 @@ def gru(
     ) -> tuple[Tensor, Tensor]:
         if observe is not None:
             return decomposed_direction(x, h0, weights[index], lengths, reverse, observe(index))
-        if chosen == "triton":
+        if valid is not None:  # the Triton kernels
             w_ih, w_hh, b_ih, b_hh = weights[index]
             gates_x = F.linear(x, w_ih, b_ih)  # every step's input projection, one product
-            steps = torch.full((x.shape[1],), x.shape[0], device=x.device)
-            valid = (steps if lengths is None else lengths).to(x.device, torch.int32)
-            out, h_n, _ = triton_ops.gru_direction(gates_x, h0, w_hh, b_hh, valid, reverse, records)
+            out, h_n, _ = triton_ops.gru_direction(
+                gates_x, h0, w_hh, b_hh, valid, reverse, records_gradient(x, h0, weights)
+            )
             return out, h_n
         return gru_direction(x, h0, *weights[index], lengths, reverse)
 
     _check_weight_count(weights, shape)
     x, h0, lengths, layout = _validated_time_major(input, hx, weights[0][0], shape)
-    records = torch.is_grad_enabled() and (
-        x.requires_grad
-        or h0.requires_grad
-        or any(w is not None and w.requires_grad for pair in weights for w in pair)
-    )
-    chosen = "torch" if observe is not None else backend_choice(backend, x)
+    valid = None
+    if observe is None and backend_choice(backend, x) == "triton":
+        # The kernels take every sequence's length, full ones included, as int32: made once.
+        full = torch.full((x.shape[1],), x.shape[0], device=x.device)
+        valid = (full if lengths is None else lengths).to(x.device, torch.int32)
     out, h_n = run_layers(
         x, h0, lengths, shape, run_direction, dropout_between_layers(dropout, training)
     )

@@ -19,7 +19,12 @@ from torch import Tensor
 
 from quant_gru.kernels.torch.decomposed_gru import PointHook, decomposed_direction
 from quant_gru.kernels.torch.quant_gru import quantized_gru
-from quant_gru.kernels.torch.stack import DirectionWeights, GRUShape, run_layers
+from quant_gru.kernels.torch.stack import (
+    DirectionWeights,
+    GRUShape,
+    records_gradient,
+    run_layers,
+)
 from quant_gru.quantize.params import DirectionQuant
 from quant_gru.quantize.program import DirectionConstants, DirectionProgram, with_weights
 from quant_gru.quantize.scales import dequantize, per_row, quantize
@@ -58,11 +63,7 @@ def quantized_forward(
     """Time-major x (T, B, I) and h0 (L*D, B, H) or None -> (output (T, B, D*H), h_n)."""
     programs = build_programs(model, weights)
     h0_codes = initial_codes(h0, programs, x)
-    records = torch.is_grad_enabled() and (
-        x.requires_grad
-        or (h0 is not None and h0.requires_grad)
-        or any(w is not None and w.requires_grad for ws in weights for w in ws)
-    )
+    records = records_gradient(x, h0, weights)
     masks = _dropout_masks(x, shape, dropout, training)
     out_codes, h_n_codes, traces = _integer_model(
         x, h0_codes, lengths, shape, programs, model.realization, masks, records

@@ -3,7 +3,7 @@ describe them; shared by the float, calibration and quantized paths."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -67,3 +67,12 @@ def dropout_between_layers(dropout: float, training: bool) -> BetweenLayers | No
     if dropout == 0 or not training:
         return None
     return lambda _layer, output: F.dropout(output, p=dropout, training=True)
+
+
+def records_gradient(x: Tensor, h0: Tensor | None, weights: Sequence[DirectionWeights]) -> bool:
+    """Whether autograd records a forward of ``x`` from ``h0`` with ``weights``."""
+    return torch.is_grad_enabled() and (
+        x.requires_grad
+        or (h0 is not None and h0.requires_grad)
+        or any(w is not None and w.requires_grad for pair in weights for w in pair)
+    )
