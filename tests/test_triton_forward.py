@@ -17,6 +17,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from quant_gru import QuantGRU
 from quant_gru.kernels.backend import resolve
+from quant_gru.kernels.torch.float_gru import gru_direction
 
 from tolerance import assert_float_conformant, assert_ratio_to_reference
 
@@ -83,6 +84,51 @@ def test_packed_sequences(kwargs: dict) -> None:
     want_padded, _ = pad_packed_sequence(want, model.batch_first)
     assert_float_conformant(padded, want_padded, "output")
     assert_float_conformant(h_n, want_h, "h_n")
+
+
+@pytest.mark.parametrize("kernel", ["row", "tile"])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("hidden", [5, 24])
+def test_each_kernel_with_saved_gates(kernel: str, reverse: bool, hidden: int) -> None:
+    """Both kernels forced on one direction: output, h_n and the gates saved for the backward
+    (r, z, n, R_n h + b_n) against the plain recurrence, with mixed lengths."""
+    from quant_gru.kernels.triton.gru_forward import gru_direction_forward
+    from quant_gru.kernels.triton.plans import row_plan, tile_plan
+
+    torch.manual_seed(1)
+    steps, batch, inputs_ = 6, 5, 3
+    x = torch.randn(steps, batch, inputs_, device=DEVICE)
+    h0 = torch.randn(batch, hidden, device=DEVICE)
+    w_ih = torch.randn(3 * hidden, inputs_, device=DEVICE) * 0.5
+    w_hh = torch.randn(3 * hidden, hidden, device=DEVICE) / hidden**0.5
+    b_ih, b_hh = torch.randn(2, 3 * hidden, device=DEVICE) * 0.1
+    lengths = torch.tensor([6, 2, 0, 5, 1], device=DEVICE)
+    plan = (
+        row_plan(batch, hidden, DEVICE) if kernel == "row" else tile_plan(batch, hidden, 4, DEVICE)
+    )
+    assert plan is not None and plan.rows == (kernel == "row")
+    gates_x = torch.nn.functional.linear(x, w_ih, b_ih)
+    saved = torch.zeros(steps, batch, 4 * hidden, device=DEVICE)
+    with torch.no_grad():
+        out, h_n = gru_direction_forward(gates_x, h0, w_hh, b_hh, lengths, reverse, saved, plan)
+    args64 = [t.double() for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
+    want, want_h = gru_direction(*args64, lengths, reverse)
+    assert_float_conformant(out, want, "output")
+    assert_float_conformant(h_n, want_h, "h_n")
+    # The saved gates of every valid step, recomputed from the reference's states.
+    for b in range(batch):
+        order = range(int(lengths[b]))
+        order = reversed(order) if reverse else order
+        h = args64[1][b]
+        for t in order:
+            gx = torch.nn.functional.linear(args64[0][t, b], args64[2], args64[4])
+            gh = torch.nn.functional.linear(h, args64[3], args64[5])
+            r = torch.sigmoid(gx[:hidden] + gh[:hidden])
+            z = torch.sigmoid(gx[hidden : 2 * hidden] + gh[hidden : 2 * hidden])
+            n = torch.tanh(gx[2 * hidden :] + r * gh[2 * hidden :])
+            expected = torch.cat([r, z, n, gh[2 * hidden :]])
+            assert_float_conformant(saved[t, b], expected, f"saved gates, row {b} step {t}")
+            h = want[t, b]
 
 
 INTERPRETER_BF16 = pytest.mark.skipif(

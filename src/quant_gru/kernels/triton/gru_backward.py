@@ -18,7 +18,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from quant_gru.kernels.triton.gru_forward import _barrier, _program_tile, _tiles
+from quant_gru.kernels.triton.gru_forward import _program_tile
+from quant_gru.kernels.triton.ops import recurrent_grad_type
+from quant_gru.kernels.triton.plans import tile_tiles
+from quant_gru.kernels.triton.sync import _barrier
 
 
 @triton.jit
@@ -30,10 +33,10 @@ def _gru_backward_kernel(
     saved_ptr,  # (T, B, 4H) float32: r, z, n, ghn
     w_ptr,  # (3H, H)
     lengths_ptr,  # (B,) int32
-    grad_gh_ptr,  # (T, B, 3H) float32 out
+    grad_gh_ptr,  # (T, B, 3H) out: float32, or the weights' type when 16-bit
     grad_gx_ptr,  # (T, B, 3H) out
     grad_h0_ptr,  # (B, H) float32 out
-    exchange_ptr,  # (2, B, 3H) float32
+    exchange_ptr,  # (2, B, 3H): float32, or the weights' type when 16-bit (what tl.dot reads)
     counter_ptr,  # (batch tiles,) int32, zeros
     steps,
     batch,
@@ -87,14 +90,16 @@ def _gru_backward_kernel(
         tl.store(grad_gx_ptr + three, da_r.to(gx_type), mask=own)
         tl.store(grad_gx_ptr + three + hidden, da_z.to(gx_type), mask=own)
         tl.store(grad_gx_ptr + three + 2 * hidden, da_n.to(gx_type), mask=own)
-        tl.store(grad_gh_ptr + three, da_r, mask=own)
-        tl.store(grad_gh_ptr + three + hidden, da_z, mask=own)
-        tl.store(grad_gh_ptr + three + 2 * hidden, dghn, mask=own)
+        gh_type = grad_gh_ptr.dtype.element_ty
+        tl.store(grad_gh_ptr + three, da_r.to(gh_type), mask=own)
+        tl.store(grad_gh_ptr + three + hidden, da_z.to(gh_type), mask=own)
+        tl.store(grad_gh_ptr + three + 2 * hidden, dghn.to(gh_type), mask=own)
         buffer = exchange_ptr + (step % 2) * batch * 3 * hidden
         mine = rows[:, None] * (3 * hidden) + units[None, :]
-        tl.store(buffer + mine, da_r, mask=own)
-        tl.store(buffer + mine + hidden, da_z, mask=own)
-        tl.store(buffer + mine + 2 * hidden, dghn, mask=own)
+        exchange_type = exchange_ptr.dtype.element_ty
+        tl.store(buffer + mine, da_r.to(exchange_type), mask=own)
+        tl.store(buffer + mine + hidden, da_z.to(exchange_type), mask=own)
+        tl.store(buffer + mine + 2 * hidden, dghn.to(exchange_type), mask=own)
         _barrier(counter, hidden_tiles * (step + 1))
 
         acc = tl.zeros((BB, BH), dtype=tl.float32)
@@ -131,15 +136,15 @@ def gru_direction_backward(
     gx_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(grad of the input projections (T, B, 3H), grad of h0 (B, H) float32, grad of the
-    recurrent pre-activations (T, B, 3H) float32)."""
+    recurrent pre-activations (T, B, 3H) in ``recurrent_grad_type``)."""
     steps, batch, hidden = out.shape
     device = out.device
-    grad_gh = torch.empty(steps, batch, 3 * hidden, device=device, dtype=torch.float32)
+    grad_gh = torch.empty(steps, batch, 3 * hidden, device=device, dtype=recurrent_grad_type(w_hh))
     grad_gx = torch.empty(steps, batch, 3 * hidden, device=device, dtype=gx_dtype)
     grad_h0 = torch.empty(batch, hidden, device=device, dtype=torch.float32)
-    block_b, block_h = _tiles(batch, hidden, w_hh.element_size(), device)
+    block_b, block_h = tile_tiles(batch, hidden, w_hh.element_size(), device)
     grid = (triton.cdiv(batch, block_b), triton.cdiv(hidden, block_h))
-    exchange = torch.empty(2, batch, 3 * hidden, device=device, dtype=torch.float32)
+    exchange = torch.empty(2, batch, 3 * hidden, device=device, dtype=grad_gh.dtype)
     counters = torch.zeros(grid[0], device=device, dtype=torch.int32)
     tf32 = w_hh.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
     _gru_backward_kernel[grid](

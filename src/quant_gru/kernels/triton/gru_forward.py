@@ -1,16 +1,17 @@
-"""A persistent Triton kernel for the float GRU recurrence of one layer and one direction.
+"""Persistent Triton kernels for the float GRU recurrence of one layer and one direction.
 
 One launch runs every time step. The input projection of all steps (x W_ih^T + b_ih) is one
-large matrix product before the launch; the kernel adds the recurrent product and the gates.
+large matrix product before the launch; the kernels add the recurrent product and the gates.
+Program (i, j) owns batch rows [i*BB, (i+1)*BB) and hidden units [j*BH, (j+1)*BH) of all three
+gates: it holds (or re-reads from L2) the 3*BH rows of R = W_hh it needs and reads the whole
+previous state of its batch rows, which the programs of its batch tile wrote (sync.py).
 
-Work split: program (i, j) owns batch rows [i*BB, (i+1)*BB) and hidden units [j*BH, (j+1)*BH)
-of all three gates, so it reads the 3*BH rows of R = W_hh it needs (from L2, where R stays
-resident across steps) and the whole previous state of its batch rows. States are exchanged
-through a global double buffer; after each step the programs of one batch tile meet at a
-barrier (an atomic counter per batch tile), which needs every program of the grid resident at
-once: the launcher sizes the grid to at most one program per SM. A batch tile with a single
-hidden tile meets only itself, which is also how the kernel runs under TRITON_INTERPRET=1,
-where programs run one after another.
+- The tile kernel (``_gru_forward_tile_kernel``): tiles of 16 to 64 batch rows, products on the
+  matrix cores (tl.dot), states exchanged through a global double buffer and a barrier per
+  step. When one program can hold all of R it holds the whole state and needs no barrier.
+- The row kernel (``_gru_forward_row_kernel``): one batch row a program, products on the CUDA
+  cores in float32, states handed over in tagged words. For small batches, where a 16-row
+  matrix-core tile would be mostly padding and a step is all latency.
 
 Semantics are kernels/torch/float_gru.py's (nn.GRU's): r = σ(gx_r + R_r h + b_r),
 z = σ(gx_z + R_z h + b_z), n = tanh(gx_n + r ⊙ (R_n h + b_n)), h' = (1 - z) ⊙ n + z ⊙ h;
@@ -19,25 +20,13 @@ steps at or past a sequence's length keep its state and write zeros.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-
-@triton.jit
-def _barrier(counter_ptr, target):
-    """Wait until the batch tile's counter reaches ``target`` after adding this program's 1.
-
-    The CTA barrier makes every thread's stores precede the release of the (single-thread)
-    atomic; the acquiring spin and the second CTA barrier order the loads that follow."""
-    tl.debug_barrier()
-    tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
-    while tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu") < target:
-        pass
-    tl.debug_barrier()
+from quant_gru.kernels.triton.plans import Plan, forward_plan, interpreted
+from quant_gru.kernels.triton.sync import _await_state, _barrier, _publish
 
 
 @triton.jit
@@ -53,7 +42,59 @@ def _program_tile(batch, hidden, BB: tl.constexpr, BH: tl.constexpr):
 
 
 @triton.jit
-def _gru_forward_kernel(
+def _gate_biases(bias_ptr, units, unit_ok, hidden):
+    bias_r = tl.load(bias_ptr + units, mask=unit_ok, other=0.0).to(tl.float32)
+    bias_z = tl.load(bias_ptr + hidden + units, mask=unit_ok, other=0.0).to(tl.float32)
+    bias_n = tl.load(bias_ptr + 2 * hidden + units, mask=unit_ok, other=0.0).to(tl.float32)
+    return bias_r[None, :], bias_z[None, :], bias_n[None, :]
+
+
+@triton.jit
+def _input_projections(gx_rows, t, batch, hidden, own):
+    """This program's (BB, BH) blocks of gx_r, gx_z, gx_n at step ``t``."""
+    step_rows = gx_rows + t * batch * 3 * hidden
+    gx_r = tl.load(step_rows, mask=own, other=0.0)
+    gx_z = tl.load(step_rows + hidden, mask=own, other=0.0)
+    gx_n = tl.load(step_rows + 2 * hidden, mask=own, other=0.0)
+    return gx_r, gx_z, gx_n
+
+
+@triton.jit
+def _step_time(step, steps, REVERSE: tl.constexpr):
+    """The time index of loop iteration ``step`` and of the next one (clamped to a valid step
+    on the last iteration: its input projections are loaded, not used)."""
+    if REVERSE:
+        return steps - 1 - step, tl.maximum(steps - 2 - step, 0)
+    return step, tl.minimum(step + 1, steps - 1)
+
+
+@triton.jit
+def _update(
+    h, gx_r, gx_z, gx_n, acc_r, acc_z, acc_n, bias_r, bias_z, bias_n,
+    t, length, out_ptr, saved_ptr, rows, units, own, own_offsets, batch, hidden,
+    SAVE: tl.constexpr,
+):  # fmt: skip
+    """The gates from the recurrent products ``acc_*``; writes step ``t``'s output (and, when
+    SAVE, r, z, n and R_n h + b_n) and returns the new state (the old one past a length)."""
+    r = tl.sigmoid(gx_r.to(tl.float32) + acc_r + bias_r)
+    z = tl.sigmoid(gx_z.to(tl.float32) + acc_z + bias_z)
+    ghn = acc_n + bias_n
+    n = 2.0 * tl.sigmoid(2.0 * (gx_n.to(tl.float32) + r * ghn)) - 1.0  # tanh
+    h_new = (1.0 - z) * n + z * h
+    if SAVE:
+        saved = saved_ptr + t * batch * 4 * hidden + rows[:, None] * (4 * hidden) + units[None, :]
+        tl.store(saved, r, mask=own)
+        tl.store(saved + hidden, z, mask=own)
+        tl.store(saved + 2 * hidden, n, mask=own)
+        tl.store(saved + 3 * hidden, ghn, mask=own)
+    active = (t < length)[:, None]
+    out = out_ptr + t * batch * hidden + own_offsets
+    tl.store(out, tl.where(active, h_new, 0.0).to(out_ptr.dtype.element_ty), mask=own)
+    return tl.where(active, h_new, h)
+
+
+@triton.jit
+def _gru_forward_tile_kernel(
     gx_ptr,  # (T, B, 3H) input projections with b_ih
     w_ptr,  # (3H, H) recurrent weights, gate order r, z, n
     bias_ptr,  # (3H,) recurrent bias (zeros without bias)
@@ -61,7 +102,7 @@ def _gru_forward_kernel(
     lengths_ptr,  # (B,) int32
     out_ptr,  # (T, B, H)
     h_n_ptr,  # (B, H)
-    exchange_ptr,  # (2, B, H) float32
+    exchange_ptr,  # (2, B, H): float32, or the weights' type when 16-bit (what tl.dot reads)
     saved_ptr,  # (T, B, 4H) float32: r, z, n and R_n h + b_n of every step (SAVE only)
     counter_ptr,  # (number of batch tiles,) int32, zeros
     steps,
@@ -80,18 +121,17 @@ def _gru_forward_kernel(
     hidden_tiles = tl.num_programs(1)
     counter = counter_ptr + tl.program_id(0)
     plane = batch * hidden
+    exchange_type = exchange_ptr.dtype.element_ty
 
     length = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
     h = tl.load(h0_ptr + own_offsets, mask=own, other=0.0).to(tl.float32)
     if not SINGLE:
-        tl.store(exchange_ptr + own_offsets, h, mask=own)
+        tl.store(exchange_ptr + own_offsets, h.to(exchange_type), mask=own)
         _barrier(counter, hidden_tiles)
-    bias_r = tl.load(bias_ptr + units, mask=unit_ok, other=0.0).to(tl.float32)
-    bias_z = tl.load(bias_ptr + hidden + units, mask=unit_ok, other=0.0).to(tl.float32)
-    bias_n = tl.load(bias_ptr + 2 * hidden + units, mask=unit_ok, other=0.0).to(tl.float32)
+    bias_r, bias_z, bias_n = _gate_biases(bias_ptr, units, unit_ok, hidden)
     dtype = w_ptr.dtype.element_ty
     if RESIDENT:
-        # The whole R^T slice of this program (BK = padded H) stays in registers.
+        # The whole R^T slice of this program (BK = padded H) stays on chip.
         ks_all = tl.arange(0, BK)
         k_all_ok = ks_all < hidden
         w_mask_all = k_all_ok[:, None] & unit_ok[None, :]
@@ -100,22 +140,14 @@ def _gru_forward_kernel(
         w_z_all = tl.load(w_ptr + hidden * hidden + w_offsets_all, mask=w_mask_all, other=0.0)
         w_n_all = tl.load(w_ptr + 2 * hidden * hidden + w_offsets_all, mask=w_mask_all, other=0.0)
 
-    # This step's input projections are loaded one step ahead: they do not depend on the
+    # Each step's input projections are loaded one step ahead: they do not depend on the
     # state, so their latency hides behind the previous step's work.
     gx_rows = gx_ptr + rows[:, None] * (3 * hidden) + units[None, :]
-    first = steps - 1 if REVERSE else 0
-    gx_r = tl.load(gx_rows + first * batch * 3 * hidden, mask=own, other=0.0)
-    gx_z = tl.load(gx_rows + first * batch * 3 * hidden + hidden, mask=own, other=0.0)
-    gx_n = tl.load(gx_rows + first * batch * 3 * hidden + 2 * hidden, mask=own, other=0.0)
+    gx_r, gx_z, gx_n = _input_projections(gx_rows, steps - 1 if REVERSE else 0, batch, hidden, own)
 
     for step in range(steps):
-        t = steps - 1 - step if REVERSE else step
-        # The next step's row, clamped to a valid step on the last one (loaded, not used).
-        t_next = tl.maximum(t - 1, 0) if REVERSE else tl.minimum(t + 1, steps - 1)
-        gx_next = gx_rows + t_next * batch * 3 * hidden
-        next_r = tl.load(gx_next, mask=own, other=0.0)
-        next_z = tl.load(gx_next + hidden, mask=own, other=0.0)
-        next_n = tl.load(gx_next + 2 * hidden, mask=own, other=0.0)
+        t, t_next = _step_time(step, steps, REVERSE)
+        next_r, next_z, next_n = _input_projections(gx_rows, t_next, batch, hidden, own)
         source = exchange_ptr + (step % 2) * plane
         acc_r = tl.zeros((BB, BH), dtype=tl.float32)
         acc_z = tl.zeros((BB, BH), dtype=tl.float32)
@@ -153,71 +185,79 @@ def _gru_forward_kernel(
                 acc_z = tl.dot(h_k, w_z, acc_z, input_precision=PRECISION)
                 acc_n = tl.dot(h_k, w_n, acc_n, input_precision=PRECISION)
 
-        r = tl.sigmoid(gx_r.to(tl.float32) + acc_r + bias_r[None, :])
-        z = tl.sigmoid(gx_z.to(tl.float32) + acc_z + bias_z[None, :])
-        pre_n = gx_n.to(tl.float32) + r * (acc_n + bias_n[None, :])
+        h = _update(
+            h, gx_r, gx_z, gx_n, acc_r, acc_z, acc_n, bias_r, bias_z, bias_n,
+            t, length, out_ptr, saved_ptr, rows, units, own, own_offsets, batch, hidden, SAVE,
+        )  # fmt: skip
         gx_r, gx_z, gx_n = next_r, next_z, next_n
-        n = 2.0 * tl.sigmoid(2.0 * pre_n) - 1.0  # tanh
-        h_new = (1.0 - z) * n + z * h
-        if SAVE:
-            saved = (
-                saved_ptr + t * batch * 4 * hidden + rows[:, None] * (4 * hidden) + units[None, :]
-            )
-            tl.store(saved, r, mask=own)
-            tl.store(saved + hidden, z, mask=own)
-            tl.store(saved + 2 * hidden, n, mask=own)
-            tl.store(saved + 3 * hidden, acc_n + bias_n[None, :], mask=own)
-        active = (t < length)[:, None]
-        h = tl.where(active, h_new, h)
-        out = out_ptr + t * plane + own_offsets
-        tl.store(out, tl.where(active, h_new, 0.0).to(out_ptr.dtype.element_ty), mask=own)
         if not SINGLE:
-            tl.store(exchange_ptr + ((step + 1) % 2) * plane + own_offsets, h, mask=own)
+            target = exchange_ptr + ((step + 1) % 2) * plane + own_offsets
+            tl.store(target, h.to(exchange_type), mask=own)
             _barrier(counter, hidden_tiles * (step + 2))
 
     tl.store(h_n_ptr + own_offsets, h.to(h_n_ptr.dtype.element_ty), mask=own)
 
 
-# R^T slices up to this size stay in registers for the whole launch (48 KiB: 48 registers a
-# thread for 8 warps); larger ones are re-read from L2 every step.
-RESIDENT_BYTES = 48 * 1024
-# All of R up to this size lives in one program (16 warps: 48 registers a thread).
-SINGLE_BYTES = 96 * 1024
+@triton.jit
+def _gru_forward_row_kernel(
+    gx_ptr,  # (T, B, 3H) input projections with b_ih
+    w_ptr,  # (3H, H) recurrent weights, gate order r, z, n
+    bias_ptr,  # (3H,) recurrent bias (zeros without bias)
+    h0_ptr,  # (B, H)
+    lengths_ptr,  # (B,) int32
+    out_ptr,  # (T, B, H)
+    h_n_ptr,  # (B, H)
+    words_ptr,  # (2, B, H) int64, zeros: the states h_s, tagged s + 1 (sync.py)
+    saved_ptr,  # (T, B, 4H) float32: r, z, n and R_n h + b_n of every step (SAVE only)
+    steps,
+    batch,
+    hidden,
+    REVERSE: tl.constexpr,
+    BB: tl.constexpr,
+    BH: tl.constexpr,
+    BK: tl.constexpr,  # padded H: the program's R slice (3, BH, BK) stays in registers
+    SAVE: tl.constexpr,
+    COMPILED: tl.constexpr,  # False under TRITON_INTERPRET=1
+):
+    rows, units, row_ok, unit_ok, own, own_offsets = _program_tile(batch, hidden, BB, BH)
+    plane = batch * hidden
+    length = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
+    h = tl.load(h0_ptr + own_offsets, mask=own, other=0.0).to(tl.float32)
+    _publish(words_ptr, own_offsets, own, h, 1)
+    bias_r, bias_z, bias_n = _gate_biases(bias_ptr, units, unit_ok, hidden)
 
+    ks = tl.arange(0, BK)
+    k_ok = ks < hidden
+    w_mask = unit_ok[:, None] & k_ok[None, :]
+    w_offsets = units[:, None] * hidden + ks[None, :]  # R rows (BH, BK)
+    w_r = tl.load(w_ptr + w_offsets, mask=w_mask, other=0.0).to(tl.float32)[None, :, :]
+    w_z = tl.load(w_ptr + hidden * hidden + w_offsets, mask=w_mask, other=0.0)
+    w_z = w_z.to(tl.float32)[None, :, :]
+    w_n = tl.load(w_ptr + 2 * hidden * hidden + w_offsets, mask=w_mask, other=0.0)
+    w_n = w_n.to(tl.float32)[None, :, :]
+    state_offsets = rows[:, None] * hidden + ks[None, :]
+    state_mask = row_ok[:, None] & k_ok[None, :]
 
-def _warps(resident: bool, weight_bytes: int) -> int:
-    """Enough warps that a resident R slice takes at most about 48 registers a thread."""
-    if not resident:
-        return 4
-    return 16 if weight_bytes > RESIDENT_BYTES else 8
+    gx_rows = gx_ptr + rows[:, None] * (3 * hidden) + units[None, :]
+    gx_r, gx_z, gx_n = _input_projections(gx_rows, steps - 1 if REVERSE else 0, batch, hidden, own)
 
+    for step in range(steps):
+        t, t_next = _step_time(step, steps, REVERSE)
+        next_r, next_z, next_n = _input_projections(gx_rows, t_next, batch, hidden, own)
+        source = words_ptr + (step % 2) * plane
+        state = _await_state(source, state_offsets, state_mask, step + 1, COMPILED)
+        state = state[:, None, :]  # (BB, 1, BK) against R's (1, BH, BK)
+        acc_r = tl.sum(state * w_r, axis=2)
+        acc_z = tl.sum(state * w_z, axis=2)
+        acc_n = tl.sum(state * w_n, axis=2)
+        h = _update(
+            h, gx_r, gx_z, gx_n, acc_r, acc_z, acc_n, bias_r, bias_z, bias_n,
+            t, length, out_ptr, saved_ptr, rows, units, own, own_offsets, batch, hidden, SAVE,
+        )  # fmt: skip
+        gx_r, gx_z, gx_n = next_r, next_z, next_n
+        _publish(words_ptr + ((step + 1) % 2) * plane, own_offsets, own, h, step + 2)
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _tiles(batch: int, hidden: int, element_size: int, device: torch.device) -> tuple[int, int]:
-    """(BB, BH). When all of R fits in one program's registers, one program per batch tile of
-    16 rows holds every hidden unit and needs no barrier. Otherwise batch tiles of up to 64
-    rows and hidden tiles as small as fill the SMs once (every program must be resident for
-    the barrier). One hidden tile when interpreted."""
-    full = max(16, triton.next_power_of_2(hidden))
-    if 3 * full * full * element_size <= SINGLE_BYTES:
-        return 16, full
-    block_b = min(64, max(16, triton.next_power_of_2(batch)))
-    batch_tiles = triton.cdiv(batch, block_b)
-    if _interpreted() or device.type != "cuda":
-        return block_b, full
-    programs = torch.cuda.get_device_properties(device).multi_processor_count
-    block_h = 16
-    while block_h < full and batch_tiles * triton.cdiv(hidden, block_h) > programs:
-        block_h *= 2
-    if batch_tiles * triton.cdiv(hidden, block_h) > programs:
-        raise ValueError(
-            f"batch {batch} needs {batch_tiles} batch tiles, more than the {programs} SMs the "
-            "persistent kernel can keep resident"
-        )
-    return block_b, block_h
+    tl.store(h_n_ptr + own_offsets, h.to(h_n_ptr.dtype.element_ty), mask=own)
 
 
 def gru_direction_forward(
@@ -228,10 +268,12 @@ def gru_direction_forward(
     lengths: Tensor | None,
     reverse: bool,
     saved: Tensor | None = None,
+    plan: Plan | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The recurrence over precomputed input projections ``gates_x`` (T, B, 3H) from ``h0``
     (B, H); returns output (T, B, H) and h_n (B, H) in ``gates_x``'s dtype. With ``saved``
-    (T, B, 4H) float32, also fills it with r, z, n and R_n h + b_n of every step."""
+    (T, B, 4H) float32, also fills it with r, z, n and R_n h + b_n of every step. ``plan``
+    overrides the choice of kernel and tiles (plans.forward_plan)."""
     steps, batch, three_h = gates_x.shape
     hidden = three_h // 3
     device, dtype = gates_x.device, gates_x.dtype
@@ -240,42 +282,35 @@ def gru_direction_forward(
     if steps == 0 or batch == 0:
         h_n.copy_(h0)
         return out, h_n
-    block_b, block_h = _tiles(batch, hidden, w_hh.element_size(), device)
-    grid = (triton.cdiv(batch, block_b), triton.cdiv(hidden, block_h))
+    if plan is None:
+        plan = forward_plan(batch, hidden, w_hh.element_size(), device)
     if lengths is None:
         lengths32 = torch.full((batch,), steps, device=device, dtype=torch.int32)
     else:
         lengths32 = lengths.to(device=device, dtype=torch.int32)
     bias = b_hh if b_hh is not None else w_hh.new_zeros(three_h)
-    exchange = torch.empty(2, batch, hidden, device=device, dtype=torch.float32)
+    operands = (gates_x.contiguous(), w_hh.contiguous(), bias.contiguous(), h0.contiguous())
+    grid = plan.grid(batch, hidden)
+    if plan.rows:
+        words = torch.zeros(2, batch, hidden, device=device, dtype=torch.int64)
+        _gru_forward_row_kernel[grid](
+            *operands, lengths32, out, h_n, words, words if saved is None else saved,
+            steps, batch, hidden,
+            REVERSE=reverse, BB=plan.block_b, BH=plan.block_h, BK=plan.block_k,
+            SAVE=saved is not None, COMPILED=not interpreted(), num_warps=plan.warps,
+        )  # fmt: skip
+        return out, h_n
+    # 16-bit states are exchanged in their own type: tl.dot reads nothing finer.
+    exchange_type = torch.float32 if dtype == torch.float32 else w_hh.dtype
+    exchange = torch.empty(2, batch, hidden, device=device, dtype=exchange_type)
     counters = torch.zeros(grid[0], device=device, dtype=torch.int32)
     tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
-    padded = max(16, triton.next_power_of_2(hidden))
-    weight_bytes = 3 * padded * block_h * w_hh.element_size()
-    single = block_h == padded and weight_bytes <= SINGLE_BYTES
-    resident = single or weight_bytes <= RESIDENT_BYTES
-    _gru_forward_kernel[grid](
-        gates_x.contiguous(),
-        w_hh.contiguous(),
-        bias.contiguous(),
-        h0.contiguous(),
-        lengths32,
-        out,
-        h_n,
-        exchange,
-        exchange if saved is None else saved,
-        counters,
-        steps,
-        batch,
-        hidden,
-        REVERSE=reverse,
-        PRECISION="tf32" if tf32 else "ieee",
-        BB=block_b,
-        BH=block_h,
-        BK=padded if resident else min(64, padded),
-        RESIDENT=resident,
-        SINGLE=single,
-        SAVE=saved is not None,
-        num_warps=_warps(resident, weight_bytes),
-    )
+    _gru_forward_tile_kernel[grid](
+        *operands, lengths32, out, h_n, exchange, exchange if saved is None else saved,
+        counters, steps, batch, hidden,
+        REVERSE=reverse, PRECISION="tf32" if tf32 else "ieee",
+        BB=plan.block_b, BH=plan.block_h, BK=plan.block_k,
+        RESIDENT=plan.resident, SINGLE=plan.single, SAVE=saved is not None,
+        num_warps=plan.warps,
+    )  # fmt: skip
     return out, h_n

@@ -60,7 +60,7 @@ def gru_direction_backward(
     reverse: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(grad of gates_x, grad of h0 (float32), grad of the recurrent pre-activations
-    (T, B, 3H) float32)."""
+    (T, B, 3H) in recurrent_grad_type)."""
     from quant_gru.kernels.triton.gru_backward import gru_direction_backward as launch
 
     return launch(grad_out, grad_h_n, out, h0, saved, w_hh, lengths, reverse, out.dtype)
@@ -78,12 +78,19 @@ def _gru_direction_backward_fake(
     reverse: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     steps, batch, hidden = out.shape
-    grad_gh = out.new_empty(steps, batch, 3 * hidden, dtype=torch.float32)
+    grad_gh = out.new_empty(steps, batch, 3 * hidden, dtype=recurrent_grad_type(w_hh))
     return (
         out.new_empty(steps, batch, 3 * hidden),
         h0.new_empty(h0.shape, dtype=torch.float32),
         grad_gh,
     )
+
+
+def recurrent_grad_type(w_hh: Tensor) -> torch.dtype:
+    """The type of dgh, which feeds the weight-gradient product: float32 for float32 weights;
+    16-bit weights' own type, as in their forward products (the product accumulates in
+    float32 either way)."""
+    return torch.float32 if w_hh.dtype == torch.float32 else w_hh.dtype
 
 
 def _saved_like(gates_x: Tensor, save: bool) -> Tensor:
@@ -114,7 +121,7 @@ def _backward(
         grad_out, grad_h_n, out, h0, saved, w_hh, lengths, ctx.reverse
     )
     # The weight gradients: one product over every step (dR = Σ_t dgh_tᵀ h_{t-1}).
-    previous = previous_states(out, h0, lengths, ctx.reverse).float()
+    previous = previous_states(out, h0, lengths, ctx.reverse).to(grad_gh.dtype)
     grad_w = (grad_gh.flatten(0, 1).t() @ previous.flatten(0, 1)).to(w_hh.dtype)
     grad_b = grad_gh.sum(dim=(0, 1)).to(w_hh.dtype) if ctx.has_bias else None
     return grad_gx, grad_h0.to(h0.dtype), grad_w, grad_b, None, None, None

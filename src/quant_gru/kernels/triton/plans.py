@@ -1,0 +1,132 @@
+"""How the persistent kernels split one GRU direction over programs.
+
+Every program of a persistent kernel must be resident at once (they wait for each other every
+step), so a grid never has more programs than the GPU has SMs. Under TRITON_INTERPRET=1
+programs run one after another and could never wait for each other: there each batch tile is
+one program holding every hidden unit.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+# R^T slices up to this size stay in registers for the whole launch (48 KiB: 48 registers a
+# thread for 8 warps); larger ones are re-read from L2 every step.
+RESIDENT_BYTES = 48 * 1024
+# All of R up to this size lives in one program (16 warps: 48 registers a thread).
+SINGLE_BYTES = 96 * 1024
+# Batches up to this size use the row kernel (products on the CUDA cores, one batch row a
+# program, states handed over in tagged words): measured on an H100, its steps take less time
+# than the tile kernel's in float32 and TF32 up to 16 rows, and no more in bfloat16.
+ROW_KERNEL_MAX_BATCH = 16
+# The row kernel keeps its float32 slice of R in registers: at most 96 a thread, for 4 warps
+# (fastest where it fits) or 8.
+ROW_SLICE_ELEMENTS_4_WARPS = 96 * 32 * 4
+ROW_SLICE_ELEMENTS = 96 * 32 * 8
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A grid of (batch tiles, hidden tiles) programs, each owning ``block_b`` batch rows and
+    ``block_h`` hidden units of all three gates, reading the state in chunks of ``block_k``.
+
+    ``rows``: the row kernel (CUDA-core products, tagged state words); otherwise the tile
+    kernel (tl.dot, barrier). ``resident``: R's slice is loaded once, before the time loop.
+    ``single``: one hidden tile holds every unit, so the state never leaves the program."""
+
+    rows: bool
+    block_b: int
+    block_h: int
+    block_k: int
+    warps: int
+    resident: bool = True
+    single: bool = False
+
+    def grid(self, batch: int, hidden: int) -> tuple[int, int]:
+        return triton.cdiv(batch, self.block_b), triton.cdiv(hidden, self.block_h)
+
+
+def interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _programs(device: torch.device) -> int | None:
+    """The SM count, or None where programs cannot wait for each other (one hidden tile)."""
+    if interpreted() or device.type != "cuda":
+        return None
+    return int(torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+def padded(hidden: int) -> int:
+    return max(16, triton.next_power_of_2(hidden))
+
+
+def row_plan(batch: int, hidden: int, device: torch.device) -> Plan | None:
+    """One batch row a program and the fewest hidden units per program that fill the SMs once;
+    None when R's slice would not fit in registers."""
+    full = padded(hidden)
+    programs = _programs(device)
+    block_h = full if programs is None else 4
+    while block_h < full and batch * triton.cdiv(hidden, block_h) > (programs or 0):
+        block_h *= 2
+    slice_elements = 3 * block_h * full
+    if programs is not None and batch * triton.cdiv(hidden, block_h) > programs:
+        return None
+    if slice_elements > ROW_SLICE_ELEMENTS and programs is not None:
+        return None
+    warps = 4 if slice_elements <= ROW_SLICE_ELEMENTS_4_WARPS else 8
+    return Plan(rows=True, block_b=1, block_h=block_h, block_k=full, warps=warps)
+
+
+def tile_tiles(batch: int, hidden: int, element_size: int, device: torch.device) -> tuple[int, int]:
+    """(block_b, block_h) of the tile kernels. When all of R fits in one program's registers,
+    one program per batch tile of 16 rows holds every hidden unit and needs no barrier.
+    Otherwise batch tiles of up to 64 rows and hidden tiles as small as fill the SMs once."""
+    full = padded(hidden)
+    if 3 * full * full * element_size <= SINGLE_BYTES:
+        return 16, full
+    block_b = min(64, max(16, triton.next_power_of_2(batch)))
+    batch_tiles = triton.cdiv(batch, block_b)
+    programs = _programs(device)
+    if programs is None:
+        return block_b, full
+    block_h = 16
+    while block_h < full and batch_tiles * triton.cdiv(hidden, block_h) > programs:
+        block_h *= 2
+    if batch_tiles * triton.cdiv(hidden, block_h) > programs:
+        raise ValueError(
+            f"batch {batch} needs {batch_tiles} batch tiles, more than the {programs} SMs the "
+            "persistent kernel can keep resident"
+        )
+    return block_b, block_h
+
+
+def tile_plan(batch: int, hidden: int, element_size: int, device: torch.device) -> Plan:
+    block_b, block_h = tile_tiles(batch, hidden, element_size, device)
+    full = padded(hidden)
+    weight_bytes = 3 * full * block_h * element_size
+    single = block_h == full and weight_bytes <= SINGLE_BYTES
+    resident = single or weight_bytes <= RESIDENT_BYTES
+    # Enough warps that a resident R slice takes at most about 48 registers a thread.
+    warps = (16 if weight_bytes > RESIDENT_BYTES else 8) if resident else 4
+    return Plan(
+        rows=False,
+        block_b=block_b,
+        block_h=block_h,
+        block_k=full if resident else min(64, full),
+        warps=warps,
+        resident=resident,
+        single=single,
+    )
+
+
+def forward_plan(batch: int, hidden: int, element_size: int, device: torch.device) -> Plan:
+    if batch <= ROW_KERNEL_MAX_BATCH:
+        plan = row_plan(batch, hidden, device)
+        if plan is not None:
+            return plan
+    return tile_plan(batch, hidden, element_size, device)
