@@ -2,10 +2,13 @@
 
 Shapes (B, T, I, H) of issue 6 plus a 2-layer bidirectional case. Precisions: cuDNN fp32 (TF32
 off), cuDNN tf32, cuDNN bf16; QuantGRU fp32, tf32 and bf16 (the Triton kernels honour
-torch.backends.cuda.matmul.allow_tf32). Inference is forward under no_grad; training is forward
-plus backward. Median of CUDA-event timings after warm-up; peak memory above the inputs and
-weights. Prints a table of ratios (cuDNN's best of the same family over ours) and
-writes benchmarks/results/gpu_float_speed.json.
+torch.backends.cuda.matmul.allow_tf32). Inference is forward under no_grad, timed eagerly (one
+call at a time, the host's launch costs included, as a training or serving loop without CUDA
+graphs sees it) and as a CUDA-graph replay (the GPU's time alone: cuDNN launches kernels per
+step for H > 192, so its eager times are mostly launch costs); training is forward plus
+backward, eagerly. Median of CUDA-event timings after warm-up, cuDNN and ours in alternation;
+peak memory above the inputs and weights. Prints tables of ratios (cuDNN's best of the same
+family over ours) and writes benchmarks/results/gpu_float_speed.json.
 """
 
 from __future__ import annotations
@@ -38,19 +41,42 @@ PRECISIONS = {
 }
 
 
-def cuda_ms(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
-    """Median of CUDA-event timings of ``fn`` after ``warmup`` calls."""
+def event_ms(fn: Callable[[], object]) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def paired_ms(
+    first: Callable[[], object], second: Callable[[], object], repeats: int, warmup: int = 3
+) -> tuple[float, float]:
+    """Medians of CUDA-event timings of two callables timed in alternation after ``warmup``
+    calls each, so that a slow spell of the machine falls on both."""
     for _ in range(warmup):
-        fn()
-    times = []
+        first()
+        second()
+    times: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        times[0].append(event_ms(first))
+        times[1].append(event_ms(second))
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+def graphed(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` captured in a CUDA graph: its replay, which launches every kernel at once."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
         fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return graph.replay
 
 
 def peak_mb(fn: Callable[[], object]) -> float:
@@ -93,14 +119,19 @@ def measure(shape: tuple[int, int, int, int, int, bool], repeats: int) -> dict:
 
         with torch.no_grad():
             error = (ours(x)[0].double() - cudnn(x)[0].double()).abs().max().item()
+        cudnn_infer, ours_infer = paired_ms(infer(cudnn), infer(ours), repeats)
+        cudnn_graph, ours_graph = paired_ms(graphed(infer(cudnn)), graphed(infer(ours)), repeats)
+        cudnn_train, ours_train = paired_ms(step(cudnn), step(ours), repeats)
         row[name] = {
-            "cudnn_infer_ms": cuda_ms(infer(cudnn), repeats),
-            "ours_infer_ms": cuda_ms(infer(ours), repeats),
+            "cudnn_infer_ms": cudnn_infer,
+            "ours_infer_ms": ours_infer,
+            "cudnn_infer_graph_ms": cudnn_graph,
+            "ours_infer_graph_ms": ours_graph,
             "cudnn_infer_peak_mb": peak_mb(infer(cudnn)),
             "ours_infer_peak_mb": peak_mb(infer(ours)),
             "max_abs_difference": error,
-            "cudnn_train_ms": cuda_ms(step(cudnn), repeats),
-            "ours_train_ms": cuda_ms(step(ours), repeats),
+            "cudnn_train_ms": cudnn_train,
+            "ours_train_ms": ours_train,
             "cudnn_train_peak_mb": peak_mb(step(cudnn)),
             "ours_train_peak_mb": peak_mb(step(ours)),
         }
@@ -110,7 +141,7 @@ def measure(shape: tuple[int, int, int, int, int, bool], repeats: int) -> dict:
 
 
 def table(rows: list[dict], kind: str = "infer") -> str:
-    """Markdown table of one kind of timing ('infer' or 'train')."""
+    """Markdown table of one kind of timing: 'infer', 'infer_graph' or 'train'."""
     lines = [
         f"| shape (B, T, I, H), {kind} | cuDNN fp32 / tf32 / bf16 (ms) "
         "| ours fp32 / tf32 / bf16 (ms) | speed-up fp32 family | speed-up bf16 |",
@@ -133,7 +164,7 @@ def table(rows: list[dict], kind: str = "infer") -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -145,15 +176,20 @@ def main() -> None:
     document = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
-        "inference": "forward under no_grad; median of CUDA events after warm-up",
-        "training": "forward + backward of sum(output); median of CUDA events after warm-up",
+        "inference": "forward under no_grad, one call at a time as eager code runs it "
+        "(launch costs included); median of CUDA events after warm-up, cuDNN and ours in "
+        "alternation",
+        "inference_graph": "the same forward captured in a CUDA graph and replayed: the GPU's "
+        "time without the host's launch costs",
+        "training": "forward + backward of sum(output), one call at a time; median of CUDA "
+        "events after warm-up, in alternation",
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(document, indent=2) + "\n")
-    print(table(rows))
-    print()
-    print(table(rows, "train"))
+    for kind in ("infer", "infer_graph", "train"):
+        print()
+        print(table(rows, kind))
 
 
 if __name__ == "__main__":

@@ -155,6 +155,38 @@ def test_half_precision_within_twice_the_plain_path(dtype: torch.dtype) -> None:
     assert_ratio_to_reference(out, plain, exact, str(dtype))
 
 
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="compares with cuDNN, on a GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("batch", "hidden"), [(3, 96), (40, 160)])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_half_precision_gradients_within_twice_cudnn(
+    dtype: torch.dtype, batch: int, hidden: int, bidirectional: bool
+) -> None:
+    """16-bit training against cuDNN's own error at the same precision: the output, h_n and
+    the gradient of the input, h0 and every parameter, each against float64, at most twice
+    cuDNN's error (row kernels for 3 rows, tile kernels for 40)."""
+    kwargs = dict(input_size=24, hidden_size=hidden, num_layers=2, bidirectional=bidirectional)
+    model, oracle = pair(kwargs, dtype)
+    cudnn = model.to_float().to(DEVICE, dtype)
+    x = inputs(model, batch, 50, dtype)
+    states = model.num_layers * model.num_directions
+    hx = torch.randn(states, batch, hidden, device=DEVICE, dtype=dtype)
+    weight = torch.randn(50, batch, model.num_directions * hidden, device=DEVICE)
+
+    def run(module: nn.Module, precision: torch.dtype) -> list[torch.Tensor]:
+        x_ = x.detach().to(precision).requires_grad_()
+        hx_ = hx.detach().to(precision).requires_grad_()
+        out, h_n = module(x_, hx_)
+        ((out.double() * weight.double()).sum() + h_n.double().square().sum()).backward()
+        grads = [p.grad for p in module.parameters()]
+        return [out.detach(), h_n.detach(), x_.grad, hx_.grad, *grads]
+
+    ours, theirs, exact = run(model, dtype), run(cudnn, dtype), run(oracle, torch.float64)
+    names = ["output", "h_n", "input grad", "hx grad"] + [n for n, _ in model.named_parameters()]
+    for name, a, b, e in zip(names, ours, theirs, exact, strict=True):
+        assert_ratio_to_reference(a, b, e, f"{dtype} {name}")
+
+
 def test_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     model = QuantGRU(3, 8)
     assert model.backend == "auto"
@@ -191,16 +223,21 @@ def test_environment_selects_the_backend(monkeypatch: pytest.MonkeyPatch) -> Non
 
 @pytest.mark.parametrize("kwargs", CASES)
 @pytest.mark.parametrize("packed", [False, True])
-def test_gradients_match_nn_gru(kwargs: dict, packed: bool) -> None:
-    """Training through the kernels: the input's, h0's and every parameter's gradient."""
+@pytest.mark.parametrize("batch", [6, 20])
+def test_gradients_match_nn_gru(kwargs: dict, packed: bool, batch: int) -> None:
+    """Training through the kernels: the input's, h0's and every parameter's gradient. Six rows
+    take the row kernels, twenty the tile kernels (plans.ROW_KERNEL_MAX_BATCH)."""
+    from quant_gru.kernels.triton.plans import ROW_KERNEL_MAX_BATCH
+
+    assert (batch <= ROW_KERNEL_MAX_BATCH) == (batch == 6)
     model, oracle = pair(kwargs)
-    batch, steps = 6, 7
+    steps = 7
     x = inputs(model, batch, steps, torch.float32).requires_grad_()
     states = model.num_layers * model.num_directions
     hx = torch.randn(states, batch, model.hidden_size, device=DEVICE).requires_grad_()
     x64 = x.detach().double().requires_grad_()
     hx64 = hx.detach().double().requires_grad_()
-    lengths = torch.tensor([7, 2, 5, 1, 7, 4])
+    lengths = torch.tensor([7, 2, 5, 1, 7, 4] * 4)[:batch]
     if packed:
         feed = pack_padded_sequence(x, lengths, model.batch_first, enforce_sorted=False)
         feed64 = pack_padded_sequence(x64, lengths, model.batch_first, enforce_sorted=False)

@@ -1,13 +1,15 @@
-"""The persistent Triton backward of one GRU direction: gru_forward.py's time loop in
-reverse.
+"""Persistent Triton backward kernels of one GRU direction: gru_forward.py's time loop in
+reverse, as a tile kernel and a row kernel like the forward's.
 
 Per step, from the gradient dh reaching h_t and the gates the forward saved:
 dn = dh (1 - z), dz = dh (h_{t-1} - n), da_n = dn (1 - n²), da_r = da_n ghn r (1 - r),
 da_z = dz z (1 - z) (ghn = R_n h_{t-1} + b_n); the gradient of the recurrent pre-activations
 is dgh = (da_r, da_z, da_n r), of the input projections dgx = (da_r, da_z, da_n), and
-dh_{t-1} = dh z + dgh R. Programs own hidden units as in the forward; dgh, which every program
-needs whole, goes through a global double buffer and a barrier per step. The weight gradients
-are one matrix product over all steps afterwards: dR = Σ_t dgh_tᵀ h_{t-1}, db = Σ_t dgh_t.
+dh_{t-1} = dh z + dgh R. The kernels store dgx and the n part of dgh (the r and z parts
+equal dgx's). Programs own hidden units as in the forward; dgh, which every program
+of a batch tile needs whole, goes through a global double buffer and a barrier per step (tile
+kernel) or tagged words (row kernel, sync.py). The weight gradients are one matrix product over
+all steps afterwards: dR = Σ_t dgh_tᵀ h_{t-1}, db = Σ_t dgh_t.
 Padded steps (t at or past a sequence's length) pass dh through unchanged.
 """
 
@@ -20,20 +22,64 @@ from torch import Tensor
 
 from quant_gru.kernels.triton.gru_forward import _program_tile
 from quant_gru.kernels.triton.ops import recurrent_grad_type
-from quant_gru.kernels.triton.plans import tile_tiles
-from quant_gru.kernels.triton.sync import _barrier
+from quant_gru.kernels.triton.plans import backward_plan, interpreted
+from quant_gru.kernels.triton.sync import _await_state, _barrier, _publish
 
 
 @triton.jit
-def _gru_backward_kernel(
+def _step_gradients(
+    carry, h0, t, steps, length, grad_out_ptr, out_ptr, saved_ptr, grad_gx_ptr, grad_ghn_ptr,
+    rows, units, own, own_offsets, batch, hidden, REVERSE: tl.constexpr,
+):  # fmt: skip
+    """Step ``t``'s gradients of this program's units from ``carry`` (the gradient of h_t from
+    the steps after it): stores dgx and dghn and returns (dh, z, active, da_r, da_z, dghn)."""
+    plane = batch * hidden
+    active = (t < length)[:, None]
+    grad_out = tl.load(grad_out_ptr + t * plane + own_offsets, mask=own, other=0.0)
+    dh = carry + tl.where(active, grad_out.to(tl.float32), 0.0)
+    gates = saved_ptr + t * batch * 4 * hidden + rows[:, None] * (4 * hidden) + units[None, :]
+    r = tl.load(gates, mask=own, other=0.0).to(tl.float32)
+    z = tl.load(gates + hidden, mask=own, other=0.0).to(tl.float32)
+    n = tl.load(gates + 2 * hidden, mask=own, other=0.0).to(tl.float32)
+    ghn = tl.load(gates + 3 * hidden, mask=own, other=0.0).to(tl.float32)
+    # h_{t-1}: the output of the step before in the direction's order, or h0.
+    if REVERSE:
+        t_prev = t + 1
+        has_prev = (t_prev < length)[:, None]
+    else:
+        t_prev = t - 1
+        has_prev = ((length * 0 + t_prev) >= 0)[:, None] & active
+    t_load = tl.minimum(tl.maximum(t_prev, 0), steps - 1)
+    h_prev = tl.load(out_ptr + t_load * plane + own_offsets, mask=own & has_prev, other=0.0)
+    h_prev = tl.where(has_prev, h_prev.to(tl.float32), h0)
+
+    dn = dh * (1.0 - z)
+    dz = dh * (h_prev - n)
+    da_n = tl.where(active, dn * (1.0 - n * n), 0.0)
+    da_r = tl.where(active, da_n * ghn * r * (1.0 - r), 0.0)
+    da_z = tl.where(active, dz * z * (1.0 - z), 0.0)
+    dghn = da_n * r
+
+    three = t * batch * 3 * hidden + rows[:, None] * (3 * hidden) + units[None, :]
+    gx_type = grad_gx_ptr.dtype.element_ty
+    tl.store(grad_gx_ptr + three, da_r.to(gx_type), mask=own)
+    tl.store(grad_gx_ptr + three + hidden, da_z.to(gx_type), mask=own)
+    tl.store(grad_gx_ptr + three + 2 * hidden, da_n.to(gx_type), mask=own)
+    ghn_out = grad_ghn_ptr + t * plane + own_offsets
+    tl.store(ghn_out, dghn.to(grad_ghn_ptr.dtype.element_ty), mask=own)
+    return dh, z, active, da_r, da_z, dghn
+
+
+@triton.jit
+def _gru_backward_tile_kernel(
     grad_out_ptr,  # (T, B, H)
     grad_h_n_ptr,  # (B, H)
     out_ptr,  # (T, B, H): the forward's outputs, h_t at valid steps
     h0_ptr,  # (B, H)
-    saved_ptr,  # (T, B, 4H) float32: r, z, n, ghn
+    saved_ptr,  # (T, B, 4H): r, z, n, ghn (ops.recurrent_grad_type)
     w_ptr,  # (3H, H)
     lengths_ptr,  # (B,) int32
-    grad_gh_ptr,  # (T, B, 3H) out: float32, or the weights' type when 16-bit
+    grad_ghn_ptr,  # (T, B, H) out: grad of R_n h + b_n (ops.recurrent_grad_type)
     grad_gx_ptr,  # (T, B, 3H) out
     grad_h0_ptr,  # (B, H) float32 out
     exchange_ptr,  # (2, B, 3H): float32, or the weights' type when 16-bit (what tl.dot reads)
@@ -50,8 +96,8 @@ def _gru_backward_kernel(
     rows, units, row_ok, unit_ok, own, own_offsets = _program_tile(batch, hidden, BB, BH)
     hidden_tiles = tl.num_programs(1)
     counter = counter_ptr + tl.program_id(0)
-    plane = batch * hidden
     dtype = w_ptr.dtype.element_ty
+    exchange_type = exchange_ptr.dtype.element_ty
 
     length = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
     carry = tl.load(grad_h_n_ptr + own_offsets, mask=own, other=0.0).to(tl.float32)
@@ -59,44 +105,12 @@ def _gru_backward_kernel(
 
     for step in range(steps):
         t = step if REVERSE else steps - 1 - step
-        active = (t < length)[:, None]
-        grad_out = tl.load(grad_out_ptr + t * plane + own_offsets, mask=own, other=0.0)
-        dh = carry + tl.where(active, grad_out.to(tl.float32), 0.0)
-        gates = saved_ptr + t * batch * 4 * hidden + rows[:, None] * (4 * hidden) + units[None, :]
-        r = tl.load(gates, mask=own, other=0.0)
-        z = tl.load(gates + hidden, mask=own, other=0.0)
-        n = tl.load(gates + 2 * hidden, mask=own, other=0.0)
-        ghn = tl.load(gates + 3 * hidden, mask=own, other=0.0)
-        # h_{t-1}: the output of the step before in the direction's order, or h0.
-        if REVERSE:
-            t_prev = t + 1
-            has_prev = (t_prev < length)[:, None]
-        else:
-            t_prev = t - 1
-            has_prev = ((length * 0 + t_prev) >= 0)[:, None] & active
-        t_load = tl.minimum(tl.maximum(t_prev, 0), steps - 1)
-        h_prev = tl.load(out_ptr + t_load * plane + own_offsets, mask=own & has_prev, other=0.0)
-        h_prev = tl.where(has_prev, h_prev.to(tl.float32), h0)
-
-        dn = dh * (1.0 - z)
-        dz = dh * (h_prev - n)
-        da_n = tl.where(active, dn * (1.0 - n * n), 0.0)
-        da_r = tl.where(active, da_n * ghn * r * (1.0 - r), 0.0)
-        da_z = tl.where(active, dz * z * (1.0 - z), 0.0)
-        dghn = da_n * r
-
-        three = t * batch * 3 * hidden + rows[:, None] * (3 * hidden) + units[None, :]
-        gx_type = grad_gx_ptr.dtype.element_ty
-        tl.store(grad_gx_ptr + three, da_r.to(gx_type), mask=own)
-        tl.store(grad_gx_ptr + three + hidden, da_z.to(gx_type), mask=own)
-        tl.store(grad_gx_ptr + three + 2 * hidden, da_n.to(gx_type), mask=own)
-        gh_type = grad_gh_ptr.dtype.element_ty
-        tl.store(grad_gh_ptr + three, da_r.to(gh_type), mask=own)
-        tl.store(grad_gh_ptr + three + hidden, da_z.to(gh_type), mask=own)
-        tl.store(grad_gh_ptr + three + 2 * hidden, dghn.to(gh_type), mask=own)
+        dh, z, active, da_r, da_z, dghn = _step_gradients(
+            carry, h0, t, steps, length, grad_out_ptr, out_ptr, saved_ptr, grad_gx_ptr,
+            grad_ghn_ptr, rows, units, own, own_offsets, batch, hidden, REVERSE,
+        )  # fmt: skip
         buffer = exchange_ptr + (step % 2) * batch * 3 * hidden
         mine = rows[:, None] * (3 * hidden) + units[None, :]
-        exchange_type = exchange_ptr.dtype.element_ty
         tl.store(buffer + mine, da_r.to(exchange_type), mask=own)
         tl.store(buffer + mine + hidden, da_z.to(exchange_type), mask=own)
         tl.store(buffer + mine + 2 * hidden, dghn.to(exchange_type), mask=own)
@@ -124,6 +138,60 @@ def _gru_backward_kernel(
     tl.store(grad_h0_ptr + own_offsets, carry, mask=own)
 
 
+@triton.jit
+def _gru_backward_row_kernel(
+    grad_out_ptr,  # (T, B, H)
+    grad_h_n_ptr,  # (B, H)
+    out_ptr,  # (T, B, H): the forward's outputs, h_t at valid steps
+    h0_ptr,  # (B, H)
+    saved_ptr,  # (T, B, 4H): r, z, n, ghn (ops.recurrent_grad_type)
+    w_ptr,  # (3H, H)
+    lengths_ptr,  # (B,) int32
+    grad_ghn_ptr,  # (T, B, H) out: grad of R_n h + b_n
+    grad_gx_ptr,  # (T, B, 3H) out
+    grad_h0_ptr,  # (B, H) float32 out
+    words_ptr,  # (2, B, 3H) int64, zeros: dgh of loop iteration s, tagged s + 1 (sync.py)
+    steps,
+    batch,
+    hidden,
+    REVERSE: tl.constexpr,
+    BB: tl.constexpr,
+    BH: tl.constexpr,
+    BK: tl.constexpr,  # padded 3H: the program's columns of R (BK, BH) stay in registers
+    COMPILED: tl.constexpr,  # False under TRITON_INTERPRET=1
+):
+    rows, units, row_ok, unit_ok, own, own_offsets = _program_tile(batch, hidden, BB, BH)
+    length = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
+    carry = tl.load(grad_h_n_ptr + own_offsets, mask=own, other=0.0).to(tl.float32)
+    h0 = tl.load(h0_ptr + own_offsets, mask=own, other=0.0).to(tl.float32)
+
+    # dh_{t-1}[j] = Σ_k dgh[k] R[k, j] over the 3H rows k of R, gates one after another.
+    ks = tl.arange(0, BK)
+    k_ok = ks < 3 * hidden
+    w_mask = k_ok[:, None] & unit_ok[None, :]
+    w_columns = tl.load(w_ptr + ks[:, None] * hidden + units[None, :], mask=w_mask, other=0.0)
+    w_columns = w_columns.to(tl.float32)[None, :, :]  # (1, BK, BH)
+    dgh_offsets = rows[:, None] * (3 * hidden) + ks[None, :]
+    dgh_mask = row_ok[:, None] & k_ok[None, :]
+    mine = rows[:, None] * (3 * hidden) + units[None, :]
+
+    for step in range(steps):
+        t = step if REVERSE else steps - 1 - step
+        dh, z, active, da_r, da_z, dghn = _step_gradients(
+            carry, h0, t, steps, length, grad_out_ptr, out_ptr, saved_ptr, grad_gx_ptr,
+            grad_ghn_ptr, rows, units, own, own_offsets, batch, hidden, REVERSE,
+        )  # fmt: skip
+        words = words_ptr + (step % 2) * batch * 3 * hidden
+        _publish(words, mine, own, da_r, step + 1)
+        _publish(words, mine + hidden, own, da_z, step + 1)
+        _publish(words, mine + 2 * hidden, own, dghn, step + 1)
+        dgh = _await_state(words, dgh_offsets, dgh_mask, step + 1, COMPILED)
+        acc = tl.sum(dgh[:, :, None] * w_columns, axis=1)
+        carry = tl.where(active, dh * z + acc, dh)
+
+    tl.store(grad_h0_ptr + own_offsets, carry, mask=own)
+
+
 def gru_direction_backward(
     grad_out: Tensor,
     grad_h_n: Tensor,
@@ -135,39 +203,31 @@ def gru_direction_backward(
     reverse: bool,
     gx_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(grad of the input projections (T, B, 3H), grad of h0 (B, H) float32, grad of the
-    recurrent pre-activations (T, B, 3H) in ``recurrent_grad_type``)."""
+    """(grad of the input projections (T, B, 3H), grad of h0 (B, H) float32, grad of
+    R_n h + b_n (T, B, H) in ``recurrent_grad_type``)."""
     steps, batch, hidden = out.shape
     device = out.device
-    grad_gh = torch.empty(steps, batch, 3 * hidden, device=device, dtype=recurrent_grad_type(w_hh))
+    grad_ghn = torch.empty(steps, batch, hidden, device=device, dtype=recurrent_grad_type(w_hh))
     grad_gx = torch.empty(steps, batch, 3 * hidden, device=device, dtype=gx_dtype)
     grad_h0 = torch.empty(batch, hidden, device=device, dtype=torch.float32)
-    block_b, block_h = tile_tiles(batch, hidden, w_hh.element_size(), device)
-    grid = (triton.cdiv(batch, block_b), triton.cdiv(hidden, block_h))
-    exchange = torch.empty(2, batch, 3 * hidden, device=device, dtype=grad_gh.dtype)
+    plan = backward_plan(batch, hidden, w_hh.element_size(), device)
+    grid = plan.grid(batch, hidden)
+    operands = (grad_out.contiguous(), grad_h_n.contiguous(), out, h0.contiguous(), saved)
+    outputs = (w_hh.contiguous(), lengths, grad_ghn, grad_gx, grad_h0)
+    if plan.rows:
+        words = torch.zeros(2, batch, 3 * hidden, device=device, dtype=torch.int64)
+        _gru_backward_row_kernel[grid](
+            *operands, *outputs, words, steps, batch, hidden,
+            REVERSE=reverse, BB=plan.block_b, BH=plan.block_h, BK=plan.block_k,
+            COMPILED=not interpreted(), num_warps=plan.warps,
+        )  # fmt: skip
+        return grad_gx, grad_h0, grad_ghn
+    exchange = torch.empty(2, batch, 3 * hidden, device=device, dtype=grad_ghn.dtype)
     counters = torch.zeros(grid[0], device=device, dtype=torch.int32)
     tf32 = w_hh.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
-    _gru_backward_kernel[grid](
-        grad_out.contiguous(),
-        grad_h_n.contiguous(),
-        out,
-        h0.contiguous(),
-        saved,
-        w_hh.contiguous(),
-        lengths,
-        grad_gh,
-        grad_gx,
-        grad_h0,
-        exchange,
-        counters,
-        steps,
-        batch,
-        hidden,
-        REVERSE=reverse,
-        PRECISION="tf32" if tf32 else "ieee",
-        BB=block_b,
-        BH=block_h,
-        BK=min(64, max(16, triton.next_power_of_2(hidden))),
-        num_warps=4,
-    )
-    return grad_gx, grad_h0, grad_gh
+    _gru_backward_tile_kernel[grid](
+        *operands, *outputs, exchange, counters, steps, batch, hidden,
+        REVERSE=reverse, PRECISION="tf32" if tf32 else "ieee",
+        BB=plan.block_b, BH=plan.block_h, BK=plan.block_k, num_warps=plan.warps,
+    )  # fmt: skip
+    return grad_gx, grad_h0, grad_ghn

@@ -83,10 +83,11 @@ def _update(
     h_new = (1.0 - z) * n + z * h
     if SAVE:
         saved = saved_ptr + t * batch * 4 * hidden + rows[:, None] * (4 * hidden) + units[None, :]
-        tl.store(saved, r, mask=own)
-        tl.store(saved + hidden, z, mask=own)
-        tl.store(saved + 2 * hidden, n, mask=own)
-        tl.store(saved + 3 * hidden, ghn, mask=own)
+        saved_type = saved_ptr.dtype.element_ty
+        tl.store(saved, r.to(saved_type), mask=own)
+        tl.store(saved + hidden, z.to(saved_type), mask=own)
+        tl.store(saved + 2 * hidden, n.to(saved_type), mask=own)
+        tl.store(saved + 3 * hidden, ghn.to(saved_type), mask=own)
     active = (t < length)[:, None]
     out = out_ptr + t * batch * hidden + own_offsets
     tl.store(out, tl.where(active, h_new, 0.0).to(out_ptr.dtype.element_ty), mask=own)
@@ -103,7 +104,7 @@ def _gru_forward_tile_kernel(
     out_ptr,  # (T, B, H)
     h_n_ptr,  # (B, H)
     exchange_ptr,  # (2, B, H): float32, or the weights' type when 16-bit (what tl.dot reads)
-    saved_ptr,  # (T, B, 4H) float32: r, z, n and R_n h + b_n of every step (SAVE only)
+    saved_ptr,  # (T, B, 4H): r, z, n and R_n h + b_n of every step (SAVE only)
     counter_ptr,  # (number of batch tiles,) int32, zeros
     steps,
     batch,
@@ -208,7 +209,7 @@ def _gru_forward_row_kernel(
     out_ptr,  # (T, B, H)
     h_n_ptr,  # (B, H)
     words_ptr,  # (2, B, H) int64, zeros: the states h_s, tagged s + 1 (sync.py)
-    saved_ptr,  # (T, B, 4H) float32: r, z, n and R_n h + b_n of every step (SAVE only)
+    saved_ptr,  # (T, B, 4H): r, z, n and R_n h + b_n of every step (SAVE only)
     steps,
     batch,
     hidden,
@@ -272,7 +273,7 @@ def gru_direction_forward(
 ) -> tuple[Tensor, Tensor]:
     """The recurrence over precomputed input projections ``gates_x`` (T, B, 3H) from ``h0``
     (B, H); returns output (T, B, H) and h_n (B, H) in ``gates_x``'s dtype. With ``saved``
-    (T, B, 4H) float32, also fills it with r, z, n and R_n h + b_n of every step. ``plan``
+    (T, B, 4H), also fills it with r, z, n and R_n h + b_n of every step. ``plan``
     overrides the choice of kernel and tiles (plans.forward_plan)."""
     steps, batch, three_h = gates_x.shape
     hidden = three_h // 3

@@ -22,8 +22,9 @@ def gru_direction(
     reverse: bool,
     save: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(output (T, B, H), h_n (B, H), saved gates (T, B, 4H) float32, empty unless ``save``)
-    over precomputed input projections ``gates_x`` (T, B, 3H); ``lengths`` (B,) int32."""
+    """(output (T, B, H), h_n (B, H), saved gates (T, B, 4H) in ``recurrent_grad_type``, empty
+    unless ``save``) over precomputed input projections ``gates_x`` (T, B, 3H); ``lengths``
+    (B,) int32."""
     from quant_gru.kernels.triton.gru_forward import gru_direction_forward
 
     saved = _saved_like(gates_x, save)
@@ -59,8 +60,9 @@ def gru_direction_backward(
     lengths: Tensor,
     reverse: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(grad of gates_x, grad of h0 (float32), grad of the recurrent pre-activations
-    (T, B, 3H) in recurrent_grad_type)."""
+    """(grad of gates_x, grad of h0 (float32), grad of R_n h + b_n (T, B, H) in
+    recurrent_grad_type). The recurrent pre-activations' gradient is (grad of gates_x's r and
+    z parts, the last)."""
     from quant_gru.kernels.triton.gru_backward import gru_direction_backward as launch
 
     return launch(grad_out, grad_h_n, out, h0, saved, w_hh, lengths, reverse, out.dtype)
@@ -78,25 +80,25 @@ def _gru_direction_backward_fake(
     reverse: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     steps, batch, hidden = out.shape
-    grad_gh = out.new_empty(steps, batch, 3 * hidden, dtype=recurrent_grad_type(w_hh))
+    grad_ghn = out.new_empty(steps, batch, hidden, dtype=recurrent_grad_type(w_hh))
     return (
         out.new_empty(steps, batch, 3 * hidden),
         h0.new_empty(h0.shape, dtype=torch.float32),
-        grad_gh,
+        grad_ghn,
     )
 
 
 def recurrent_grad_type(w_hh: Tensor) -> torch.dtype:
-    """The type of dgh, which feeds the weight-gradient product: float32 for float32 weights;
-    16-bit weights' own type, as in their forward products (the product accumulates in
-    float32 either way)."""
+    """The type of the gates saved for the backward and of dgh, which feeds the weight-gradient
+    product: float32 for float32 weights; 16-bit weights' own type, as in their forward
+    products (arithmetic stays float32 in the kernels, products accumulate in float32)."""
     return torch.float32 if w_hh.dtype == torch.float32 else w_hh.dtype
 
 
 def _saved_like(gates_x: Tensor, save: bool) -> Tensor:
     steps, batch, three_h = gates_x.shape
     shape = (steps, batch, 4 * (three_h // 3)) if save else (0,)
-    return gates_x.new_empty(shape, dtype=torch.float32)
+    return gates_x.new_empty(shape, dtype=recurrent_grad_type(gates_x))
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
@@ -117,26 +119,40 @@ def _backward(
     h0, w_hh, out, saved, lengths = ctx.saved_tensors
     grad_out = torch.zeros_like(out) if grad_out is None else grad_out.contiguous()
     grad_h_n = torch.zeros_like(h0) if grad_h_n is None else grad_h_n.contiguous()
-    grad_gx, grad_h0, grad_gh = gru_direction_backward(
+    grad_gx, grad_h0, grad_ghn = gru_direction_backward(
         grad_out, grad_h_n, out, h0, saved, w_hh, lengths, ctx.reverse
     )
-    # The weight gradients: one product over every step (dR = Σ_t dgh_tᵀ h_{t-1}).
-    previous = previous_states(out, h0, lengths, ctx.reverse).to(grad_gh.dtype)
-    grad_w = (grad_gh.flatten(0, 1).t() @ previous.flatten(0, 1)).to(w_hh.dtype)
-    grad_b = grad_gh.sum(dim=(0, 1)).to(w_hh.dtype) if ctx.has_bias else None
+    # The weight gradients: products over every step (dR = Σ_t dgh_tᵀ h_{t-1}), where dgh is
+    # dgx in its r and z parts.
+    hidden = out.shape[-1]
+    grad_rz = grad_gx[..., : 2 * hidden].to(grad_ghn.dtype)
+    grad_w = torch.cat(
+        [
+            recurrent_weight_grad(grad_rz, out, h0, lengths, ctx.reverse),
+            recurrent_weight_grad(grad_ghn, out, h0, lengths, ctx.reverse),
+        ]
+    ).to(w_hh.dtype)
+    grad_b = None
+    if ctx.has_bias:
+        grad_b = torch.cat([grad_rz.sum(dim=(0, 1)), grad_ghn.sum(dim=(0, 1))]).to(w_hh.dtype)
     return grad_gx, grad_h0.to(h0.dtype), grad_w, grad_b, None, None, None
 
 
 gru_direction.register_autograd(_backward, setup_context=_setup_context)
 
 
-def previous_states(out: Tensor, h0: Tensor, lengths: Tensor, reverse: bool) -> Tensor:
-    """h_{t-1} of every step (T, B, H): the neighbouring output in the direction's order, h0
-    where there is none. Padded steps get values their zero gradients ignore."""
-    steps = out.shape[0]
+def recurrent_weight_grad(
+    grad: Tensor, out: Tensor, h0: Tensor, lengths: Tensor, reverse: bool
+) -> Tensor:
+    """Σ_t grad_tᵀ h_{t-1} (K, H) for ``grad`` (T, B, K), where h_{t-1} is the neighbouring
+    output in the direction's order or h0, without building the (T, B, H) tensor of
+    h_{t-1}: the outputs shifted by one step, plus h0 at each sequence's first step. Padded
+    steps have zero gradients and zero outputs, so they add nothing."""
+    h0 = h0.to(grad.dtype)
+    out = out.to(grad.dtype)
     if not reverse:
-        return torch.cat([h0.unsqueeze(0).to(out.dtype), out[:-1]])
-    shifted = torch.cat([out[1:], out.new_zeros(1, *out.shape[1:])])
-    time = torch.arange(steps, device=out.device).view(-1, 1, 1)
-    has_next = (time + 1) < lengths.view(1, -1, 1).to(out.device)
-    return torch.where(has_next, shifted, h0.unsqueeze(0).to(out.dtype))
+        return torch.addmm(grad[0].t() @ h0, grad[1:].flatten(0, 1).t(), out[:-1].flatten(0, 1))
+    # Reverse: step t follows step t + 1; a sequence's first step is its last valid one.
+    last = (lengths.to(grad.device).long() - 1).clamp(min=0)
+    first = grad.gather(0, last.view(1, -1, 1).expand(1, *grad.shape[1:]))[0]
+    return torch.addmm(first.t() @ h0, grad[:-1].flatten(0, 1).t(), out[1:].flatten(0, 1))

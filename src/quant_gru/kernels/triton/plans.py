@@ -65,44 +65,63 @@ def padded(hidden: int) -> int:
     return max(16, triton.next_power_of_2(hidden))
 
 
-def row_plan(batch: int, hidden: int, device: torch.device) -> Plan | None:
+def row_plan(batch: int, hidden: int, device: torch.device, backward: bool = False) -> Plan | None:
     """One batch row a program and the fewest hidden units per program that fill the SMs once;
-    None when R's slice would not fit in registers."""
+    None when the program's float32 slice of R would not fit in registers. The forward holds
+    R's rows of its units in all three gates (3 x block_h x padded H), the backward R's
+    columns of its units (padded 3H x block_h)."""
     full = padded(hidden)
+    block_k = max(16, triton.next_power_of_2(3 * hidden)) if backward else full
+    per_unit = block_k if backward else 3 * full
     programs = _programs(device)
     block_h = full if programs is None else 4
     while block_h < full and batch * triton.cdiv(hidden, block_h) > (programs or 0):
         block_h *= 2
-    slice_elements = 3 * block_h * full
+    slice_elements = per_unit * block_h
     if programs is not None and batch * triton.cdiv(hidden, block_h) > programs:
         return None
     if slice_elements > ROW_SLICE_ELEMENTS and programs is not None:
         return None
     warps = 4 if slice_elements <= ROW_SLICE_ELEMENTS_4_WARPS else 8
-    return Plan(rows=True, block_b=1, block_h=block_h, block_k=full, warps=warps)
+    return Plan(rows=True, block_b=1, block_h=block_h, block_k=block_k, warps=warps)
 
 
 def tile_tiles(batch: int, hidden: int, element_size: int, device: torch.device) -> tuple[int, int]:
     """(block_b, block_h) of the tile kernels. When all of R fits in one program's registers,
     one program per batch tile of 16 rows holds every hidden unit and needs no barrier.
-    Otherwise batch tiles of up to 64 rows and hidden tiles as small as fill the SMs once."""
+    Otherwise, of batch tiles of 16, 32 or 64 rows with hidden tiles as small as fill the SMs
+    once, the one whose program reads the fewest bytes from L2 a step: the state of its rows,
+    and its R slice unless that stays on chip (measured on an H100: 16-row tiles for
+    (64, H=256 or 512), 64-row tiles for (256, H=1024))."""
     full = padded(hidden)
     if 3 * full * full * element_size <= SINGLE_BYTES:
         return 16, full
-    block_b = min(64, max(16, triton.next_power_of_2(batch)))
-    batch_tiles = triton.cdiv(batch, block_b)
+    rows = max(16, triton.next_power_of_2(batch))
     programs = _programs(device)
     if programs is None:
-        return block_b, full
-    block_h = 16
-    while block_h < full and batch_tiles * triton.cdiv(hidden, block_h) > programs:
-        block_h *= 2
-    if batch_tiles * triton.cdiv(hidden, block_h) > programs:
-        raise ValueError(
-            f"batch {batch} needs {batch_tiles} batch tiles, more than the {programs} SMs the "
-            "persistent kernel can keep resident"
+        return min(64, rows), full
+    best: tuple[int, int, int] | None = None
+    for block_b in (16, 32, 64):
+        if block_b > rows:
+            break
+        batch_tiles = triton.cdiv(batch, block_b)
+        block_h = 16
+        while block_h < full and batch_tiles * triton.cdiv(hidden, block_h) > programs:
+            block_h *= 2
+        if batch_tiles * triton.cdiv(hidden, block_h) > programs:
+            continue
+        weight_bytes = 3 * block_h * full * element_size
+        reads = block_b * full * element_size + (
+            0 if weight_bytes <= RESIDENT_BYTES else weight_bytes
         )
-    return block_b, block_h
+        if best is None or reads < best[0]:
+            best = (reads, block_b, block_h)
+    if best is None:
+        raise ValueError(
+            f"batch {batch} needs {triton.cdiv(batch, 64)} batch tiles, more than the {programs} "
+            "SMs the persistent kernel can keep resident"
+        )
+    return best[1], best[2]
 
 
 def tile_plan(batch: int, hidden: int, element_size: int, device: torch.device) -> Plan:
@@ -111,8 +130,9 @@ def tile_plan(batch: int, hidden: int, element_size: int, device: torch.device) 
     weight_bytes = 3 * full * block_h * element_size
     single = block_h == full and weight_bytes <= SINGLE_BYTES
     resident = single or weight_bytes <= RESIDENT_BYTES
-    # Enough warps that a resident R slice takes at most about 48 registers a thread.
-    warps = (16 if weight_bytes > RESIDENT_BYTES else 8) if resident else 4
+    # A single program holds all of R: enough warps for about 48 registers a thread. Otherwise
+    # 4 warps, the fastest measured (Triton keeps a resident slice in shared memory).
+    warps = (16 if weight_bytes > RESIDENT_BYTES else 8) if single else 4
     return Plan(
         rows=False,
         block_b=block_b,
@@ -130,3 +150,21 @@ def forward_plan(batch: int, hidden: int, element_size: int, device: torch.devic
         if plan is not None:
             return plan
     return tile_plan(batch, hidden, element_size, device)
+
+
+def backward_plan(batch: int, hidden: int, element_size: int, device: torch.device) -> Plan:
+    """The backward's kernel and tiles: the row kernel where the forward's would be used and
+    R's columns fit, else the tile kernel, which re-reads R from L2 in chunks every step."""
+    if batch <= ROW_KERNEL_MAX_BATCH:
+        plan = row_plan(batch, hidden, device, backward=True)
+        if plan is not None:
+            return plan
+    block_b, block_h = tile_tiles(batch, hidden, element_size, device)
+    return Plan(
+        rows=False,
+        block_b=block_b,
+        block_h=block_h,
+        block_k=min(64, padded(hidden)),
+        warps=4,
+        resident=False,
+    )
