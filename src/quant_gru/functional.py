@@ -55,10 +55,8 @@ def gru(
         if valid is not None:  # the Triton kernels
             w_ih, w_hh, b_ih, b_hh = weights[index]
             gates_x = F.linear(x, w_ih, b_ih)  # every step's input projection, one product
-            out, h_n, _ = triton_ops.gru_direction(
-                gates_x, h0, w_hh, b_hh, valid, reverse, records_gradient(x, h0, weights)
-            )
-            return out, h_n
+            save = records_gradient(x, h0, weights)
+            return triton_ops.direction(gates_x, h0, w_hh, b_hh, valid, reverse, save)
         return gru_direction(x, h0, *weights[index], lengths, reverse)
 
     _check_weight_count(weights, shape)

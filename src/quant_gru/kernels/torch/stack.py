@@ -56,7 +56,12 @@ def run_layers(
             out, h_last = run_direction(index, layer_input, h0[index], lengths, direction == 1)
             direction_outputs.append(out)
             finals.append(h_last)
-        layer_input = torch.cat(direction_outputs, dim=-1)
+        # One direction: its output as it is (a concatenation of one tensor would copy it).
+        layer_input = (
+            direction_outputs[0]
+            if len(direction_outputs) == 1
+            else torch.cat(direction_outputs, dim=-1)
+        )
         if between_layers is not None and layer < shape.num_layers - 1:
             layer_input = between_layers(layer, layer_input)
     return layer_input, torch.stack(finals)

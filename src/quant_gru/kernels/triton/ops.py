@@ -2,6 +2,10 @@
 differentiable operator per (layer, direction) instead of tracing the launchers, and the fake
 implementations give it the output shapes. Importing this module defines the operators but
 imports nothing from triton (the kernels load on first call), so it is safe at package import.
+
+``direction`` is what the GRU calls: the custom operator under torch.compile, and in eager
+code the same implementation without the operator's dispatch (an autograd.Function when
+training), which costs a few hundred microseconds of host time a call.
 """
 
 # No `from __future__ import annotations`: torch.library reads the annotations at definition.
@@ -10,6 +14,44 @@ from typing import Any, Optional
 
 import torch
 from torch import Tensor
+
+
+def direction(
+    gates_x: Tensor,
+    h0: Tensor,
+    w_hh: Tensor,
+    b_hh: Optional[Tensor],  # noqa: UP045
+    lengths: Tensor,
+    reverse: bool,
+    save: bool,
+) -> tuple[Tensor, Tensor]:
+    """(output (T, B, H), h_n (B, H)) of one direction; differentiable when ``save``."""
+    if torch.compiler.is_compiling():
+        out, h_n, _ = gru_direction(gates_x, h0, w_hh, b_hh, lengths, reverse, save)
+        return out, h_n
+    if not save:
+        out, h_n, _ = _forward(gates_x, h0, w_hh, b_hh, lengths, reverse, False)
+        return out, h_n
+    out, h_n = _EagerDirection.apply(gates_x, h0, w_hh, b_hh, lengths, reverse)
+    return out, h_n
+
+
+def _forward(
+    gates_x: Tensor,
+    h0: Tensor,
+    w_hh: Tensor,
+    b_hh: Optional[Tensor],  # noqa: UP045
+    lengths: Tensor,
+    reverse: bool,
+    save: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    from quant_gru.kernels.triton.gru_forward import gru_direction_forward
+
+    saved = _saved_like(gates_x, save)
+    out, h_n = gru_direction_forward(
+        gates_x, h0, w_hh, b_hh, lengths, reverse, saved if save else None
+    )
+    return out, h_n, saved
 
 
 @torch.library.custom_op("quant_gru::gru_direction", mutates_args=())
@@ -25,13 +67,7 @@ def gru_direction(
     """(output (T, B, H), h_n (B, H), saved gates (T, B, 4H) in ``recurrent_grad_type``, empty
     unless ``save``) over precomputed input projections ``gates_x`` (T, B, 3H); ``lengths``
     (B,) int32."""
-    from quant_gru.kernels.triton.gru_forward import gru_direction_forward
-
-    saved = _saved_like(gates_x, save)
-    out, h_n = gru_direction_forward(
-        gates_x, h0, w_hh, b_hh, lengths, reverse, saved if save else None
-    )
-    return out, h_n, saved
+    return _forward(gates_x, h0, w_hh, b_hh, lengths, reverse, save)
 
 
 @gru_direction.register_fake
@@ -107,6 +143,8 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]
         raise RuntimeError("quant_gru::gru_direction records gradients only with save=True")
     out, _, saved = output
     ctx.save_for_backward(h0, w_hh, out, saved, lengths)
+    # No zero-filled gradient for the saved gates (an output as large as four outputs).
+    ctx.set_materialize_grads(False)
     ctx.reverse, ctx.has_bias = reverse, b_hh is not None
 
 
@@ -133,12 +171,39 @@ def _backward(
         ]
     ).to(w_hh.dtype)
     grad_b = None
-    if ctx.has_bias:
-        grad_b = torch.cat([grad_rz.sum(dim=(0, 1)), grad_ghn.sum(dim=(0, 1))]).to(w_hh.dtype)
+    if ctx.has_bias:  # summed whole: a sum over the r and z slice would copy it first
+        grad_rz_b = grad_gx.sum(dim=(0, 1))[: 2 * hidden].to(grad_ghn.dtype)
+        grad_b = torch.cat([grad_rz_b, grad_ghn.sum(dim=(0, 1))]).to(w_hh.dtype)
     return grad_gx, grad_h0.to(h0.dtype), grad_w, grad_b, None, None, None
 
 
 gru_direction.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerDirection(torch.autograd.Function):
+    """The operator's forward and backward for eager autograd, without its dispatch."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        gates_x: Tensor,
+        h0: Tensor,
+        w_hh: Tensor,
+        b_hh: Optional[Tensor],  # noqa: UP045
+        lengths: Tensor,
+        reverse: bool,
+    ) -> tuple[Tensor, Tensor]:
+        out, h_n, saved = _forward(gates_x, h0, w_hh, b_hh, lengths, reverse, True)
+        _setup_context(ctx, (gates_x, h0, w_hh, b_hh, lengths, reverse, True), (out, h_n, saved))
+        return out, h_n
+
+    @staticmethod
+    def backward(
+        ctx: Any,
+        grad_out: Tensor | None,
+        grad_h_n: Tensor | None,
+    ) -> tuple[Tensor | None, ...]:
+        return _backward(ctx, grad_out, grad_h_n, None)[:6]
 
 
 def recurrent_weight_grad(

@@ -8,6 +8,7 @@ one program holding every hidden unit.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -58,7 +59,14 @@ def _programs(device: torch.device) -> int | None:
     """The SM count, or None where programs cannot wait for each other (one hidden tile)."""
     if interpreted() or device.type != "cuda":
         return None
-    return int(torch.cuda.get_device_properties(device).multi_processor_count)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _multiprocessors(index)
+
+
+@functools.cache
+def _multiprocessors(index: int) -> int:
+    # Cached: plans are made on every call, and the properties never change.
+    return int(torch.cuda.get_device_properties(index).multi_processor_count)
 
 
 def padded(hidden: int) -> int:
