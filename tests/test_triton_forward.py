@@ -221,6 +221,26 @@ def test_half_precision_gradients_within_twice_cudnn(
         assert_ratio_to_reference(a, b, e, f"{dtype} {name}")
 
 
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="the limit exists on a GPU only")
+def test_batch_beyond_one_launch() -> None:
+    """More rows than one launch takes (64 a program, one program per SM): the batch runs in
+    slices, forward and backward, and still matches nn.GRU."""
+    from quant_gru.kernels.triton.plans import batch_limit
+
+    limit = batch_limit(DEVICE)
+    assert limit is not None
+    model, oracle = pair(dict(input_size=4, hidden_size=8, num_layers=1, bidirectional=True))
+    x = inputs(model, limit + 5, 3, torch.float32).requires_grad_()
+    x64 = x.detach().double().requires_grad_()
+    out, h_n = model(x)
+    want, want_h = oracle(x64)
+    (out.square().sum() + h_n.sum()).backward()
+    (want.square().sum() + want_h.sum()).backward()
+    assert_float_conformant(out, want, "output")
+    assert_float_conformant(h_n, want_h, "h_n")
+    assert_float_conformant(x.grad, x64.grad, "input grad")
+
+
 def test_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     model = QuantGRU(3, 8)
     assert model.backend == "auto"

@@ -69,6 +69,13 @@ def _multiprocessors(index: int) -> int:
     return int(torch.cuda.get_device_properties(index).multi_processor_count)
 
 
+def batch_limit(device: torch.device) -> int | None:
+    """The most batch rows one launch takes (64-row tiles, one program per SM); None where
+    there is no limit (under the interpreter)."""
+    programs = _programs(device)
+    return None if programs is None else 64 * programs
+
+
 def padded(hidden: int) -> int:
     return max(16, triton.next_power_of_2(hidden))
 
