@@ -8,6 +8,7 @@ on a GPU the multi-program grid with its barrier runs too, against cuDNN's own e
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import os
 
 import pytest
@@ -219,6 +220,38 @@ def test_half_precision_gradients_within_twice_cudnn(
     names = ["output", "h_n", "input grad", "hx grad"] + [n for n, _ in model.named_parameters()]
     for name, a, b, e in zip(names, ours, theirs, exact, strict=True):
         assert_ratio_to_reference(a, b, e, f"{dtype} {name}")
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="programs wait for each other on a GPU only")
+def test_row_kernel_handover_under_stress() -> None:
+    """The row kernel's tagged handover with many programs a row (up to 128 in the grid),
+    odd and even sizes, both directions and 40 steps, twice over: a program that used a word
+    from the step before (the replicated-copy race sync._every_thread closes) shows here."""
+    from quant_gru.kernels.triton.gru_forward import gru_direction_forward
+    from quant_gru.kernels.triton.plans import Plan
+
+    sms = torch.cuda.get_device_properties(DEVICE).multi_processor_count
+    for _, hidden, batch, reverse, block_h in itertools.product(
+        range(2), [37, 64, 128], [3, 12], [False, True], [4, 8, 16]
+    ):
+        if batch * -(-hidden // block_h) > sms:  # every program must be resident
+            continue
+        torch.manual_seed(hidden + batch)
+        x = torch.randn(40, batch, 3, device=DEVICE)
+        h0 = torch.randn(batch, hidden, device=DEVICE)
+        w_ih = torch.randn(3 * hidden, 3, device=DEVICE)
+        w_hh = torch.randn(3 * hidden, hidden, device=DEVICE) / hidden**0.5
+        b_ih, b_hh = torch.randn(2, 3 * hidden, device=DEVICE)
+        gates_x = torch.nn.functional.linear(x, w_ih, b_ih)
+        full = max(16, 1 << (hidden - 1).bit_length())
+        plan = Plan(rows=True, block_b=1, block_h=block_h, block_k=full, warps=4)
+        out, h_n = gru_direction_forward(gates_x, h0, w_hh, b_hh, None, reverse, None, plan)
+        want, want_h = gru_direction(
+            *(t.double() for t in (x, h0, w_ih, w_hh, b_ih, b_hh)), None, reverse
+        )
+        what = f"H={hidden} B={batch} reverse={reverse} block_h={block_h}"
+        assert_float_conformant(out, want, what)
+        assert_float_conformant(h_n, want_h, what)
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="the limit exists on a GPU only")
