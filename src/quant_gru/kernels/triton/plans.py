@@ -81,6 +81,17 @@ def padded(hidden: int) -> int:
     return max(16, triton.next_power_of_2(hidden))
 
 
+def _fewest_units(row_tiles: int, hidden: int, smallest: int, programs: int) -> int | None:
+    """The fewest hidden units a program (a power of two from ``smallest``) with which
+    ``row_tiles`` batch tiles fill at most ``programs`` SMs; None when even one hidden tile
+    a batch tile is too many."""
+    full = padded(hidden)
+    block_h = smallest
+    while block_h < full and row_tiles * triton.cdiv(hidden, block_h) > programs:
+        block_h *= 2
+    return None if row_tiles * triton.cdiv(hidden, block_h) > programs else block_h
+
+
 def row_plan(batch: int, hidden: int, device: torch.device, backward: bool = False) -> Plan | None:
     """One batch row a program and the fewest hidden units per program that fill the SMs once;
     None when the program's float32 slice of R would not fit in registers. The forward holds
@@ -90,15 +101,14 @@ def row_plan(batch: int, hidden: int, device: torch.device, backward: bool = Fal
     block_k = max(16, triton.next_power_of_2(3 * hidden)) if backward else full
     per_unit = block_k if backward else 3 * full
     programs = _programs(device)
-    block_h = full if programs is None else 4
-    while block_h < full and batch * triton.cdiv(hidden, block_h) > (programs or 0):
-        block_h *= 2
-    slice_elements = per_unit * block_h
-    if programs is not None and batch * triton.cdiv(hidden, block_h) > programs:
-        return None
-    if slice_elements > ROW_SLICE_ELEMENTS and programs is not None:
-        return None
-    warps = 4 if slice_elements <= ROW_SLICE_ELEMENTS_4_WARPS else 8
+    if programs is None:
+        block_h = full  # one hidden tile: no register budget to respect under the interpreter
+    else:
+        fewest = _fewest_units(batch, hidden, 4, programs)
+        if fewest is None or per_unit * fewest > ROW_SLICE_ELEMENTS:
+            return None
+        block_h = fewest
+    warps = 4 if per_unit * block_h <= ROW_SLICE_ELEMENTS_4_WARPS else 8
     return Plan(rows=True, block_b=1, block_h=block_h, block_k=block_k, warps=warps)
 
 
@@ -120,11 +130,8 @@ def tile_tiles(batch: int, hidden: int, element_size: int, device: torch.device)
     for block_b in (16, 32, 64):
         if block_b > rows:
             break
-        batch_tiles = triton.cdiv(batch, block_b)
-        block_h = 16
-        while block_h < full and batch_tiles * triton.cdiv(hidden, block_h) > programs:
-            block_h *= 2
-        if batch_tiles * triton.cdiv(hidden, block_h) > programs:
+        block_h = _fewest_units(triton.cdiv(batch, block_b), hidden, 16, programs)
+        if block_h is None:
             continue
         weight_bytes = 3 * block_h * full * element_size
         reads = block_b * full * element_size + (
