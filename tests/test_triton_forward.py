@@ -28,6 +28,8 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # read when the kernel module is first imported
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
+from quant_gru.kernels.triton.plans import Plan, row_plan, tile_plan  # noqa: E402
+
 CASES = [
     dict(input_size=4, hidden_size=16, num_layers=1),
     dict(input_size=3, hidden_size=37, num_layers=2, bidirectional=True),
@@ -91,10 +93,9 @@ def test_packed_sequences(kwargs: dict) -> None:
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("hidden", [5, 24])
 def test_each_kernel_with_saved_gates(kernel: str, reverse: bool, hidden: int) -> None:
-    """Both kernels forced on one direction: output, h_n and the gates saved for the backward
+    """Each kernel forced on one direction: output, h_n and the gates saved for the backward
     (r, z, n, R_n h + b_n) against the plain recurrence, with mixed lengths."""
     from quant_gru.kernels.triton.gru_forward import gru_direction_forward
-    from quant_gru.kernels.triton.plans import row_plan, tile_plan
 
     torch.manual_seed(1)
     steps, batch, inputs_ = 6, 5, 3
@@ -104,9 +105,10 @@ def test_each_kernel_with_saved_gates(kernel: str, reverse: bool, hidden: int) -
     w_hh = torch.randn(3 * hidden, hidden, device=DEVICE) / hidden**0.5
     b_ih, b_hh = torch.randn(2, 3 * hidden, device=DEVICE) * 0.1
     lengths = torch.tensor([6, 2, 0, 5, 1], device=DEVICE)
-    plan = (
-        row_plan(batch, hidden, DEVICE) if kernel == "row" else tile_plan(batch, hidden, 4, DEVICE)
-    )
+    plan = {
+        "row": lambda: row_plan(batch, hidden, DEVICE),
+        "tile": lambda: tile_plan(batch, hidden, 4, DEVICE),
+    }[kernel]()
     assert plan is not None and plan.rows == (kernel == "row")
     gates_x = torch.nn.functional.linear(x, w_ih, b_ih)
     saved = torch.zeros(steps, batch, 4 * hidden, device=DEVICE)
@@ -191,15 +193,29 @@ def test_half_precision_within_twice_the_plain_path(dtype: torch.dtype) -> None:
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="compares with cuDNN, on a GPU")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("precision", ["bfloat16", "float16", "float32", "tf32"])
 @pytest.mark.parametrize(("batch", "hidden"), [(3, 96), (40, 160)])
 @pytest.mark.parametrize("bidirectional", [False, True])
-def test_half_precision_gradients_within_twice_cudnn(
-    dtype: torch.dtype, batch: int, hidden: int, bidirectional: bool
+def test_gradients_within_twice_cudnn(
+    precision: str,
+    batch: int,
+    hidden: int,
+    bidirectional: bool,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
 ) -> None:
-    """16-bit training against cuDNN's own error at the same precision: the output, h_n and
-    the gradient of the input, h0 and every parameter, each against float64, at most twice
-    cuDNN's error (row kernels for 3 rows, tile kernels for 40)."""
+    """Training against cuDNN's own error at the same precision: the output, h_n and the
+    gradient of the input, h0 and every parameter, each against float64, at most twice
+    cuDNN's error (row kernels for 3 rows, tile kernels for 40). 'tf32' is float32 with
+    torch's TF32 switches on, for cuDNN and us alike; 'float32' has them off."""
+    tf32 = precision == "tf32"
+    if tf32 and (batch, hidden, bidirectional) == (40, 160, False):
+        # Measured on an H100: the output's error is 2.3x cuDNN's (TF32 products with
+        # rounded operands; cuDNN keeps this recurrence more precise). Known, not yet closed.
+        request.applymarker(pytest.mark.xfail(strict=True, reason="TF32 output at 2.3x cuDNN"))
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)
+    dtype = torch.float32 if tf32 else getattr(torch, precision)
     kwargs = dict(input_size=24, hidden_size=hidden, num_layers=2, bidirectional=bidirectional)
     model, oracle = pair(kwargs, dtype)
     cudnn = model.to_float().to(DEVICE, dtype)
@@ -219,7 +235,7 @@ def test_half_precision_gradients_within_twice_cudnn(
     ours, theirs, exact = run(model, dtype), run(cudnn, dtype), run(oracle, torch.float64)
     names = ["output", "h_n", "input grad", "hx grad"] + [n for n, _ in model.named_parameters()]
     for name, a, b, e in zip(names, ours, theirs, exact, strict=True):
-        assert_ratio_to_reference(a, b, e, f"{dtype} {name}")
+        assert_ratio_to_reference(a, b, e, f"{precision} {name}")
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="programs wait for each other on a GPU only")
@@ -228,7 +244,6 @@ def test_row_kernel_handover_under_stress() -> None:
     odd and even sizes, both directions and 40 steps, twice over: a program that used a word
     from the step before (the replicated-copy race sync._every_thread closes) shows here."""
     from quant_gru.kernels.triton.gru_forward import gru_direction_forward
-    from quant_gru.kernels.triton.plans import Plan
 
     sms = torch.cuda.get_device_properties(DEVICE).multi_processor_count
     for _, hidden, batch, reverse, block_h in itertools.product(

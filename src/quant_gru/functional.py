@@ -64,8 +64,10 @@ def gru(
     valid = None
     if observe is None and backend_choice(backend, x) == "triton":
         # The kernels take every sequence's length, full ones included, as int32: made once.
-        full = torch.full((x.shape[1],), x.shape[0], device=x.device)
-        valid = (full if lengths is None else lengths).to(x.device, torch.int32)
+        if lengths is None:
+            valid = torch.full((x.shape[1],), x.shape[0], device=x.device, dtype=torch.int32)
+        else:
+            valid = lengths.to(x.device, torch.int32)
     out, h_n = run_layers(
         x, h0, lengths, shape, run_direction, dropout_between_layers(dropout, training)
     )

@@ -23,6 +23,7 @@ from torch import Tensor
 from quant_gru.kernels.triton.gru_forward import _program_tile
 from quant_gru.kernels.triton.ops import recurrent_grad_type
 from quant_gru.kernels.triton.plans import backward_plan, interpreted
+from quant_gru.kernels.triton.products import TF32, _product, dot_precision, rounded_to_tf32
 from quant_gru.kernels.triton.sync import _await_state, _barrier, _publish
 
 
@@ -132,7 +133,7 @@ def _gru_backward_tile_kernel(
                     mask=k_ok[:, None] & unit_ok[None, :],
                     other=0.0,
                 )
-                acc = tl.dot(d_k, w_k, acc, input_precision=PRECISION)
+                acc = _product(d_k, w_k, acc, PRECISION)
         carry = tl.where(active, dh * z + acc, dh)
 
     tl.store(grad_h0_ptr + own_offsets, carry, mask=own)
@@ -224,10 +225,12 @@ def gru_direction_backward(
         return grad_gx, grad_h0, grad_ghn
     exchange = torch.empty(2, batch, 3 * hidden, device=device, dtype=grad_ghn.dtype)
     counters = torch.zeros(grid[0], device=device, dtype=torch.int32)
-    tf32 = w_hh.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    precision = dot_precision(w_hh.dtype)
+    if precision == TF32:
+        outputs = (rounded_to_tf32(w_hh), *outputs[1:])
     _gru_backward_tile_kernel[grid](
         *operands, *outputs, exchange, counters, steps, batch, hidden,
-        REVERSE=reverse, PRECISION="tf32" if tf32 else "ieee",
+        REVERSE=reverse, PRECISION=precision,
         BB=plan.block_b, BH=plan.block_h, BK=plan.block_k, num_warps=plan.warps,
     )  # fmt: skip
     return grad_gx, grad_h0, grad_ghn

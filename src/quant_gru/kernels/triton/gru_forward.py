@@ -26,6 +26,7 @@ import triton.language as tl
 from torch import Tensor
 
 from quant_gru.kernels.triton.plans import Plan, forward_plan, interpreted
+from quant_gru.kernels.triton.products import TF32, _product, dot_precision, rounded_to_tf32
 from quant_gru.kernels.triton.sync import _await_state, _barrier, _publish
 
 
@@ -110,7 +111,7 @@ def _gru_forward_tile_kernel(
     batch,
     hidden,
     REVERSE: tl.constexpr,
-    PRECISION: tl.constexpr,  # "ieee" or "tf32" for float32; ignored for 16-bit types
+    PRECISION: tl.constexpr,  # float32: plans.dot_precision; ignored for 16-bit types
     BB: tl.constexpr,
     BH: tl.constexpr,
     BK: tl.constexpr,
@@ -163,9 +164,9 @@ def _gru_forward_tile_kernel(
                     other=0.0,
                     cache_modifier=".cg",
                 ).to(dtype)
-            acc_r = tl.dot(h_all, w_r_all, acc_r, input_precision=PRECISION)
-            acc_z = tl.dot(h_all, w_z_all, acc_z, input_precision=PRECISION)
-            acc_n = tl.dot(h_all, w_n_all, acc_n, input_precision=PRECISION)
+            acc_r = _product(h_all, w_r_all, acc_r, PRECISION)
+            acc_z = _product(h_all, w_z_all, acc_z, PRECISION)
+            acc_n = _product(h_all, w_n_all, acc_n, PRECISION)
         else:
             for k0 in range(0, hidden, BK):
                 ks = k0 + tl.arange(0, BK)
@@ -182,9 +183,9 @@ def _gru_forward_tile_kernel(
                 w_r = tl.load(w_ptr + w_offsets, mask=w_mask, other=0.0)
                 w_z = tl.load(w_ptr + hidden * hidden + w_offsets, mask=w_mask, other=0.0)
                 w_n = tl.load(w_ptr + 2 * hidden * hidden + w_offsets, mask=w_mask, other=0.0)
-                acc_r = tl.dot(h_k, w_r, acc_r, input_precision=PRECISION)
-                acc_z = tl.dot(h_k, w_z, acc_z, input_precision=PRECISION)
-                acc_n = tl.dot(h_k, w_n, acc_n, input_precision=PRECISION)
+                acc_r = _product(h_k, w_r, acc_r, PRECISION)
+                acc_z = _product(h_k, w_z, acc_z, PRECISION)
+                acc_n = _product(h_k, w_n, acc_n, PRECISION)
 
         h = _update(
             h, gx_r, gx_z, gx_n, acc_r, acc_z, acc_n, bias_r, bias_z, bias_n,
@@ -305,11 +306,13 @@ def gru_direction_forward(
     exchange_type = torch.float32 if dtype == torch.float32 else w_hh.dtype
     exchange = torch.empty(2, batch, hidden, device=device, dtype=exchange_type)
     counters = torch.zeros(grid[0], device=device, dtype=torch.int32)
-    tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    precision = dot_precision(dtype)
+    if precision == TF32:
+        operands = (operands[0], rounded_to_tf32(w_hh), *operands[2:])
     _gru_forward_tile_kernel[grid](
         *operands, lengths32, out, h_n, exchange, exchange if saved is None else saved,
         counters, steps, batch, hidden,
-        REVERSE=reverse, PRECISION="tf32" if tf32 else "ieee",
+        REVERSE=reverse, PRECISION=precision,
         BB=plan.block_b, BH=plan.block_h, BK=plan.block_k,
         RESIDENT=plan.resident, SINGLE=plan.single, SAVE=saved is not None,
         num_warps=plan.warps,

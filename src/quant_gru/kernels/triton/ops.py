@@ -10,6 +10,7 @@ training), which costs a few hundred microseconds of host time a call.
 
 # No `from __future__ import annotations`: torch.library reads the annotations at definition.
 
+from collections.abc import Callable
 from typing import Any, Optional
 
 import torch
@@ -109,6 +110,19 @@ def gru_direction_backward(
     """(grad of gates_x, grad of h0 (float32), grad of R_n h + b_n (T, B, H) in
     recurrent_grad_type). The recurrent pre-activations' gradient is (grad of gates_x's r and
     z parts, the last)."""
+    return _backward_kernels(grad_out, grad_h_n, out, h0, saved, w_hh, lengths, reverse)
+
+
+def _backward_kernels(
+    grad_out: Tensor,
+    grad_h_n: Tensor,
+    out: Tensor,
+    h0: Tensor,
+    saved: Tensor,
+    w_hh: Tensor,
+    lengths: Tensor,
+    reverse: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
     from quant_gru.kernels.triton.gru_backward import gru_direction_backward as launch
 
     return launch(grad_out, grad_h_n, out, h0, saved, w_hh, lengths, reverse, out.dtype)
@@ -164,10 +178,21 @@ def _backward(
     grad_h_n: Tensor | None,
     _grad_saved: Any,
 ) -> tuple[Optional[Tensor], ...]:  # noqa: UP045
+    return _gradients(ctx, grad_out, grad_h_n, gru_direction_backward)
+
+
+def _gradients(
+    ctx: Any,
+    grad_out: Tensor | None,
+    grad_h_n: Tensor | None,
+    kernels: Callable[..., tuple[Tensor, Tensor, Tensor]],
+) -> tuple[Optional[Tensor], ...]:  # noqa: UP045
+    """Every input's gradient, with the backward kernels run by ``kernels``: the operator
+    under torch.compile, ``_backward_kernels`` directly in eager code."""
     h0, w_hh, out, saved, lengths = ctx.saved_tensors
     grad_out = torch.zeros_like(out) if grad_out is None else grad_out.contiguous()
     grad_h_n = torch.zeros_like(h0) if grad_h_n is None else grad_h_n.contiguous()
-    grad_gx, grad_h0, grad_ghn = gru_direction_backward(
+    grad_gx, grad_h0, grad_ghn = kernels(
         grad_out, grad_h_n, out, h0, saved, w_hh, lengths, ctx.reverse
     )
     # The weight gradients: products over every step (dR = Σ_t dgh_tᵀ h_{t-1}), where dgh is
@@ -223,7 +248,8 @@ class _EagerDirection(torch.autograd.Function):
         grad_out: Tensor | None,
         grad_h_n: Tensor | None,
     ) -> tuple[Tensor | None, ...]:
-        return _backward(ctx, grad_out, grad_h_n, None)[:6]
+        # Straight to the kernels: the operator's dispatch costs host time with nothing to do.
+        return _gradients(ctx, grad_out, grad_h_n, _backward_kernels)[:6]
 
 
 def recurrent_weight_grad(

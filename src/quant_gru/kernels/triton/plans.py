@@ -93,6 +93,10 @@ def _fewest_units(row_tiles: int, hidden: int, smallest: int, programs: int) -> 
 
 
 def row_plan(batch: int, hidden: int, device: torch.device, backward: bool = False) -> Plan | None:
+    return _row_plan(batch, hidden, _programs(device), backward)
+
+
+def _row_plan(batch: int, hidden: int, programs: int | None, backward: bool) -> Plan | None:
     """One batch row a program and the fewest hidden units per program that fill the SMs once;
     None when the program's float32 slice of R would not fit in registers. The forward holds
     R's rows of its units in all three gates (3 x block_h x padded H), the backward R's
@@ -100,7 +104,6 @@ def row_plan(batch: int, hidden: int, device: torch.device, backward: bool = Fal
     full = padded(hidden)
     block_k = max(16, triton.next_power_of_2(3 * hidden)) if backward else full
     per_unit = block_k if backward else 3 * full
-    programs = _programs(device)
     if programs is None:
         block_h = full  # one hidden tile: no register budget to respect under the interpreter
     else:
@@ -113,6 +116,12 @@ def row_plan(batch: int, hidden: int, device: torch.device, backward: bool = Fal
 
 
 def tile_tiles(batch: int, hidden: int, element_size: int, device: torch.device) -> tuple[int, int]:
+    return _tile_tiles(batch, hidden, element_size, _programs(device))
+
+
+def _tile_tiles(
+    batch: int, hidden: int, element_size: int, programs: int | None
+) -> tuple[int, int]:
     """(block_b, block_h) of the tile kernels. When all of R fits in one program's registers,
     one program per batch tile of 16 rows holds every hidden unit and needs no barrier.
     Otherwise, of batch tiles of 16, 32 or 64 rows with hidden tiles as small as fill the SMs
@@ -123,7 +132,6 @@ def tile_tiles(batch: int, hidden: int, element_size: int, device: torch.device)
     if 3 * full * full * element_size <= SINGLE_BYTES:
         return 16, full
     rows = max(16, triton.next_power_of_2(batch))
-    programs = _programs(device)
     if programs is None:
         return min(64, rows), full
     best: tuple[int, int, int] | None = None
@@ -148,7 +156,11 @@ def tile_tiles(batch: int, hidden: int, element_size: int, device: torch.device)
 
 
 def tile_plan(batch: int, hidden: int, element_size: int, device: torch.device) -> Plan:
-    block_b, block_h = tile_tiles(batch, hidden, element_size, device)
+    return _tile_plan(batch, hidden, element_size, _programs(device))
+
+
+def _tile_plan(batch: int, hidden: int, element_size: int, programs: int | None) -> Plan:
+    block_b, block_h = _tile_tiles(batch, hidden, element_size, programs)
     full = padded(hidden)
     weight_bytes = 3 * full * block_h * element_size
     single = block_h == full and weight_bytes <= SINGLE_BYTES
@@ -168,21 +180,27 @@ def tile_plan(batch: int, hidden: int, element_size: int, device: torch.device) 
 
 
 def forward_plan(batch: int, hidden: int, element_size: int, device: torch.device) -> Plan:
-    if batch <= ROW_KERNEL_MAX_BATCH:
-        plan = row_plan(batch, hidden, device)
-        if plan is not None:
-            return plan
-    return tile_plan(batch, hidden, element_size, device)
+    return _plan(batch, hidden, element_size, _programs(device), backward=False)
 
 
 def backward_plan(batch: int, hidden: int, element_size: int, device: torch.device) -> Plan:
-    """The backward's kernel and tiles: the row kernel where the forward's would be used and
+    return _plan(batch, hidden, element_size, _programs(device), backward=True)
+
+
+# Cached: a plan is made on every call, and in Python that cost tens of microseconds of the
+# host time an eager call spends before its kernel starts.
+@functools.lru_cache(maxsize=4096)
+def _plan(batch: int, hidden: int, element_size: int, programs: int | None, backward: bool) -> Plan:
+    """The forward's kernel and tiles: the row kernel for small batches where R's slice fits,
+    else the tile kernel. The backward's: the row kernel where the forward's would be used and
     R's columns fit, else the tile kernel, which re-reads R from L2 in chunks every step."""
     if batch <= ROW_KERNEL_MAX_BATCH:
-        plan = row_plan(batch, hidden, device, backward=True)
+        plan = _row_plan(batch, hidden, programs, backward)
         if plan is not None:
             return plan
-    block_b, block_h = tile_tiles(batch, hidden, element_size, device)
+    if not backward:
+        return _tile_plan(batch, hidden, element_size, programs)
+    block_b, block_h = _tile_tiles(batch, hidden, element_size, programs)
     return Plan(
         rows=False,
         block_b=block_b,

@@ -1,0 +1,48 @@
+"""The tile kernels' matrix products, and the precision they take for float32.
+
+With torch's TF32 switch off, float32 products run in IEEE float32 (on the CUDA cores). With
+it on they run on the matrix cores in TF32 with both operands rounded to the nearest TF32
+value: R once a call (``rounded_to_tf32``), the state every step (``_product``). Matrix cores
+read a float32 operand's top 19 bits, which truncates it: a bias that a recurrence accumulates
+(measured on an H100: about twice the error of rounded operands).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+TF32 = "tf32-rounded"
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """The kernels' PRECISION for states of ``dtype``: "ieee", or TF32 for float32 with torch's
+    TF32 switch on (ignored for 16-bit types, whose products are exact in float32)."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return TF32
+    return "ieee"
+
+
+def rounded_to_tf32(weight: Tensor) -> Tensor:
+    """A float32 ``weight`` rounded to the nearest TF32 values (ties away from zero), as the
+    kernels' TF32 products take it."""
+    bits = weight.contiguous().view(torch.int32)
+    return ((bits + 0x1000) & -8192).view(torch.float32)
+
+
+@triton.jit
+def _round_tf32(x):
+    """``x`` rounded to the nearest TF32 value (10 mantissa bits), ties away from zero."""
+    return ((x.to(tl.int32, bitcast=True) + 0x1000) & -8192).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _product(a, b, acc, PRECISION: tl.constexpr):
+    """acc + a @ b; under TF32, b already rounded (``rounded_to_tf32``)."""
+    if PRECISION == "tf32-rounded":
+        acc = tl.dot(_round_tf32(a), b, acc, input_precision="tf32")
+    else:
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    return acc
