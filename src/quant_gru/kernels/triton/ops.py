@@ -96,8 +96,7 @@ def _gru_direction_fake(
     return out, gates_x.new_empty(batch, three_h // 3), _saved_like(gates_x, save)
 
 
-@torch.library.custom_op("quant_gru::gru_direction_backward", mutates_args=())
-def gru_direction_backward(
+def _backward_kernels(
     grad_out: Tensor,
     grad_h_n: Tensor,
     out: Tensor,
@@ -110,22 +109,15 @@ def gru_direction_backward(
     """(grad of gates_x, grad of h0 (float32), grad of R_n h + b_n (T, B, H) in
     recurrent_grad_type). The recurrent pre-activations' gradient is (grad of gates_x's r and
     z parts, the last)."""
-    return _backward_kernels(grad_out, grad_h_n, out, h0, saved, w_hh, lengths, reverse)
-
-
-def _backward_kernels(
-    grad_out: Tensor,
-    grad_h_n: Tensor,
-    out: Tensor,
-    h0: Tensor,
-    saved: Tensor,
-    w_hh: Tensor,
-    lengths: Tensor,
-    reverse: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
     from quant_gru.kernels.triton.gru_backward import gru_direction_backward as launch
 
     return launch(grad_out, grad_h_n, out, h0, saved, w_hh, lengths, reverse, out.dtype)
+
+
+# The operator wraps the plain function, which eager backward calls directly.
+gru_direction_backward = torch.library.custom_op(
+    "quant_gru::gru_direction_backward", _backward_kernels, mutates_args=()
+)
 
 
 @gru_direction_backward.register_fake
