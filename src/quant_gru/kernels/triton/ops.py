@@ -188,30 +188,31 @@ def _gradients(
         grad_out, grad_h_n, out, h0, saved, w_hh, lengths, ctx.reverse
     )
     # The weight gradients: products over every step (dR = Σ_t dgh_tᵀ h_{t-1}), where dgh is
-    # dgx in its r and z parts.
+    # dgx in its r and z parts, written into their gate rows (no concatenation afterwards).
+    # dgh has R's type (recurrent_grad_type); dgx, the inputs' type, is the same one whenever
+    # the GRU calls this (the conversions guard a direct call of the operator with mixed types).
     hidden = out.shape[-1]
-    grad_rz = grad_gx[..., : 2 * hidden].to(grad_ghn.dtype)
-    grad_w = torch.cat(
-        [
-            recurrent_weight_grad(grad_rz, out, h0, lengths, ctx.reverse),
-            recurrent_weight_grad(grad_ghn, out, h0, lengths, ctx.reverse),
-        ]
-    ).to(w_hh.dtype)
+    grad_w = w_hh.new_empty(w_hh.shape)
+    grad_rz = grad_gx[..., : 2 * hidden].to(grad_w.dtype)
+    recurrent_weight_grad(grad_rz, out, h0, lengths, ctx.reverse, grad_w[:-hidden])
+    recurrent_weight_grad(grad_ghn, out, h0, lengths, ctx.reverse, grad_w[-hidden:])
     grad_b = None
     if ctx.has_bias:  # summed whole: a sum over the r and z slice would copy it first
-        grad_rz_b = _step_sum(grad_gx)[: 2 * hidden].to(grad_ghn.dtype)
-        grad_b = torch.cat([grad_rz_b, _step_sum(grad_ghn)]).to(w_hh.dtype)
+        grad_b = w_hh.new_empty(3 * hidden)
+        _step_sum(grad_gx.to(grad_b.dtype), grad_b)
+        _step_sum(grad_ghn, grad_b[-hidden:])  # the n rows: R_n h + b_n's gradient
     return grad_gx, grad_h0.to(h0.dtype), grad_w, grad_b, None, None, None
 
 
-def _step_sum(grad: Tensor) -> Tensor:
-    """Σ over steps and rows of ``grad`` (T, B, K). 16-bit: a product with ones, which
-    accumulates in float32 without a temporary; a bfloat16 sum over two dimensions allocated
-    four times the tensor's size (measured on an H100, torch 2.11)."""
+def _step_sum(grad: Tensor, into: Tensor) -> None:
+    """Σ over steps and rows of ``grad`` (T, B, K) into ``into`` (K,). 16-bit: a product with
+    ones, which accumulates in float32 without a temporary; a bfloat16 sum over two dimensions
+    allocated four times the tensor's size (measured on an H100, torch 2.11)."""
     rows = grad.flatten(0, 1)
     if grad.dtype == torch.float32:
-        return rows.sum(dim=0)
-    return (rows.new_ones(1, rows.shape[0]) @ rows)[0]
+        torch.sum(rows, dim=0, out=into)
+    else:
+        torch.mm(rows.new_ones(1, rows.shape[0]), rows, out=into.view(1, -1))
 
 
 gru_direction.register_autograd(_backward, setup_context=_setup_context)
@@ -245,17 +246,21 @@ class _EagerDirection(torch.autograd.Function):
 
 
 def recurrent_weight_grad(
-    grad: Tensor, out: Tensor, h0: Tensor, lengths: Tensor, reverse: bool
-) -> Tensor:
-    """Σ_t grad_tᵀ h_{t-1} (K, H) for ``grad`` (T, B, K), where h_{t-1} is the neighbouring
-    output in the direction's order or h0, without building the (T, B, H) tensor of
-    h_{t-1}: the outputs shifted by one step, plus h0 at each sequence's first step. Padded
-    steps have zero gradients and zero outputs, so they add nothing."""
+    grad: Tensor, out: Tensor, h0: Tensor, lengths: Tensor, reverse: bool, into: Tensor
+) -> None:
+    """Σ_t grad_tᵀ h_{t-1} (K, H) into ``into`` for ``grad`` (T, B, K) of ``into``'s type,
+    where h_{t-1} is the neighbouring output in the direction's order or h0, without building
+    the (T, B, H) tensor of h_{t-1}: the outputs shifted by one step, plus h0 at each
+    sequence's first step. Padded steps have zero gradients and zero outputs, so they add
+    nothing."""
     h0 = h0.to(grad.dtype)
     out = out.to(grad.dtype)
     if not reverse:
-        return torch.addmm(grad[0].t() @ h0, grad[1:].flatten(0, 1).t(), out[:-1].flatten(0, 1))
-    # Reverse: step t follows step t + 1; a sequence's first step is its last valid one.
-    last = (lengths.to(grad.device).long() - 1).clamp(min=0)
-    first = grad.gather(0, last.view(1, -1, 1).expand(1, *grad.shape[1:]))[0]
-    return torch.addmm(first.t() @ h0, grad[:-1].flatten(0, 1).t(), out[1:].flatten(0, 1))
+        first, rest, previous = grad[0], grad[1:], out[:-1]
+    else:
+        # Reverse: step t follows step t + 1; a sequence's first step is its last valid one.
+        last = (lengths.to(grad.device).long() - 1).clamp(min=0)
+        first = grad.gather(0, last.view(1, -1, 1).expand(1, *grad.shape[1:]))[0]
+        rest, previous = grad[:-1], out[1:]
+    torch.mm(first.t(), h0, out=into)
+    into.addmm_(rest.flatten(0, 1).t(), previous.flatten(0, 1))
