@@ -8,13 +8,15 @@ graphs sees it) and as a CUDA-graph replay (the GPU's time alone: cuDNN launches
 step for H > 192, so its eager times are mostly launch costs); training is forward plus
 backward, eagerly. Median of CUDA-event timings after warm-up, cuDNN and ours in alternation;
 peak memory above the inputs and weights. Prints tables of ratios (cuDNN's best of the same
-family over ours) and writes benchmarks/results/gpu_float_speed.json.
+family over ours) and writes benchmarks/results/gpu_float_speed.json, or with --autotune (the
+tile plans measured first, kernels/triton/tuning.py) gpu_float_speed_autotuned.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 from collections.abc import Callable
 from pathlib import Path
@@ -23,8 +25,10 @@ import torch
 from torch import nn
 
 from quant_gru import QuantGRU
+from quant_gru.kernels.triton import tuning
 
 RESULTS = Path(__file__).resolve().parent / "results" / "gpu_float_speed.json"
+RESULTS_AUTOTUNED = RESULTS.with_name("gpu_float_speed_autotuned.json")
 # (B, T, I, H, layers, bidirectional)
 SHAPES = [
     (1, 1000, 256, 256, 1, False),
@@ -165,12 +169,26 @@ def table(rows: list[dict], kind: str = "infer") -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--autotune",
+        action="store_true",
+        help="measure the tile plans first (QUANT_GRU_AUTOTUNE=1, during each warm-up)",
+    )
+    parser.add_argument(
+        "--shapes",
+        type=lambda text: [SHAPES[int(i)] for i in text.split(",")],
+        default=SHAPES,
+        help="comma-separated indices into SHAPES (default: all)",
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA device")
+    if args.autotune:
+        os.environ[tuning.ENVIRONMENT] = "1"
+    out = args.out or (RESULTS_AUTOTUNED if args.autotune else RESULTS)
     rows = []
-    for shape in SHAPES:
+    for shape in args.shapes:
         rows.append(measure(shape, args.repeats))
         print(table(rows[-1:]).splitlines()[-1], flush=True)
     document = {
@@ -183,10 +201,11 @@ def main() -> None:
         "time without the host's launch costs",
         "training": "forward + backward of sum(output), one call at a time; median of CUDA "
         "events after warm-up, in alternation",
+        "autotuned": args.autotune,
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(document, indent=2) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(document, indent=2) + "\n")
     for kind in ("infer", "infer_graph", "train"):
         print()
         print(table(rows, kind))

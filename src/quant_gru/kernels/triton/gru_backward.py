@@ -20,9 +20,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from quant_gru.kernels.triton import tuning
 from quant_gru.kernels.triton.gru_forward import _program_tile
 from quant_gru.kernels.triton.ops import recurrent_grad_type
-from quant_gru.kernels.triton.plans import backward_plan, interpreted
+from quant_gru.kernels.triton.plans import Plan, backward_plan, interpreted, tile_candidates
 from quant_gru.kernels.triton.products import TF32, _product, dot_precision, rounded_to_tf32
 from quant_gru.kernels.triton.sync import _await_state, _barrier, _publish
 
@@ -203,15 +204,27 @@ def gru_direction_backward(
     lengths: Tensor,
     reverse: bool,
     gx_dtype: torch.dtype,
+    plan: Plan | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(grad of the input projections (T, B, 3H), grad of h0 (B, H) float32, grad of
-    R_n h + b_n (T, B, H) in ``recurrent_grad_type``)."""
+    R_n h + b_n (T, B, H) in ``recurrent_grad_type``). ``plan`` overrides the choice of
+    kernel and tiles (plans.backward_plan, or the autotuner's: tuning.py)."""
     steps, batch, hidden = out.shape
     device = out.device
+    if plan is None:
+        plan = backward_plan(batch, hidden, w_hh.element_size(), device)
+        if tuning.enabled():
+            problem = ("backward", batch, hidden, out.dtype, w_hh.dtype, dot_precision(w_hh.dtype))
+            arguments = (grad_out, grad_h_n, out, h0, saved, w_hh, lengths, reverse, gx_dtype)
+            plan = tuning.tuned(
+                (*problem, device),
+                plan,
+                tile_candidates(batch, hidden, w_hh.element_size(), device, True),
+                lambda p: gru_direction_backward(*arguments, p),
+            )
     grad_ghn = torch.empty(steps, batch, hidden, device=device, dtype=recurrent_grad_type(w_hh))
     grad_gx = torch.empty(steps, batch, 3 * hidden, device=device, dtype=gx_dtype)
     grad_h0 = torch.empty(batch, hidden, device=device, dtype=torch.float32)
-    plan = backward_plan(batch, hidden, w_hh.element_size(), device)
     grid = plan.grid(batch, hidden)
     operands = (grad_out.contiguous(), grad_h_n.contiguous(), out, h0.contiguous(), saved)
     outputs = (w_hh.contiguous(), lengths, grad_ghn, grad_gx, grad_h0)

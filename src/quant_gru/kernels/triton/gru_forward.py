@@ -25,7 +25,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from quant_gru.kernels.triton.plans import Plan, forward_plan, interpreted
+from quant_gru.kernels.triton import tuning
+from quant_gru.kernels.triton.plans import Plan, forward_plan, interpreted, tile_candidates
 from quant_gru.kernels.triton.products import TF32, _product, dot_precision, rounded_to_tf32
 from quant_gru.kernels.triton.sync import _await_state, _barrier, _publish
 
@@ -286,6 +287,15 @@ def gru_direction_forward(
         return out, h_n
     if plan is None:
         plan = forward_plan(batch, hidden, w_hh.element_size(), device)
+        if tuning.enabled():
+            problem = ("forward", batch, hidden, w_hh.dtype, dot_precision(dtype), saved is None)
+            arguments = (gates_x, h0, w_hh, b_hh, lengths, reverse, saved)
+            plan = tuning.tuned(
+                (*problem, device),
+                plan,
+                tile_candidates(batch, hidden, w_hh.element_size(), device, False),
+                lambda p: gru_direction_forward(*arguments, p),
+            )
     if lengths is None:
         lengths32 = torch.full((batch,), steps, device=device, dtype=torch.int32)
     else:

@@ -209,3 +209,32 @@ def _plan(batch: int, hidden: int, element_size: int, programs: int | None, back
         warps=4,
         resident=False,
     )
+
+
+def tile_candidates(
+    batch: int, hidden: int, element_size: int, device: torch.device, backward: bool
+) -> list[Plan]:
+    """Every tile plan with batch tiles of 16 to 64 rows and hidden tiles of 8 to 64 units
+    whose grid fits on the SMs once (the autotuner's choices, tuning.py): R's slice stays on
+    chip in the forward where it fits RESIDENT_BYTES; the backward reads it in chunks of 32
+    or 64. None under the interpreter."""
+    programs = _programs(device)
+    if programs is None:
+        return []
+    full = padded(hidden)
+    rows = max(16, triton.next_power_of_2(batch))
+    plans = []
+    for block_b in (16, 32, 64):
+        for block_h in (8, 16, 32, 64):
+            grid = triton.cdiv(batch, block_b) * triton.cdiv(hidden, block_h)
+            if block_b > rows or block_h >= full or grid > programs:
+                continue
+            if backward:
+                for block_k in (32, 64):
+                    if block_k <= full:
+                        plans.append(Plan(False, block_b, block_h, block_k, 4, resident=False))
+            else:
+                resident = 3 * block_h * full * element_size <= RESIDENT_BYTES
+                block_k = full if resident else min(64, full)
+                plans.append(Plan(False, block_b, block_h, block_k, 4, resident=resident))
+    return plans

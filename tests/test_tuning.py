@@ -1,0 +1,137 @@
+"""The opt-in autotuner of the tile plans (kernels/triton/tuning.py): which plan it keeps,
+when it measures, the candidates it measures; on a GPU, training through tuned plans."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # read when the kernel module is first imported
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+from quant_gru import QuantGRU  # noqa: E402
+from quant_gru.kernels.triton import plans, tuning  # noqa: E402
+from quant_gru.kernels.triton.plans import Plan  # noqa: E402
+
+from tolerance import assert_float_conformant  # noqa: E402
+
+FAST = Plan(False, 32, 8, 64, 4)
+DEFAULT = Plan(False, 16, 16, 64, 4)
+SLOW = Plan(False, 64, 32, 64, 4)
+
+
+@pytest.fixture(autouse=True)
+def forget_measurements():
+    tuning.chosen.clear()
+    yield
+    tuning.chosen.clear()
+
+
+def fake_timing(times: dict[Plan, float], ran: list[Plan]):
+    """``run`` that records each plan it is given, and a timer reading the plan's time."""
+
+    def run(plan: Plan) -> None:
+        ran.append(plan)
+
+    def timer(call) -> float:
+        call()
+        return times[ran[-1]]
+
+    return run, timer
+
+
+def test_keeps_the_fastest_plan_and_remembers_it() -> None:
+    ran: list[Plan] = []
+    run, timer = fake_timing({DEFAULT: 2.0, FAST: 1.0, SLOW: 3.0}, ran)
+    assert tuning.tuned("problem", DEFAULT, [SLOW, DEFAULT, FAST], run, timer) == FAST
+    assert ran == [DEFAULT, SLOW, FAST]  # the default first, each plan once
+    assert tuning.tuned("problem", DEFAULT, [SLOW, DEFAULT, FAST], run, timer) == FAST
+    assert len(ran) == 3  # remembered, not measured again
+    # Another problem is measured on its own; a tie keeps the default.
+    ran.clear()
+    run, timer = fake_timing({DEFAULT: 1.0, FAST: 1.0}, ran)
+    assert tuning.tuned("other", DEFAULT, [FAST], run, timer) == DEFAULT
+
+
+def test_takes_the_default_while_a_graph_is_captured(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    ran: list[Plan] = []
+    run, timer = fake_timing({DEFAULT: 2.0, FAST: 1.0}, ran)
+    assert tuning.tuned("problem", DEFAULT, [FAST], run, timer) == DEFAULT
+    assert ran == [] and "problem" not in tuning.chosen  # measured after the capture
+
+
+def test_environment_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(tuning.ENVIRONMENT, raising=False)
+    assert not tuning.enabled()
+    monkeypatch.setenv(tuning.ENVIRONMENT, "1")
+    assert tuning.enabled()
+    monkeypatch.setenv(tuning.ENVIRONMENT, "yes")
+    with pytest.raises(ValueError, match="QUANT_GRU_AUTOTUNE must be '0' or '1', got 'yes'"):
+        tuning.enabled()
+
+
+@pytest.mark.parametrize("backward", [False, True])
+@pytest.mark.parametrize(
+    ("batch", "hidden", "element_size"),
+    [(64, 256, 4), (64, 256, 2), (64, 512, 4), (256, 1024, 2), (20, 37, 4), (1000, 128, 4)],
+)
+def test_candidates_fit_on_the_gpu(
+    monkeypatch: pytest.MonkeyPatch, backward: bool, batch: int, hidden: int, element_size: int
+) -> None:
+    """Every candidate's grid fits on the SMs at once (its programs wait for each other), and
+    a forward candidate keeps R's slice on chip exactly when it fits RESIDENT_BYTES."""
+    sms = 132
+    monkeypatch.setattr(plans, "_programs", lambda _device: sms)
+    full = plans.padded(hidden)
+    candidates = plans.tile_candidates(batch, hidden, element_size, DEVICE, backward)
+    assert candidates, "no candidate"
+    assert len(set(candidates)) == len(candidates)
+    for plan in candidates:
+        rows, units = plan.grid(batch, hidden)
+        assert rows * units <= sms and plan.block_h < full and not plan.rows
+        if backward:
+            assert not plan.resident and plan.block_k in (32, 64)
+        else:
+            fits = 3 * plan.block_h * full * element_size <= plans.RESIDENT_BYTES
+            assert plan.resident == fits
+            assert plan.block_k == (full if fits else min(64, full))
+
+
+def test_no_candidates_under_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert plans.tile_candidates(64, 256, 4, DEVICE, False) == []
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="measures kernels on a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_training_through_tuned_plans(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
+    """With the autotuner on, the forward and backward each measure their problem once, and
+    the output and every gradient still match float64 (the conformance rung of the dtype)."""
+    monkeypatch.setenv(tuning.ENVIRONMENT, "1")
+    torch.manual_seed(0)
+    model = QuantGRU(24, 96, bidirectional=True).to(DEVICE, dtype)
+    model.backend = "triton"
+    oracle = model.to_float().to(DEVICE, torch.float64)
+    x = torch.randn(30, 40, 24, device=DEVICE, dtype=dtype, requires_grad=True)
+    x64 = x.detach().double().requires_grad_()
+    for _ in range(2):  # the second call takes the remembered plans
+        out, _ = model(x)
+        out.float().sum().backward()
+    kinds = sorted(problem[0] for problem in tuning.chosen)
+    assert kinds == ["backward", "forward"], tuning.chosen
+    expected, _ = oracle(x64)
+    (2 * expected.sum()).backward()
+    assert_float_conformant(out, expected, "output")
+    assert_float_conformant(x.grad, x64.grad, "input grad")
+    for (name, ours), (_, theirs) in zip(
+        model.named_parameters(), oracle.named_parameters(), strict=True
+    ):
+        assert_float_conformant(ours.grad, theirs.grad, name)
