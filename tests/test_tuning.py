@@ -19,7 +19,7 @@ from quant_gru import QuantGRU  # noqa: E402
 from quant_gru.kernels.triton import plans, tuning  # noqa: E402
 from quant_gru.kernels.triton.plans import Plan  # noqa: E402
 
-from tolerance import assert_float_conformant  # noqa: E402
+from tolerance import assert_float_conformant, assert_ratio_to_reference  # noqa: E402
 
 FAST = Plan(False, 32, 8, 64, 4)
 DEFAULT = Plan(False, 16, 16, 64, 4)
@@ -49,14 +49,14 @@ def fake_timing(times: dict[Plan, float], ran: list[Plan]):
 def test_keeps_the_fastest_plan_and_remembers_it() -> None:
     ran: list[Plan] = []
     run, timer = fake_timing({DEFAULT: 2.0, FAST: 1.0, SLOW: 3.0}, ran)
-    assert tuning.tuned("problem", DEFAULT, [SLOW, DEFAULT, FAST], run, timer) == FAST
+    assert tuning.tuned("problem", DEFAULT, lambda: [SLOW, DEFAULT, FAST], run, timer) == FAST
     assert ran == [DEFAULT, SLOW, FAST]  # the default first, each plan once
-    assert tuning.tuned("problem", DEFAULT, [SLOW, DEFAULT, FAST], run, timer) == FAST
+    assert tuning.tuned("problem", DEFAULT, lambda: [SLOW, DEFAULT, FAST], run, timer) == FAST
     assert len(ran) == 3  # remembered, not measured again
     # Another problem is measured on its own; a tie keeps the default.
     ran.clear()
     run, timer = fake_timing({DEFAULT: 1.0, FAST: 1.0}, ran)
-    assert tuning.tuned("other", DEFAULT, [FAST], run, timer) == DEFAULT
+    assert tuning.tuned("other", DEFAULT, lambda: [FAST], run, timer) == DEFAULT
 
 
 def test_takes_the_default_while_a_graph_is_captured(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -64,7 +64,7 @@ def test_takes_the_default_while_a_graph_is_captured(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     ran: list[Plan] = []
     run, timer = fake_timing({DEFAULT: 2.0, FAST: 1.0}, ran)
-    assert tuning.tuned("problem", DEFAULT, [FAST], run, timer) == DEFAULT
+    assert tuning.tuned("problem", DEFAULT, lambda: [FAST], run, timer) == DEFAULT
     assert ran == [] and "problem" not in tuning.chosen  # measured after the capture
 
 
@@ -98,7 +98,7 @@ def test_candidates_fit_on_the_gpu(
         rows, units = plan.grid(batch, hidden)
         assert rows * units <= sms and plan.block_h < full and not plan.rows
         if backward:
-            assert not plan.resident and plan.block_k in (32, 64)
+            assert not plan.resident and plan.block_k == min(64, full)
         else:
             fits = 3 * plan.block_h * full * element_size <= plans.RESIDENT_BYTES
             assert plan.resident == fits
@@ -114,24 +114,30 @@ def test_no_candidates_under_the_interpreter(monkeypatch: pytest.MonkeyPatch) ->
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_training_through_tuned_plans(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
     """With the autotuner on, the forward and backward each measure their problem once, and
-    the output and every gradient still match float64 (the conformance rung of the dtype)."""
-    monkeypatch.setenv(tuning.ENVIRONMENT, "1")
+    the output and every gradient keep their accuracy against float64: float32 at its
+    conformance rung, bfloat16 within twice the error of the untuned plans."""
     torch.manual_seed(0)
     model = QuantGRU(24, 96, bidirectional=True).to(DEVICE, dtype)
     model.backend = "triton"
     oracle = model.to_float().to(DEVICE, torch.float64)
-    x = torch.randn(30, 40, 24, device=DEVICE, dtype=dtype, requires_grad=True)
-    x64 = x.detach().double().requires_grad_()
+    x = torch.randn(30, 40, 24, device=DEVICE)
+
+    def train(module: torch.nn.Module, precision: torch.dtype) -> list[torch.Tensor]:
+        module.zero_grad()
+        x_ = x.to(precision).requires_grad_()
+        out, _ = module(x_)
+        (out.double() * torch.linspace(-1, 1, out.shape[-1], device=DEVICE)).sum().backward()
+        return [out.detach(), x_.grad, *(p.grad for p in module.parameters())]
+
+    untuned = train(model, dtype)
+    exact = train(oracle, torch.float64)
+    monkeypatch.setenv(tuning.ENVIRONMENT, "1")
     for _ in range(2):  # the second call takes the remembered plans
-        out, _ = model(x)
-        out.float().sum().backward()
-    kinds = sorted(problem[0] for problem in tuning.chosen)
-    assert kinds == ["backward", "forward"], tuning.chosen
-    expected, _ = oracle(x64)
-    (2 * expected.sum()).backward()
-    assert_float_conformant(out, expected, "output")
-    assert_float_conformant(x.grad, x64.grad, "input grad")
-    for (name, ours), (_, theirs) in zip(
-        model.named_parameters(), oracle.named_parameters(), strict=True
-    ):
-        assert_float_conformant(ours.grad, theirs.grad, name)
+        tuned = train(model, dtype)
+    assert sorted(problem[0] for problem in tuning.chosen) == ["backward", "forward"]
+    names = ["output", "input grad"] + [name for name, _ in model.named_parameters()]
+    for name, ours, before, expected in zip(names, tuned, untuned, exact, strict=True):
+        if dtype == torch.float32:
+            assert_float_conformant(ours, expected, name)
+        else:
+            assert_ratio_to_reference(ours, before, expected, name)

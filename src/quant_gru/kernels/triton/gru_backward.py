@@ -219,7 +219,7 @@ def gru_direction_backward(
             plan = tuning.tuned(
                 (*problem, device),
                 plan,
-                tile_candidates(batch, hidden, w_hh.element_size(), device, True),
+                lambda: tile_candidates(batch, hidden, w_hh.element_size(), device, True),
                 lambda p: gru_direction_backward(*arguments, p),
             )
     grad_ghn = torch.empty(steps, batch, hidden, device=device, dtype=recurrent_grad_type(w_hh))

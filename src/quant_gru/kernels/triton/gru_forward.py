@@ -293,7 +293,7 @@ def gru_direction_forward(
             plan = tuning.tuned(
                 (*problem, device),
                 plan,
-                tile_candidates(batch, hidden, w_hh.element_size(), device, False),
+                lambda: tile_candidates(batch, hidden, w_hh.element_size(), device, False),
                 lambda p: gru_direction_forward(*arguments, p),
             )
     if lengths is None:

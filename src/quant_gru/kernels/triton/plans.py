@@ -214,10 +214,11 @@ def _plan(batch: int, hidden: int, element_size: int, programs: int | None, back
 def tile_candidates(
     batch: int, hidden: int, element_size: int, device: torch.device, backward: bool
 ) -> list[Plan]:
-    """Every tile plan with batch tiles of 16 to 64 rows and hidden tiles of 8 to 64 units
-    whose grid fits on the SMs once (the autotuner's choices, tuning.py): R's slice stays on
-    chip in the forward where it fits RESIDENT_BYTES; the backward reads it in chunks of 32
-    or 64. None under the interpreter."""
+    """The tile plans the autotuner measures (tuning.py): batch tiles of 16 to 64 rows and
+    hidden tiles of 8 to 32 units (64 too in the backward) whose grid fits on the SMs once.
+    R's slice stays on chip in the forward where it fits RESIDENT_BYTES; the backward reads it
+    in chunks of 64 rows. Each plan costs a compilation, so the set keeps to the tiles that
+    came out fastest somewhere in a sweep on an H100. None under the interpreter."""
     programs = _programs(device)
     if programs is None:
         return []
@@ -225,14 +226,12 @@ def tile_candidates(
     rows = max(16, triton.next_power_of_2(batch))
     plans = []
     for block_b in (16, 32, 64):
-        for block_h in (8, 16, 32, 64):
+        for block_h in (8, 16, 32, 64) if backward else (8, 16, 32):
             grid = triton.cdiv(batch, block_b) * triton.cdiv(hidden, block_h)
             if block_b > rows or block_h >= full or grid > programs:
                 continue
             if backward:
-                for block_k in (32, 64):
-                    if block_k <= full:
-                        plans.append(Plan(False, block_b, block_h, block_k, 4, resident=False))
+                plans.append(Plan(False, block_b, block_h, min(64, full), 4, resident=False))
             else:
                 resident = 3 * block_h * full * element_size <= RESIDENT_BYTES
                 block_k = full if resident else min(64, full)

@@ -47,19 +47,20 @@ def event_ms(run: Callable[[], object]) -> float:
 def tuned(
     key: Hashable,
     default: Plan,
-    candidates: Sequence[Plan],
+    candidates: Callable[[], Sequence[Plan]],
     run: Callable[[Plan], object],
     timer: Callable[[Callable[[], object]], float] = event_ms,
 ) -> Plan:
-    """The fastest of ``default`` and ``candidates`` for ``key``, measured by ``timer`` on
-    ``run(plan)`` the first time and remembered. While a CUDA graph is being captured nothing
-    can be timed: an unmeasured problem takes ``default`` then, and is measured later."""
+    """The fastest of ``default`` and ``candidates()`` for ``key``, measured by ``timer`` on
+    ``run(plan)`` the first time and remembered (later calls cost one dictionary lookup).
+    While a CUDA graph is being captured nothing can be timed: an unmeasured problem takes
+    ``default`` then, and is measured later."""
     if key in chosen:
         return chosen[key]
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return default
     best = default, timer(functools.partial(run, default))
-    for plan in dict.fromkeys(candidates):
+    for plan in dict.fromkeys(candidates()):
         if plan == default:
             continue
         elapsed = timer(functools.partial(run, plan))
