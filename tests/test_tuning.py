@@ -124,7 +124,7 @@ def test_training_through_tuned_plans(monkeypatch: pytest.MonkeyPatch, dtype: to
 
     def train(module: torch.nn.Module, precision: torch.dtype) -> list[torch.Tensor]:
         module.zero_grad()
-        x_ = x.to(precision).requires_grad_()
+        x_ = x.detach().to(precision).requires_grad_()
         out, _ = module(x_)
         (out.double() * torch.linspace(-1, 1, out.shape[-1], device=DEVICE)).sum().backward()
         return [out.detach(), x_.grad, *(p.grad for p in module.parameters())]
