@@ -90,7 +90,7 @@ def _gru_backward_tile_kernel(
     batch,
     hidden,
     REVERSE: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr,  # products.dot_precision (float32); ignored for 16-bit types
     BB: tl.constexpr,
     BH: tl.constexpr,
     BK: tl.constexpr,

@@ -112,7 +112,7 @@ def _gru_forward_tile_kernel(
     batch,
     hidden,
     REVERSE: tl.constexpr,
-    PRECISION: tl.constexpr,  # float32: plans.dot_precision; ignored for 16-bit types
+    PRECISION: tl.constexpr,  # products.dot_precision (float32); ignored for 16-bit types
     BB: tl.constexpr,
     BH: tl.constexpr,
     BK: tl.constexpr,
