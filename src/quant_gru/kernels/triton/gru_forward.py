@@ -288,7 +288,8 @@ def gru_direction_forward(
     if plan is None:
         plan = forward_plan(batch, hidden, w_hh.element_size(), device)
         if tuning.enabled():
-            problem = ("forward", batch, hidden, w_hh.dtype, dot_precision(dtype), saved is None)
+            save = saved is not None
+            problem = ("forward", batch, hidden, w_hh.dtype, dot_precision(dtype), save)
             arguments = (gates_x, h0, w_hh, b_hh, lengths, reverse, saved)
             plan = tuning.tuned(
                 (*problem, device),
