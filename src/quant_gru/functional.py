@@ -55,13 +55,14 @@ def gru(
         if valid is not None:  # the Triton kernels
             w_ih, w_hh, b_ih, b_hh = weights[index]
             gates_x = F.linear(x, w_ih, b_ih)  # every step's input projection, one product
-            save = records_gradient(x, h0, weights)
             return triton_ops.direction(gates_x, h0, w_hh, b_hh, valid, reverse, save)
         return gru_direction(x, h0, *weights[index], lengths, reverse)
 
     _check_weight_count(weights, shape)
     x, h0, lengths, layout = _validated_time_major(input, hx, weights[0][0], shape)
     valid = None
+    # Whether autograd records this call: then the kernels save what the backward needs.
+    save = records_gradient(x, h0, weights)
     if observe is None and backend_choice(backend, x) == "triton":
         # The kernels take every sequence's length, full ones included, as int32: made once.
         if lengths is None:
