@@ -26,9 +26,25 @@ import triton.language as tl
 from torch import Tensor
 
 from quant_gru.kernels.triton import tuning
-from quant_gru.kernels.triton.plans import Plan, forward_plan, interpreted, tile_candidates
-from quant_gru.kernels.triton.products import TF32, _product, dot_precision, rounded_to_tf32
+from quant_gru.kernels.triton.plans import (
+    Plan,
+    forward_plan,
+    interpreted,
+    padded,
+    tile_candidates,
+)
+from quant_gru.kernels.triton.products import (
+    TF32,
+    TF32_SPLIT,
+    _product,
+    dot_precision,
+    rounded_to_tf32,
+)
 from quant_gru.kernels.triton.sync import _await_state, _barrier, _publish
+
+# The forward's TF32 products take the state split in two (products.py): its error, which the
+# output carries straight, stays within twice cuDNN's.
+FORWARD_TF32 = TF32_SPLIT
 
 
 @triton.jit
@@ -59,6 +75,49 @@ def _input_projections(gx_rows, t, batch, hidden, own):
     gx_z = tl.load(step_rows + hidden, mask=own, other=0.0)
     gx_n = tl.load(step_rows + 2 * hidden, mask=own, other=0.0)
     return gx_r, gx_z, gx_n
+
+
+@triton.jit
+def _state_chunk(source, rows, row_ok, k0, hidden, BK: tl.constexpr):
+    """Columns [k0, k0 + BK) of this program's batch rows of the exchanged state (zeros past
+    H), read from L2 (.cg), where the other programs' stores are."""
+    ks = k0 + tl.arange(0, BK)
+    return tl.load(
+        source + rows[:, None] * hidden + ks[None, :],
+        mask=row_ok[:, None] & (ks < hidden)[None, :],
+        other=0.0,
+        cache_modifier=".cg",
+    )
+
+
+@triton.jit
+def _weight_chunk(w_ptr, units, unit_ok, k0, hidden, BK: tl.constexpr):
+    """Rows [k0, k0 + BK) of R_r^T, R_z^T, R_n^T restricted to this program's units: three
+    (BK, BH) tiles, zeros past H."""
+    ks = k0 + tl.arange(0, BK)
+    mask = (ks < hidden)[:, None] & unit_ok[None, :]
+    offsets = units[None, :] * hidden + ks[:, None]
+    w_r = tl.load(w_ptr + offsets, mask=mask, other=0.0)
+    w_z = tl.load(w_ptr + hidden * hidden + offsets, mask=mask, other=0.0)
+    w_n = tl.load(w_ptr + 2 * hidden * hidden + offsets, mask=mask, other=0.0)
+    return w_r, w_z, w_n
+
+
+@triton.jit
+def _resident_slice(w_ptr, units, unit_ok, hidden, BK, CHUNKS):
+    """This program's whole R^T slice, kept on chip for every step: per gate a tuple of CHUNKS
+    (BK, BH) tiles, so that the products take the state in chunks too and fewer operand
+    registers are live at once. (Unannotated: mypy has no type for Triton's tuples; the
+    caller's constexpr arguments stay constexpr here.)"""
+    w_r_all = ()
+    w_z_all = ()
+    w_n_all = ()
+    for chunk in tl.static_range(CHUNKS):  # Triton's tuples take `+`, not `*` unpacking
+        w_r, w_z, w_n = _weight_chunk(w_ptr, units, unit_ok, chunk * BK, hidden, BK)
+        w_r_all = w_r_all + (w_r,)  # noqa: RUF005
+        w_z_all = w_z_all + (w_z,)  # noqa: RUF005
+        w_n_all = w_n_all + (w_n,)  # noqa: RUF005
+    return w_r_all, w_z_all, w_n_all
 
 
 @triton.jit
@@ -116,7 +175,8 @@ def _gru_forward_tile_kernel(
     BB: tl.constexpr,
     BH: tl.constexpr,
     BK: tl.constexpr,
-    RESIDENT: tl.constexpr,  # BK covers H and R's slice is loaded once, before the time loop
+    RESIDENT: tl.constexpr,  # R's slice is loaded once, before the time loop
+    CHUNKS: tl.constexpr,  # RESIDENT: CHUNKS * BK covers H
     SINGLE: tl.constexpr,  # one hidden tile holds every unit (BH == BK): the state stays here
     SAVE: tl.constexpr,  # training: keep what the backward needs
 ):
@@ -134,14 +194,7 @@ def _gru_forward_tile_kernel(
     bias_r, bias_z, bias_n = _gate_biases(bias_ptr, units, unit_ok, hidden)
     dtype = w_ptr.dtype.element_ty
     if RESIDENT:
-        # The whole R^T slice of this program (BK = padded H) stays on chip.
-        ks_all = tl.arange(0, BK)
-        k_all_ok = ks_all < hidden
-        w_mask_all = k_all_ok[:, None] & unit_ok[None, :]
-        w_offsets_all = units[None, :] * hidden + ks_all[:, None]
-        w_r_all = tl.load(w_ptr + w_offsets_all, mask=w_mask_all, other=0.0)
-        w_z_all = tl.load(w_ptr + hidden * hidden + w_offsets_all, mask=w_mask_all, other=0.0)
-        w_n_all = tl.load(w_ptr + 2 * hidden * hidden + w_offsets_all, mask=w_mask_all, other=0.0)
+        w_r_all, w_z_all, w_n_all = _resident_slice(w_ptr, units, unit_ok, hidden, BK, CHUNKS)
 
     # Each step's input projections are loaded one step ahead: they do not depend on the
     # state, so their latency hides behind the previous step's work.
@@ -155,35 +208,22 @@ def _gru_forward_tile_kernel(
         acc_r = tl.zeros((BB, BH), dtype=tl.float32)
         acc_z = tl.zeros((BB, BH), dtype=tl.float32)
         acc_n = tl.zeros((BB, BH), dtype=tl.float32)
-        if RESIDENT:
-            if SINGLE:
-                h_all = h.to(dtype)  # this program holds the whole state: no exchange
-            else:
-                h_all = tl.load(
-                    source + rows[:, None] * hidden + ks_all[None, :],
-                    mask=row_ok[:, None] & k_all_ok[None, :],
-                    other=0.0,
-                    cache_modifier=".cg",
-                ).to(dtype)
-            acc_r = _product(h_all, w_r_all, acc_r, PRECISION)
-            acc_z = _product(h_all, w_z_all, acc_z, PRECISION)
-            acc_n = _product(h_all, w_n_all, acc_n, PRECISION)
+        if SINGLE:
+            # This program holds the whole state (CHUNKS == 1): no exchange.
+            h_all = h.to(dtype)
+            acc_r = _product(h_all, w_r_all[0], acc_r, PRECISION)
+            acc_z = _product(h_all, w_z_all[0], acc_z, PRECISION)
+            acc_n = _product(h_all, w_n_all[0], acc_n, PRECISION)
+        elif RESIDENT:
+            for chunk in tl.static_range(CHUNKS):
+                h_k = _state_chunk(source, rows, row_ok, chunk * BK, hidden, BK).to(dtype)
+                acc_r = _product(h_k, w_r_all[chunk], acc_r, PRECISION)
+                acc_z = _product(h_k, w_z_all[chunk], acc_z, PRECISION)
+                acc_n = _product(h_k, w_n_all[chunk], acc_n, PRECISION)
         else:
             for k0 in range(0, hidden, BK):
-                ks = k0 + tl.arange(0, BK)
-                k_ok = ks < hidden
-                # .cg: read the state from L2, where the other programs' stores are.
-                h_k = tl.load(
-                    source + rows[:, None] * hidden + ks[None, :],
-                    mask=row_ok[:, None] & k_ok[None, :],
-                    other=0.0,
-                    cache_modifier=".cg",
-                ).to(dtype)
-                w_mask = k_ok[:, None] & unit_ok[None, :]
-                w_offsets = units[None, :] * hidden + ks[:, None]  # R^T tile (BK, BH)
-                w_r = tl.load(w_ptr + w_offsets, mask=w_mask, other=0.0)
-                w_z = tl.load(w_ptr + hidden * hidden + w_offsets, mask=w_mask, other=0.0)
-                w_n = tl.load(w_ptr + 2 * hidden * hidden + w_offsets, mask=w_mask, other=0.0)
+                h_k = _state_chunk(source, rows, row_ok, k0, hidden, BK).to(dtype)
+                w_r, w_z, w_n = _weight_chunk(w_ptr, units, unit_ok, k0, hidden, BK)
                 acc_r = _product(h_k, w_r, acc_r, PRECISION)
                 acc_z = _product(h_k, w_z, acc_z, PRECISION)
                 acc_n = _product(h_k, w_n, acc_n, PRECISION)
@@ -320,12 +360,16 @@ def gru_direction_forward(
     precision = dot_precision(dtype)
     if precision == TF32:
         operands = (operands[0], rounded_to_tf32(w_hh), *operands[2:])
+        precision = FORWARD_TF32
+    if plan.single and plan.block_k != padded(hidden):
+        raise ValueError(f"a single-tile plan holds the whole state in one chunk, got {plan}")
     _gru_forward_tile_kernel[grid](
         *operands, lengths32, out, h_n, exchange, exchange if saved is None else saved,
         counters, steps, batch, hidden,
         REVERSE=reverse, PRECISION=precision,
         BB=plan.block_b, BH=plan.block_h, BK=plan.block_k,
-        RESIDENT=plan.resident, SINGLE=plan.single, SAVE=saved is not None,
+        RESIDENT=plan.resident, CHUNKS=padded(hidden) // plan.block_k if plan.resident else 1,
+        SINGLE=plan.single, SAVE=saved is not None,
         num_warps=plan.warps,
     )  # fmt: skip
     return out, h_n

@@ -19,6 +19,11 @@ import triton
 # tl.dot operand loaded there in shared memory); larger ones are re-read from L2 every step,
 # which measured faster on an H100 for 96 KiB float32 slices.
 RESIDENT_BYTES = 48 * 1024
+# The tile kernels' products take the state in chunks of this many units (K) where R's slice
+# is re-read every step, and in float32 where it stays on chip: fewer operand registers live
+# at once. At H=256 with 16-row tiles, TF32 with a split state spilled 1.9 KB (ptxas, sm_90a)
+# in one chunk of K and took 107 us a step on an H100; in chunks of 64, 6.3 us.
+CHUNK = 64
 # All of R up to this size lives in one program (16 warps: 48 registers a thread).
 SINGLE_BYTES = 96 * 1024
 # Batches up to this size use the row kernel (products on the CUDA cores, one batch row a
@@ -124,10 +129,12 @@ def _tile_tiles(
 ) -> tuple[int, int]:
     """(block_b, block_h) of the tile kernels. When all of R fits in one program's registers,
     one program per batch tile of 16 rows holds every hidden unit and needs no barrier.
-    Otherwise, of batch tiles of 16, 32 or 64 rows with hidden tiles as small as fill the SMs
-    once, the one whose program reads the fewest bytes from L2 a step: the state of its rows,
-    and its R slice unless that stays on chip (measured on an H100: 16-row tiles for
-    (64, H=256 or 512), 64-row tiles for (256, H=1024))."""
+    Otherwise, of batch tiles of 16, 32 or 64 rows with hidden tiles (8 units or more) as
+    small as fill the SMs once, the one whose program reads the fewest bytes from L2 a step:
+    the state of its rows, and its R slice unless that stays on chip. Measured on an H100 with
+    the TF32 forward: 8-unit tiles of 16 rows at (64, H=256), 4.4 against 6.1 us a step with
+    16 units; at (64, H=512) 32 rows of 8 units, whose R stays on chip, 7.0 against 8.7 with
+    16 rows of 16 units re-reading it; 64-row tiles at (256, H=1024)."""
     full = padded(hidden)
     if 3 * full * full * element_size <= SINGLE_BYTES:
         return 16, full
@@ -138,7 +145,7 @@ def _tile_tiles(
     for block_b in (16, 32, 64):
         if block_b > rows:
             break
-        block_h = _fewest_units(triton.cdiv(batch, block_b), hidden, 16, programs)
+        block_h = _fewest_units(triton.cdiv(batch, block_b), hidden, 8, programs)
         if block_h is None:
             continue
         weight_bytes = 3 * block_h * full * element_size
@@ -155,6 +162,13 @@ def _tile_tiles(
     return best[1], best[2]
 
 
+def _resident_chunk(full: int, element_size: int) -> int:
+    """The K chunk of a resident R slice: all of it at once for 16-bit types, CHUNK for
+    float32 (measured on an H100 at (64, H=256), 16-row tiles: bfloat16 3.0 against 4.6 us a
+    step in chunks of 64; float32 16 against 45 us, TF32 with a split state 6.3 against 107)."""
+    return full if element_size < 4 else min(CHUNK, full)
+
+
 def tile_plan(batch: int, hidden: int, element_size: int, device: torch.device) -> Plan:
     return _tile_plan(batch, hidden, element_size, _programs(device))
 
@@ -166,17 +180,16 @@ def _tile_plan(batch: int, hidden: int, element_size: int, programs: int | None)
     single = block_h == full and weight_bytes <= SINGLE_BYTES
     resident = single or weight_bytes <= RESIDENT_BYTES
     # A single program holds all of R: enough warps for about 48 registers a thread. Otherwise
-    # 4 warps, the fastest measured (Triton keeps a resident slice in shared memory).
+    # 4 warps, the fastest measured.
     warps = (16 if weight_bytes > RESIDENT_BYTES else 8) if single else 4
-    return Plan(
-        rows=False,
-        block_b=block_b,
-        block_h=block_h,
-        block_k=full if resident else min(64, full),
-        warps=warps,
-        resident=resident,
-        single=single,
-    )
+    if single:
+        block_k = full  # the state never leaves the program's registers: one chunk
+    elif resident:
+        block_k = _resident_chunk(full, element_size)
+    else:
+        block_k = min(CHUNK, full)
+    return Plan(rows=False, block_b=block_b, block_h=block_h, block_k=block_k, warps=warps,
+                resident=resident, single=single)  # fmt: skip
 
 
 def forward_plan(batch: int, hidden: int, element_size: int, device: torch.device) -> Plan:
@@ -205,7 +218,7 @@ def _plan(batch: int, hidden: int, element_size: int, programs: int | None, back
         rows=False,
         block_b=block_b,
         block_h=block_h,
-        block_k=min(64, padded(hidden)),
+        block_k=min(CHUNK, padded(hidden)),
         warps=4,
         resident=False,
     )
@@ -231,9 +244,9 @@ def tile_candidates(
             if block_b > rows or block_h >= full or grid > programs:
                 continue
             if backward:
-                plans.append(Plan(False, block_b, block_h, min(64, full), 4, resident=False))
+                plans.append(Plan(False, block_b, block_h, min(CHUNK, full), 4, resident=False))
             else:
                 resident = 3 * block_h * full * element_size <= RESIDENT_BYTES
-                block_k = full if resident else min(64, full)
+                block_k = _resident_chunk(full, element_size) if resident else min(CHUNK, full)
                 plans.append(Plan(False, block_b, block_h, block_k, 4, resident=resident))
     return plans
