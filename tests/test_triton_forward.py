@@ -308,6 +308,54 @@ def test_tile_kernel_layouts(layout: str, tf32: bool, monkeypatch: pytest.Monkey
         assert_float_conformant(h_n, want_h, f"{layout} reverse={reverse}")
 
 
+BACKWARD_PLANS = {
+    "streamed, chunks of 16": Plan(False, 16, 64, 16, 4, resident=False),
+    "streamed, inputs not prefetched": Plan(False, 32, 64, 32, 4, resident=False),
+    "resident, chunks of 16": Plan(False, 16, 64, 16, 4, resident=True),
+    "resident, one chunk": Plan(False, 16, 64, 64, 4, resident=True),
+}
+if DEVICE.type == "cuda":  # several hidden tiles meeting at the barrier
+    BACKWARD_PLANS["resident, 4 hidden tiles"] = Plan(False, 16, 16, 32, 4, resident=True)
+    BACKWARD_PLANS["streamed, 4 hidden tiles"] = Plan(False, 32, 16, 16, 4, resident=False)
+
+
+@pytest.mark.parametrize("layout", BACKWARD_PLANS)
+def test_backward_tile_layouts(layout: str) -> None:
+    """The backward tile kernel with R's columns re-read every step or kept on chip in K
+    chunks, and with each step's inputs loaded a step ahead or not (tiles over
+    PREFETCH_ELEMENTS), on packed lengths in both directions, against autograd through the plain
+    recurrence in float64: the gradients of the input projections, of h0 and (summed over
+    steps and rows) of R_n h + b_n, which is b_hh's n part."""
+    from quant_gru.kernels.triton.gru_backward import gru_direction_backward
+    from quant_gru.kernels.triton.gru_forward import gru_direction_forward
+
+    torch.manual_seed(2)
+    steps, batch, hidden = 6, 20, 40
+    gates_x = torch.randn(steps, batch, 3 * hidden, device=DEVICE)
+    h0 = torch.randn(batch, hidden, device=DEVICE)
+    w_hh = torch.randn(3 * hidden, hidden, device=DEVICE) / hidden**0.5
+    b_hh = torch.randn(3 * hidden, device=DEVICE)
+    lengths = torch.randint(0, steps + 1, (batch,), device=DEVICE)
+    lengths32 = lengths.to(torch.int32)
+    grad_out = torch.randn(steps, batch, hidden, device=DEVICE)
+    grad_h_n = torch.randn(batch, hidden, device=DEVICE)
+    eye = torch.eye(3 * hidden, device=DEVICE, dtype=torch.float64)
+    for reverse in (False, True):
+        saved = torch.empty(steps, batch, 4 * hidden, device=DEVICE)
+        out, _ = gru_direction_forward(gates_x, h0, w_hh, b_hh, lengths, reverse, saved)
+        grad_gx, grad_h0, grad_ghn = gru_direction_backward(
+            grad_out, grad_h_n, out, h0, saved, w_hh, lengths32, reverse, torch.float32,
+            BACKWARD_PLANS[layout],
+        )  # fmt: skip
+        x64, h64, b64 = (t.double().requires_grad_() for t in (gates_x, h0, b_hh))
+        want, want_h = gru_direction(x64, h64, eye, w_hh.double(), None, b64, lengths, reverse)
+        ((want * grad_out.double()).sum() + (want_h * grad_h_n.double()).sum()).backward()
+        what = f"{layout} reverse={reverse}"
+        assert_float_conformant(grad_gx, x64.grad, f"input projections' grad, {what}")
+        assert_float_conformant(grad_h0, h64.grad, f"h0 grad, {what}")
+        assert_float_conformant(grad_ghn.sum((0, 1)), b64.grad[2 * hidden :], f"b_hn grad, {what}")
+
+
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="the limit exists on a GPU only")
 def test_batch_beyond_one_launch() -> None:
     """More rows than one launch takes (64 a program, one program per SM): the batch runs in

@@ -86,9 +86,10 @@ def test_environment_switch(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_candidates_fit_on_the_gpu(
     monkeypatch: pytest.MonkeyPatch, backward: bool, batch: int, hidden: int, element_size: int
 ) -> None:
-    """Every candidate's grid fits on the SMs at once (its programs wait for each other), and
-    a forward candidate keeps R's slice on chip exactly when it fits RESIDENT_BYTES, taking the
-    state in one chunk then for 16-bit types only."""
+    """Every candidate's grid fits on the SMs at once (its programs wait for each other). A
+    forward candidate keeps R's slice on chip exactly when it fits RESIDENT_BYTES, taking the
+    state in one chunk then for 16-bit types only; a backward one keeps it on chip, in one
+    chunk, exactly when it fits and the type is 16-bit."""
     sms = 132
     monkeypatch.setattr(plans, "_programs", lambda _device: sms)
     full = plans.padded(hidden)
@@ -98,10 +99,12 @@ def test_candidates_fit_on_the_gpu(
     for plan in candidates:
         rows, units = plan.grid(batch, hidden)
         assert rows * units <= sms and plan.block_h < full and not plan.rows
+        fits = 3 * plan.block_h * full * element_size <= plans.RESIDENT_BYTES
         if backward:
-            assert not plan.resident and plan.block_k == min(plans.CHUNK, full)
+            on_chip = element_size < 4 and fits
+            assert plan.resident == on_chip
+            assert plan.block_k == (full if on_chip else min(plans.CHUNK, full))
         else:
-            fits = 3 * plan.block_h * full * element_size <= plans.RESIDENT_BYTES
             assert plan.resident == fits
             one_chunk = fits and element_size < 4
             assert plan.block_k == (full if one_chunk else min(plans.CHUNK, full))
