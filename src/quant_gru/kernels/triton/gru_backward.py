@@ -225,8 +225,8 @@ def _gru_backward_tile_kernel(
         if RESIDENT:
             for gate in tl.static_range(3):
                 for chunk in tl.static_range(CHUNKS):
-                    k0 = gate * hidden + chunk * BK
-                    d_k = _gradient_chunk(buffer, rows, row_ok, k0, chunk * BK, hidden, BK)
+                    offset = gate * hidden + chunk * BK
+                    d_k = _gradient_chunk(buffer, rows, row_ok, offset, chunk * BK, hidden, BK)
                     acc = _product(d_k.to(dtype), columns[gate * CHUNKS + chunk], acc, PRECISION)
         else:
             for gate in tl.static_range(3):
