@@ -81,7 +81,15 @@ def test_environment_switch(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize("backward", [False, True])
 @pytest.mark.parametrize(
     ("batch", "hidden", "element_size"),
-    [(64, 256, 4), (64, 256, 2), (64, 512, 4), (256, 1024, 2), (20, 37, 4), (1000, 128, 4)],
+    [
+        (64, 256, 4),
+        (64, 256, 2),
+        (64, 512, 4),
+        (256, 1024, 2),
+        (256, 1024, 4),
+        (20, 37, 4),
+        (1000, 128, 4),
+    ],
 )
 def test_candidates_fit_on_the_gpu(
     monkeypatch: pytest.MonkeyPatch, backward: bool, batch: int, hidden: int, element_size: int
@@ -89,7 +97,8 @@ def test_candidates_fit_on_the_gpu(
     """Every candidate's grid fits on the SMs at once (its programs wait for each other). A
     forward candidate keeps R's slice on chip exactly when it fits RESIDENT_BYTES, taking the
     state in one chunk then for 16-bit types only; a backward one keeps it on chip, in one
-    chunk, exactly when it fits and the type is 16-bit."""
+    chunk, exactly when it fits and the type is 16-bit, and large float32 backward tiles are
+    tried in chunks of 32 too."""
     sms = 132
     monkeypatch.setattr(plans, "_programs", lambda _device: sms)
     full = plans.padded(hidden)
@@ -103,7 +112,10 @@ def test_candidates_fit_on_the_gpu(
         if backward:
             on_chip = element_size < 4 and fits
             assert plan.resident == on_chip
-            assert plan.block_k == (full if on_chip else min(plans.CHUNK, full))
+            chunks = {min(plans.CHUNK, full)}
+            if element_size == 4 and plan.block_b * plan.block_h >= plans.SMALL_CHUNK_TILE:
+                chunks.add(32)
+            assert plan.block_k in ({full} if on_chip else chunks)
         else:
             assert plan.resident == fits
             one_chunk = fits and element_size < 4

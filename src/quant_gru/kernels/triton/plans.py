@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -228,15 +228,21 @@ def _backward_tile_plan(block_b: int, block_h: int, hidden: int, element_size: i
     return Plan(False, block_b, block_h, block_k, warps=4, resident=resident)
 
 
+# Float32 backward tiles of at least this many elements are also tried with R read in chunks
+# of 32: at (256, H=1024) TF32 on an H100, 32 x 64 tiles took 34-36 us a step in chunks of 32,
+# 42 in chunks of 64, and the rule's 64 x 32 tiles 44-46 (two sweeps).
+SMALL_CHUNK_TILE = 2048
+
+
 def tile_candidates(
     batch: int, hidden: int, element_size: int, device: torch.device, backward: bool
 ) -> list[Plan]:
     """The tile plans the autotuner measures (tuning.py): batch tiles of 16 to 64 rows and
     hidden tiles of 8 to 32 units (64 too in the backward) whose grid fits on the SMs once.
     R's slice stays on chip where it fits RESIDENT_BYTES (in the backward, for 16-bit types
-    only), else it is read in chunks every step. Each plan costs a compilation, so the set
-    keeps to the tiles that came out fastest somewhere in a sweep on an H100. None under the
-    interpreter."""
+    only), else it is read in chunks every step: of 64 rows, and of 32 too for large float32
+    backward tiles. Each plan costs a compilation, so the set keeps to the tiles that came out
+    fastest somewhere in a sweep on an H100. None under the interpreter."""
     programs = _programs(device)
     if programs is None:
         return []
@@ -249,7 +255,10 @@ def tile_candidates(
             if block_b > rows or block_h >= full or grid > programs:
                 continue
             if backward:
-                plans.append(_backward_tile_plan(block_b, block_h, hidden, element_size))
+                plan = _backward_tile_plan(block_b, block_h, hidden, element_size)
+                plans.append(plan)
+                if element_size == 4 and block_b * block_h >= SMALL_CHUNK_TILE and full > 32:
+                    plans.append(replace(plan, block_k=32))
             else:
                 resident = 3 * block_h * full * element_size <= RESIDENT_BYTES
                 block_k = _resident_chunk(full, element_size) if resident else min(CHUNK, full)
