@@ -21,13 +21,12 @@ import triton.language as tl
 from torch import Tensor
 
 from quant_gru.kernels.triton import tuning
-from quant_gru.kernels.triton.gru_forward import _program_tile
+from quant_gru.kernels.triton.gru_forward import _program_tile, _rows_chunk
 from quant_gru.kernels.triton.ops import recurrent_grad_type
 from quant_gru.kernels.triton.plans import (
     Plan,
     backward_plan,
     interpreted,
-    padded,
     tile_candidates,
 )
 from quant_gru.kernels.triton.products import TF32, _product, dot_precision, rounded_to_tf32
@@ -113,19 +112,6 @@ def _step_gradients(
     ghn_out = grad_ghn_ptr + t * batch * hidden + own_offsets
     tl.store(ghn_out, dghn.to(grad_ghn_ptr.dtype.element_ty), mask=own)
     return dh, z, active, da_r, da_z, dghn
-
-
-@triton.jit
-def _gradient_chunk(buffer, rows, row_ok, offset, k0, hidden, BK: tl.constexpr):
-    """Columns [offset, offset + BK) of this program's batch rows of the exchanged dgh (zeros
-    where k0 + i is past H), read from L2 (.cg), where the other programs' stores are."""
-    ks = tl.arange(0, BK)
-    return tl.load(
-        buffer + rows[:, None] * (3 * hidden) + offset + ks[None, :],
-        mask=row_ok[:, None] & (k0 + ks < hidden)[None, :],
-        other=0.0,
-        cache_modifier=".cg",
-    )
 
 
 @triton.jit
@@ -225,13 +211,17 @@ def _gru_backward_tile_kernel(
         if RESIDENT:
             for gate in tl.static_range(3):
                 for chunk in tl.static_range(CHUNKS):
-                    offset = gate * hidden + chunk * BK
-                    d_k = _gradient_chunk(buffer, rows, row_ok, offset, chunk * BK, hidden, BK)
+                    k0 = chunk * BK
+                    d_k = _rows_chunk(
+                        buffer, rows, row_ok, 3 * hidden, gate * hidden + k0, hidden - k0, BK
+                    )
                     acc = _product(d_k.to(dtype), columns[gate * CHUNKS + chunk], acc, PRECISION)
         else:
             for gate in tl.static_range(3):
                 for k0 in range(0, hidden, BK):
-                    d_k = _gradient_chunk(buffer, rows, row_ok, gate * hidden + k0, k0, hidden, BK)
+                    d_k = _rows_chunk(
+                        buffer, rows, row_ok, 3 * hidden, gate * hidden + k0, hidden - k0, BK
+                    )
                     w_k = _column_chunk(w_ptr, gate, units, unit_ok, k0, hidden, BK)
                     acc = _product(d_k.to(dtype), w_k, acc, PRECISION)
         carry = tl.where(active, dh * z + acc, dh)
@@ -356,7 +346,7 @@ def gru_direction_backward(
         *operands, *outputs, exchange, counters, steps, batch, hidden,
         REVERSE=reverse, PRECISION=precision, BB=plan.block_b, BH=plan.block_h,
         BK=plan.block_k, RESIDENT=plan.resident,
-        CHUNKS=padded(hidden) // plan.block_k if plan.resident else 1,
+        CHUNKS=plan.resident_chunks(hidden),
         PREFETCH=plan.block_b * plan.block_h <= PREFETCH_ELEMENTS, num_warps=plan.warps,
     )  # fmt: skip
     return grad_gx, grad_h0, grad_ghn

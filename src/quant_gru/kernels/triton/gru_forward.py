@@ -78,13 +78,14 @@ def _input_projections(gx_rows, t, batch, hidden, own):
 
 
 @triton.jit
-def _state_chunk(source, rows, row_ok, k0, hidden, BK: tl.constexpr):
-    """Columns [k0, k0 + BK) of this program's batch rows of the exchanged state (zeros past
-    H), read from L2 (.cg), where the other programs' stores are."""
-    ks = k0 + tl.arange(0, BK)
+def _rows_chunk(buffer, rows, row_ok, row_length, start, valid, BK: tl.constexpr):
+    """Columns [start, start + BK) of this program's batch rows of an exchange buffer whose
+    rows are ``row_length`` long (zeros in rows past the batch and from column start + valid
+    on), read from L2 (.cg), where the other programs' stores are."""
+    ks = tl.arange(0, BK)
     return tl.load(
-        source + rows[:, None] * hidden + ks[None, :],
-        mask=row_ok[:, None] & (ks < hidden)[None, :],
+        buffer + rows[:, None] * row_length + start + ks[None, :],
+        mask=row_ok[:, None] & (ks < valid)[None, :],
         other=0.0,
         cache_modifier=".cg",
     )
@@ -216,13 +217,14 @@ def _gru_forward_tile_kernel(
             acc_n = _product(h_all, w_n_all[0], acc_n, PRECISION)
         elif RESIDENT:
             for chunk in tl.static_range(CHUNKS):
-                h_k = _state_chunk(source, rows, row_ok, chunk * BK, hidden, BK).to(dtype)
+                k0 = chunk * BK
+                h_k = _rows_chunk(source, rows, row_ok, hidden, k0, hidden - k0, BK).to(dtype)
                 acc_r = _product(h_k, w_r_all[chunk], acc_r, PRECISION)
                 acc_z = _product(h_k, w_z_all[chunk], acc_z, PRECISION)
                 acc_n = _product(h_k, w_n_all[chunk], acc_n, PRECISION)
         else:
             for k0 in range(0, hidden, BK):
-                h_k = _state_chunk(source, rows, row_ok, k0, hidden, BK).to(dtype)
+                h_k = _rows_chunk(source, rows, row_ok, hidden, k0, hidden - k0, BK).to(dtype)
                 w_r, w_z, w_n = _weight_chunk(w_ptr, units, unit_ok, k0, hidden, BK)
                 acc_r = _product(h_k, w_r, acc_r, PRECISION)
                 acc_z = _product(h_k, w_z, acc_z, PRECISION)
@@ -368,7 +370,7 @@ def gru_direction_forward(
         counters, steps, batch, hidden,
         REVERSE=reverse, PRECISION=precision,
         BB=plan.block_b, BH=plan.block_h, BK=plan.block_k,
-        RESIDENT=plan.resident, CHUNKS=padded(hidden) // plan.block_k if plan.resident else 1,
+        RESIDENT=plan.resident, CHUNKS=plan.resident_chunks(hidden),
         SINGLE=plan.single, SAVE=saved is not None,
         num_warps=plan.warps,
     )  # fmt: skip

@@ -56,6 +56,10 @@ class Plan:
     def grid(self, batch: int, hidden: int) -> tuple[int, int]:
         return triton.cdiv(batch, self.block_b), triton.cdiv(hidden, self.block_h)
 
+    def resident_chunks(self, hidden: int) -> int:
+        """How many K chunks of ``block_k`` hold a resident R slice (1 when not resident)."""
+        return padded(hidden) // self.block_k if self.resident else 1
+
 
 def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -178,18 +182,22 @@ def _tile_plan(batch: int, hidden: int, element_size: int, programs: int | None)
     full = padded(hidden)
     weight_bytes = 3 * full * block_h * element_size
     single = block_h == full and weight_bytes <= SINGLE_BYTES
-    resident = single or weight_bytes <= RESIDENT_BYTES
-    # A single program holds all of R: enough warps for about 48 registers a thread. Otherwise
-    # 4 warps, the fastest measured.
-    warps = (16 if weight_bytes > RESIDENT_BYTES else 8) if single else 4
-    if single:
-        block_k = full  # the state never leaves the program's registers: one chunk
-    elif resident:
-        block_k = _resident_chunk(full, element_size)
-    else:
-        block_k = min(CHUNK, full)
-    return Plan(rows=False, block_b=block_b, block_h=block_h, block_k=block_k, warps=warps,
-                resident=resident, single=single)  # fmt: skip
+    if not single:
+        return _forward_tile_plan(block_b, block_h, hidden, element_size)
+    # One program holds all of R: enough warps for about 48 registers a thread. The state never
+    # leaves its registers, so the products take it in one chunk.
+    warps = 16 if weight_bytes > RESIDENT_BYTES else 8
+    return Plan(False, block_b, block_h, full, warps, resident=True, single=True)
+
+
+def _forward_tile_plan(block_b: int, block_h: int, hidden: int, element_size: int) -> Plan:
+    """The forward tile kernel's plan for these tiles (not single): R's slice stays on chip
+    where it fits RESIDENT_BYTES, in K chunks by ``_resident_chunk``, else it is read in
+    chunks every step. 4 warps, the fastest measured."""
+    full = padded(hidden)
+    resident = 3 * block_h * full * element_size <= RESIDENT_BYTES
+    block_k = _resident_chunk(full, element_size) if resident else min(CHUNK, full)
+    return Plan(False, block_b, block_h, block_k, warps=4, resident=resident)
 
 
 def forward_plan(batch: int, hidden: int, element_size: int, device: torch.device) -> Plan:
@@ -260,7 +268,5 @@ def tile_candidates(
                 if element_size == 4 and block_b * block_h >= SMALL_CHUNK_TILE and full > 32:
                     plans.append(replace(plan, block_k=32))
             else:
-                resident = 3 * block_h * full * element_size <= RESIDENT_BYTES
-                block_k = _resident_chunk(full, element_size) if resident else min(CHUNK, full)
-                plans.append(Plan(False, block_b, block_h, block_k, 4, resident=resident))
+                plans.append(_forward_tile_plan(block_b, block_h, hidden, element_size))
     return plans
