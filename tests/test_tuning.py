@@ -122,6 +122,41 @@ def test_candidates_fit_on_the_gpu(
             assert plan.block_k == (full if one_chunk else min(plans.CHUNK, full))
 
 
+@pytest.mark.parametrize(
+    ("batch", "hidden", "backward", "element_size", "tiles", "chunk"),
+    [
+        (256, 1024, False, 4, (64, 32), 64),
+        (256, 1024, True, 4, (32, 64), 32),
+        (128, 1024, True, 4, (32, 32), 64),
+        (256, 512, True, 4, (32, 32), 64),
+        (64, 512, False, 4, (32, 8), 64),
+        (64, 512, True, 2, (16, 16), 512),
+        (256, 1024, True, 2, (64, 32), 64),
+    ],
+)
+def test_rule_tiles(
+    monkeypatch: pytest.MonkeyPatch,
+    batch: int,
+    hidden: int,
+    backward: bool,
+    element_size: int,
+    tiles: tuple[int, int],
+    chunk: int,
+) -> None:
+    """The rule's tiles on 132 SMs (an H100) where plans.py documents its measurements: the
+    float32 backward takes its own least-read tiles (large ones in chunks of 32), 16-bit
+    types the forward's; every grid fits on the SMs at once."""
+    monkeypatch.setattr(plans, "_programs", lambda _device: 132)
+    make = plans.backward_plan if backward else plans.forward_plan
+    plan = make(batch, hidden, element_size, DEVICE)
+    rows, units = plan.grid(batch, hidden)
+    assert rows * units <= 132
+    assert ((plan.block_b, plan.block_h), plan.block_k) == (tiles, chunk)
+    forward = plans.forward_plan(batch, hidden, element_size, DEVICE)
+    if element_size == 2:
+        assert (plan.block_b, plan.block_h) == (forward.block_b, forward.block_h)
+
+
 def test_no_candidates_under_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert plans.tile_candidates(64, 256, 4, DEVICE, False) == []

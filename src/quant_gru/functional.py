@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
@@ -54,7 +53,7 @@ def gru(
             return decomposed_direction(x, h0, weights[index], lengths, reverse, observe(index))
         if valid is not None:  # the Triton kernels
             w_ih, w_hh, b_ih, b_hh = weights[index]
-            gates_x = F.linear(x, w_ih, b_ih)  # every step's input projection, one product
+            gates_x = triton_ops.input_projection(x, w_ih, b_ih)
             return triton_ops.direction(gates_x, h0, w_hh, b_hh, valid, reverse, save)
         return gru_direction(x, h0, *weights[index], lengths, reverse)
 

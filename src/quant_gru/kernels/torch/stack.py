@@ -64,7 +64,9 @@ def run_layers(
         )
         if between_layers is not None and layer < shape.num_layers - 1:
             layer_input = between_layers(layer, layer_input)
-    return layer_input, torch.stack(finals)
+    # One (layer, direction): a view (torch.stack would copy, and cost a launch).
+    h_n = finals[0].unsqueeze(0) if len(finals) == 1 else torch.stack(finals)
+    return layer_input, h_n
 
 
 def dropout_between_layers(dropout: float, training: bool) -> BetweenLayers | None:

@@ -35,16 +35,12 @@ from quant_gru.kernels.triton.plans import (
 )
 from quant_gru.kernels.triton.products import (
     TF32,
-    TF32_SPLIT,
     _product,
     dot_precision,
+    forward_tf32,
     rounded_to_tf32,
 )
 from quant_gru.kernels.triton.sync import _await_state, _barrier, _publish
-
-# The forward's TF32 products take the state split in two (products.py): its error, which the
-# output carries straight, stays within twice cuDNN's.
-FORWARD_TF32 = TF32_SPLIT
 
 
 @triton.jit
@@ -362,7 +358,7 @@ def gru_direction_forward(
     precision = dot_precision(dtype)
     if precision == TF32:
         operands = (operands[0], rounded_to_tf32(w_hh), *operands[2:])
-        precision = FORWARD_TF32
+        precision = forward_tf32(hidden)
     if plan.single and plan.block_k != padded(hidden):
         raise ValueError(f"a single-tile plan holds the whole state in one chunk, got {plan}")
     _gru_forward_tile_kernel[grid](

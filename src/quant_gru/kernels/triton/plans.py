@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -30,6 +31,10 @@ SINGLE_BYTES = 96 * 1024
 # program, states handed over in tagged words): measured on an H100, its steps take less time
 # than the tile kernel's in float32 and TF32 up to 16 rows, and no more in bfloat16.
 ROW_KERNEL_MAX_BATCH = 16
+# Float32 backward tiles of at least this many elements read R in chunks of 32 (and the
+# autotuner tries them in chunks of 64 too): at (256, H=1024) TF32 on an H100, 32 x 64 tiles
+# took 35 us a step in chunks of 32, 45 in chunks of 64.
+SMALL_CHUNK_TILE = 2048
 # The row kernel keeps its float32 slice of R in registers: at most 96 a thread, for 4 warps
 # (fastest where it fits) or 8.
 ROW_SLICE_ELEMENTS_4_WARPS = 96 * 32 * 4
@@ -131,20 +136,54 @@ def tile_tiles(batch: int, hidden: int, element_size: int, device: torch.device)
 def _tile_tiles(
     batch: int, hidden: int, element_size: int, programs: int | None
 ) -> tuple[int, int]:
-    """(block_b, block_h) of the tile kernels. When all of R fits in one program's registers,
-    one program per batch tile of 16 rows holds every hidden unit and needs no barrier.
-    Otherwise, of batch tiles of 16, 32 or 64 rows with hidden tiles (8 units or more) as
-    small as fill the SMs once, the one whose program reads the fewest bytes from L2 a step:
-    the state of its rows, and its R slice unless that stays on chip. Measured on an H100 with
-    the TF32 forward: 8-unit tiles of 16 rows at (64, H=256), 4.4 against 6.1 us a step with
-    16 units; at (64, H=512) 32 rows of 8 units, whose R stays on chip, 7.0 against 8.7 with
-    16 rows of 16 units re-reading it; 64-row tiles at (256, H=1024)."""
+    """(block_b, block_h) of the forward tile kernel. When all of R fits in one program's
+    registers, one program per batch tile of 16 rows holds every hidden unit and needs no
+    barrier. Otherwise the tiles of ``_least_reads``, where a program reads the state of its
+    rows a step, and its R slice unless that stays on chip. Measured on an H100 with the TF32
+    forward: 8-unit tiles of 16 rows at (64, H=256), 4.4 against 6.1 us a step with 16 units;
+    at (64, H=512) 32 rows of 8 units, whose R stays on chip, 7.0 against 8.7 with 16 rows of
+    16 units re-reading it; 64-row tiles at (256, H=1024)."""
     full = padded(hidden)
     if 3 * full * full * element_size <= SINGLE_BYTES:
         return 16, full
+
+    def reads(block_b: int, block_h: int) -> int:
+        weight_bytes = 3 * block_h * full * element_size
+        return block_b * full * element_size + (
+            0 if weight_bytes <= RESIDENT_BYTES else weight_bytes
+        )
+
+    return _least_reads(batch, hidden, programs, reads)
+
+
+def _backward_tiles(
+    batch: int, hidden: int, element_size: int, programs: int | None
+) -> tuple[int, int]:
+    """(block_b, block_h) of the backward tile kernel. 16-bit types take the forward's tiles
+    (R's columns then often stay on chip). Float32, whose columns are re-read every step, takes
+    the tiles of ``_least_reads`` where a program reads the three gates' gradients of its rows
+    and R's columns of its units a step. Measured on an H100 (TF32, us a step, this rule
+    against the forward's tiles): (256, H=1024) 32 x 64 tiles 35 against 44; (128, H=1024)
+    32 x 32, 21 against 28; (256, H=512) 32 x 32, 13 against 18."""
+    if element_size < 4:
+        return _tile_tiles(batch, hidden, element_size, programs)
+    full = padded(hidden)
+
+    def reads(block_b: int, block_h: int) -> int:
+        return 3 * full * (block_b + block_h) * element_size
+
+    return _least_reads(batch, hidden, programs, reads)
+
+
+def _least_reads(
+    batch: int, hidden: int, programs: int | None, reads: Callable[[int, int], int]
+) -> tuple[int, int]:
+    """Of batch tiles of 16, 32 or 64 rows, each with hidden tiles (8 units or more) as small
+    as fill the SMs once, the one whose program ``reads`` the fewest bytes from L2 a step (the
+    fewer rows on a tie). Under the interpreter: one program a batch tile of up to 64 rows."""
     rows = max(16, triton.next_power_of_2(batch))
     if programs is None:
-        return min(64, rows), full
+        return min(64, rows), padded(hidden)
     best: tuple[int, int, int] | None = None
     for block_b in (16, 32, 64):
         if block_b > rows:
@@ -152,12 +191,9 @@ def _tile_tiles(
         block_h = _fewest_units(triton.cdiv(batch, block_b), hidden, 8, programs)
         if block_h is None:
             continue
-        weight_bytes = 3 * block_h * full * element_size
-        reads = block_b * full * element_size + (
-            0 if weight_bytes <= RESIDENT_BYTES else weight_bytes
-        )
-        if best is None or reads < best[0]:
-            best = (reads, block_b, block_h)
+        cost = reads(block_b, block_h)
+        if best is None or cost < best[0]:
+            best = (cost, block_b, block_h)
     if best is None:
         raise ValueError(
             f"batch {batch} needs {triton.cdiv(batch, 64)} batch tiles, more than the {programs} "
@@ -221,7 +257,7 @@ def _plan(batch: int, hidden: int, element_size: int, programs: int | None, back
             return plan
     if not backward:
         return _tile_plan(batch, hidden, element_size, programs)
-    block_b, block_h = _tile_tiles(batch, hidden, element_size, programs)
+    block_b, block_h = _backward_tiles(batch, hidden, element_size, programs)
     return _backward_tile_plan(block_b, block_h, hidden, element_size)
 
 
@@ -233,13 +269,9 @@ def _backward_tile_plan(block_b: int, block_h: int, hidden: int, element_size: i
     full = padded(hidden)
     resident = element_size < 4 and 3 * full * block_h * element_size <= RESIDENT_BYTES
     block_k = full if resident else min(CHUNK, full)
+    if element_size == 4 and block_b * block_h >= SMALL_CHUNK_TILE:
+        block_k = min(32, full)
     return Plan(False, block_b, block_h, block_k, warps=4, resident=resident)
-
-
-# Float32 backward tiles of at least this many elements are also tried with R read in chunks
-# of 32: at (256, H=1024) TF32 on an H100, 32 x 64 tiles took 34-36 us a step in chunks of 32,
-# 42 in chunks of 64, and the rule's 64 x 32 tiles 44-46 (two sweeps).
-SMALL_CHUNK_TILE = 2048
 
 
 def tile_candidates(
@@ -248,9 +280,10 @@ def tile_candidates(
     """The tile plans the autotuner measures (tuning.py): batch tiles of 16 to 64 rows and
     hidden tiles of 8 to 32 units (64 too in the backward) whose grid fits on the SMs once.
     R's slice stays on chip where it fits RESIDENT_BYTES (in the backward, for 16-bit types
-    only), else it is read in chunks every step: of 64 rows, and of 32 too for large float32
-    backward tiles. Each plan costs a compilation, so the set keeps to the tiles that came out
-    fastest somewhere in a sweep on an H100. None under the interpreter."""
+    only), else it is read in chunks every step: of 64 rows, and of 32 for large float32
+    backward tiles (SMALL_CHUNK_TILE) as well. Each plan costs a compilation, so the set keeps
+    to the tiles that came out fastest somewhere in a sweep on an H100. None under the
+    interpreter."""
     programs = _programs(device)
     if programs is None:
         return []
@@ -265,8 +298,8 @@ def tile_candidates(
             if backward:
                 plan = _backward_tile_plan(block_b, block_h, hidden, element_size)
                 plans.append(plan)
-                if element_size == 4 and block_b * block_h >= SMALL_CHUNK_TILE and full > 32:
-                    plans.append(replace(plan, block_k=32))
+                if plan.block_k != min(CHUNK, full) and not plan.resident:
+                    plans.append(replace(plan, block_k=min(CHUNK, full)))
             else:
                 plans.append(_forward_tile_plan(block_b, block_h, hidden, element_size))
     return plans
