@@ -98,7 +98,7 @@ def test_candidates_fit_on_the_gpu(
     forward candidate keeps R's slice on chip exactly when it fits RESIDENT_BYTES, taking the
     state in one chunk then for 16-bit types only; a backward one keeps it on chip, in one
     chunk, exactly when it fits and the type is 16-bit, and large float32 backward tiles are
-    tried in chunks of 32 too."""
+    tried on 8 warps, and on 4 in chunks of 32."""
     sms = 132
     monkeypatch.setattr(plans, "_programs", lambda _device: sms)
     full = plans.padded(hidden)
@@ -112,10 +112,10 @@ def test_candidates_fit_on_the_gpu(
         if backward:
             on_chip = element_size < 4 and fits
             assert plan.resident == on_chip
-            chunks = {min(plans.CHUNK, full)}
-            if element_size == 4 and plan.block_b * plan.block_h >= plans.SMALL_CHUNK_TILE:
-                chunks.add(32)
+            large = element_size == 4 and plan.block_b * plan.block_h >= plans.LARGE_TILE
+            chunks = {min(plans.CHUNK, full), 32} if large else {min(plans.CHUNK, full)}
             assert plan.block_k in ({full} if on_chip else chunks)
+            assert plan.warps == (8 if large and plan.block_k == min(plans.CHUNK, full) else 4)
         else:
             assert plan.resident == fits
             one_chunk = fits and element_size < 4
@@ -126,7 +126,7 @@ def test_candidates_fit_on_the_gpu(
     ("batch", "hidden", "backward", "element_size", "tiles", "chunk"),
     [
         (256, 1024, False, 4, (64, 32), 64),
-        (256, 1024, True, 4, (32, 64), 32),
+        (256, 1024, True, 4, (32, 64), 64),
         (128, 1024, True, 4, (32, 32), 64),
         (256, 512, True, 4, (32, 32), 64),
         (64, 512, False, 4, (32, 8), 64),
@@ -144,14 +144,16 @@ def test_rule_tiles(
     chunk: int,
 ) -> None:
     """The rule's tiles on 132 SMs (an H100) where plans.py documents its measurements: the
-    float32 backward takes its own least-read tiles (large ones in chunks of 32), 16-bit
-    types the forward's; every grid fits on the SMs at once."""
+    float32 backward takes its own least-read tiles (large ones on 8 warps), 16-bit types the
+    forward's; every grid fits on the SMs at once."""
     monkeypatch.setattr(plans, "_programs", lambda _device: 132)
     make = plans.backward_plan if backward else plans.forward_plan
     plan = make(batch, hidden, element_size, DEVICE)
     rows, units = plan.grid(batch, hidden)
     assert rows * units <= 132
     assert ((plan.block_b, plan.block_h), plan.block_k) == (tiles, chunk)
+    large = backward and element_size == 4 and tiles[0] * tiles[1] >= plans.LARGE_TILE
+    assert plan.warps == (8 if large else 4)
     forward = plans.forward_plan(batch, hidden, element_size, DEVICE)
     if element_size == 2:
         assert (plan.block_b, plan.block_h) == (forward.block_b, forward.block_h)

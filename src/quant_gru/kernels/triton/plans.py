@@ -31,10 +31,12 @@ SINGLE_BYTES = 96 * 1024
 # program, states handed over in tagged words): measured on an H100, its steps take less time
 # than the tile kernel's in float32 and TF32 up to 16 rows, and no more in bfloat16.
 ROW_KERNEL_MAX_BATCH = 16
-# Float32 backward tiles of at least this many elements read R in chunks of 32 (and the
-# autotuner tries them in chunks of 64 too): at (256, H=1024) TF32 on an H100, 32 x 64 tiles
-# took 35 us a step in chunks of 32, 45 in chunks of 64.
-SMALL_CHUNK_TILE = 2048
+# Float32 backward tiles of at least this many elements run on 8 warps (the autotuner also
+# tries them on 4 in chunks of 32). At (256, H=1024) TF32 on an H100, 32 x 64 tiles took
+# 33 us a step on 8 warps, 35-36 on 4 in chunks of 32 and 45 on 4 in chunks of 64; the tiles
+# of 1024 elements and fewer at (128, H=1024), (256, H=512), (64, H=512) and (64, H=256) were
+# fastest on 4 (by 5 to 30 %).
+LARGE_TILE = 2048
 # The row kernel keeps its float32 slice of R in registers: at most 96 a thread, for 4 warps
 # (fastest where it fits) or 8.
 ROW_SLICE_ELEMENTS_4_WARPS = 96 * 32 * 4
@@ -163,7 +165,8 @@ def _backward_tiles(
     (R's columns then often stay on chip). Float32, whose columns are re-read every step, takes
     the tiles of ``_least_reads`` where a program reads the three gates' gradients of its rows
     and R's columns of its units a step. Measured on an H100 (TF32, us a step, this rule
-    against the forward's tiles): (256, H=1024) 32 x 64 tiles 35 against 44; (128, H=1024)
+    against the forward's tiles): (256, H=1024) 32 x 64 tiles 35 against 44 (33 on 8 warps,
+    LARGE_TILE); (128, H=1024)
     32 x 32, 21 against 28; (256, H=512) 32 x 32, 13 against 18."""
     if element_size < 4:
         return _tile_tiles(batch, hidden, element_size, programs)
@@ -269,9 +272,8 @@ def _backward_tile_plan(block_b: int, block_h: int, hidden: int, element_size: i
     full = padded(hidden)
     resident = element_size < 4 and 3 * full * block_h * element_size <= RESIDENT_BYTES
     block_k = full if resident else min(CHUNK, full)
-    if element_size == 4 and block_b * block_h >= SMALL_CHUNK_TILE:
-        block_k = min(32, full)
-    return Plan(False, block_b, block_h, block_k, warps=4, resident=resident)
+    warps = 8 if element_size == 4 and block_b * block_h >= LARGE_TILE else 4
+    return Plan(False, block_b, block_h, block_k, warps, resident=resident)
 
 
 def tile_candidates(
@@ -280,10 +282,10 @@ def tile_candidates(
     """The tile plans the autotuner measures (tuning.py): batch tiles of 16 to 64 rows and
     hidden tiles of 8 to 32 units (64 too in the backward) whose grid fits on the SMs once.
     R's slice stays on chip where it fits RESIDENT_BYTES (in the backward, for 16-bit types
-    only), else it is read in chunks every step: of 64 rows, and of 32 for large float32
-    backward tiles (SMALL_CHUNK_TILE) as well. Each plan costs a compilation, so the set keeps
-    to the tiles that came out fastest somewhere in a sweep on an H100. None under the
-    interpreter."""
+    only), else it is read in chunks every step: of 64 rows, and for large float32 backward
+    tiles (LARGE_TILE, 8 warps) also of 32 rows on 4 warps. Each plan costs a compilation, so
+    the set keeps to the tiles that came out fastest somewhere in a sweep on an H100. None
+    under the interpreter."""
     programs = _programs(device)
     if programs is None:
         return []
@@ -298,8 +300,8 @@ def tile_candidates(
             if backward:
                 plan = _backward_tile_plan(block_b, block_h, hidden, element_size)
                 plans.append(plan)
-                if plan.block_k != min(CHUNK, full) and not plan.resident:
-                    plans.append(replace(plan, block_k=min(CHUNK, full)))
+                if plan.warps == 8:
+                    plans.append(replace(plan, block_k=min(32, full), warps=4))
             else:
                 plans.append(_forward_tile_plan(block_b, block_h, hidden, element_size))
     return plans
