@@ -166,8 +166,7 @@ def _backward_tiles(
     the tiles of ``_least_reads`` where a program reads the three gates' gradients of its rows
     and R's columns of its units a step. Measured on an H100 (TF32, us a step, this rule
     against the forward's tiles): (256, H=1024) 32 x 64 tiles 35 against 44 (33 on 8 warps,
-    LARGE_TILE); (128, H=1024)
-    32 x 32, 21 against 28; (256, H=512) 32 x 32, 13 against 18."""
+    LARGE_TILE); (128, H=1024) 32 x 32, 21 against 28; (256, H=512) 32 x 32, 13 against 18."""
     if element_size < 4:
         return _tile_tiles(batch, hidden, element_size, programs)
     full = padded(hidden)
