@@ -98,7 +98,7 @@ def test_candidates_fit_on_the_gpu(
     forward candidate keeps R's slice on chip exactly when it fits RESIDENT_BYTES, taking the
     state in one chunk then for 16-bit types only; a backward one keeps it on chip, in one
     chunk, exactly when it fits and the type is 16-bit, and large float32 backward tiles are
-    tried on 8 warps, and on 4 in chunks of 32."""
+    tried on 8 warps, and on 4 in chunks of 32. Each tile runs on the rule's warps and on 4."""
     sms = 132
     monkeypatch.setattr(plans, "_programs", lambda _device: sms)
     full = plans.padded(hidden)
@@ -115,23 +115,31 @@ def test_candidates_fit_on_the_gpu(
             large = element_size == 4 and plan.block_b * plan.block_h >= plans.LARGE_TILE
             chunks = {min(plans.CHUNK, full), 32} if large else {min(plans.CHUNK, full)}
             assert plan.block_k in ({full} if on_chip else chunks)
-            assert plan.warps == (8 if large and plan.block_k == min(plans.CHUNK, full) else 4)
         else:
             assert plan.resident == fits
             one_chunk = fits and element_size < 4
             assert plan.block_k == (full if one_chunk else min(plans.CHUNK, full))
+        rule_warps = plans._tile_warps(plan.block_b, plan.block_h, element_size, backward)
+        assert plan.warps in {rule_warps, 4}
+    # Every tile is tried on 4 warps, and on the rule's warps where those differ.
+    tried = {(p.block_b, p.block_h, p.warps) for p in candidates}
+    for block_b, block_h, _ in tried:
+        rule_warps = plans._tile_warps(block_b, block_h, element_size, backward)
+        assert {(block_b, block_h, 4), (block_b, block_h, rule_warps)} <= tried
 
 
 @pytest.mark.parametrize(
-    ("batch", "hidden", "backward", "element_size", "tiles", "chunk"),
+    ("batch", "hidden", "backward", "element_size", "tiles", "chunk", "warps"),
     [
-        (256, 1024, False, 4, (64, 32), 64),
-        (256, 1024, True, 4, (32, 64), 64),
-        (128, 1024, True, 4, (32, 32), 64),
-        (256, 512, True, 4, (32, 32), 64),
-        (64, 512, False, 4, (32, 8), 64),
-        (64, 512, True, 2, (16, 16), 512),
-        (256, 1024, True, 2, (64, 32), 64),
+        (256, 1024, False, 4, (64, 32), 64, 8),
+        (256, 1024, True, 4, (32, 64), 64, 8),
+        (128, 1024, True, 4, (32, 32), 64, 4),
+        (256, 512, True, 4, (32, 32), 64, 4),
+        (64, 512, False, 4, (32, 8), 64, 4),
+        (64, 512, True, 4, (16, 16), 64, 2),
+        (64, 256, False, 2, (16, 8), 256, 2),
+        (64, 512, True, 2, (16, 16), 512, 2),
+        (256, 1024, True, 2, (64, 32), 64, 4),
     ],
 )
 def test_rule_tiles(
@@ -142,18 +150,18 @@ def test_rule_tiles(
     element_size: int,
     tiles: tuple[int, int],
     chunk: int,
+    warps: int,
 ) -> None:
-    """The rule's tiles on 132 SMs (an H100) where plans.py documents its measurements: the
-    float32 backward takes its own least-read tiles (large ones on 8 warps), 16-bit types the
-    forward's; every grid fits on the SMs at once."""
+    """The rule's plans on 132 SMs (an H100) where plans.py documents its measurements: the
+    float32 backward takes its own least-read tiles, 16-bit types the forward's; large float32
+    tiles run on 8 warps, small 16-bit ones and small float32 backward ones on 2; every grid
+    fits on the SMs at once."""
     monkeypatch.setattr(plans, "_programs", lambda _device: 132)
     make = plans.backward_plan if backward else plans.forward_plan
     plan = make(batch, hidden, element_size, DEVICE)
     rows, units = plan.grid(batch, hidden)
     assert rows * units <= 132
-    assert ((plan.block_b, plan.block_h), plan.block_k) == (tiles, chunk)
-    large = backward and element_size == 4 and tiles[0] * tiles[1] >= plans.LARGE_TILE
-    assert plan.warps == (8 if large else 4)
+    assert ((plan.block_b, plan.block_h), plan.block_k, plan.warps) == (tiles, chunk, warps)
     forward = plans.forward_plan(batch, hidden, element_size, DEVICE)
     if element_size == 2:
         assert (plan.block_b, plan.block_h) == (forward.block_b, forward.block_h)

@@ -31,12 +31,21 @@ SINGLE_BYTES = 96 * 1024
 # program, states handed over in tagged words): measured on an H100, its steps take less time
 # than the tile kernel's in float32 and TF32 up to 16 rows, and no more in bfloat16.
 ROW_KERNEL_MAX_BATCH = 16
-# Float32 backward tiles of at least this many elements run on 8 warps (the autotuner also
-# tries them on 4 in chunks of 32). At (256, H=1024) TF32 on an H100, 32 x 64 tiles took
-# 33 us a step on 8 warps, 35-36 on 4 in chunks of 32 and 45 on 4 in chunks of 64; the tiles
-# of 1024 elements and fewer at (128, H=1024), (256, H=512), (64, H=512) and (64, H=256) were
-# fastest on 4 (by 5 to 30 %).
+# Warps of a tile program (``_tile_warps``): 8 for float32 tiles of at least LARGE_TILE
+# elements, 2 for tiles of at most SMALL_TILE elements in 16-bit types and in the float32
+# backward, else 4. Measured on an H100, a step:
+# - float32 (TF32) at (256, H=1024), forward 64 x 32 tiles: 18.5 us on 8 warps, 20.1 on 4
+#   (training forward 18.6 against 21.9); backward 32 x 64: 33 against 35-36 on 4 in chunks
+#   of 32 (the autotuner tries that too), 45-46 on 4 in chunks of 64.
+# - float32 tiles of 1024 elements at (128, H=1024) and (256, H=512): 4 warps fastest, by
+#   8 to 20 %; bfloat16 64 x 32 at (256, H=1024): 8.5 on 4, 10.4 on 8.
+# - 2 warps against 4, tiles of 128 and 256 elements at (64, H=256) and (64, H=512):
+#   bfloat16 forward 2.7 against 3.0 and 3.4 against 3.6, backward 3.5 against 3.9 and 4.4
+#   against 4.7; float32 backward 6.2 against 6.4 and 7.9 against 9.2. The float32 forward
+#   was mixed (5.3 against 4.8 at (64, H=512) without saving, 5.0 against 7.1 saving), so it
+#   keeps 4.
 LARGE_TILE = 2048
+SMALL_TILE = 256
 # The row kernel keeps its float32 slice of R in registers: at most 96 a thread, for 4 warps
 # (fastest where it fits) or 8.
 ROW_SLICE_ELEMENTS_4_WARPS = 96 * 32 * 4
@@ -165,8 +174,8 @@ def _backward_tiles(
     (R's columns then often stay on chip). Float32, whose columns are re-read every step, takes
     the tiles of ``_least_reads`` where a program reads the three gates' gradients of its rows
     and R's columns of its units a step. Measured on an H100 (TF32, us a step, this rule
-    against the forward's tiles): (256, H=1024) 32 x 64 tiles 35 against 44 (33 on 8 warps,
-    LARGE_TILE); (128, H=1024) 32 x 32, 21 against 28; (256, H=512) 32 x 32, 13 against 18."""
+    against the forward's tiles, both on 4 warps): (256, H=1024) 32 x 64 tiles 35 against 44;
+    (128, H=1024) 32 x 32, 21 against 28; (256, H=512) 32 x 32, 13 against 18."""
     if element_size < 4:
         return _tile_tiles(batch, hidden, element_size, programs)
     full = padded(hidden)
@@ -231,11 +240,22 @@ def _tile_plan(batch: int, hidden: int, element_size: int, programs: int | None)
 def _forward_tile_plan(block_b: int, block_h: int, hidden: int, element_size: int) -> Plan:
     """The forward tile kernel's plan for these tiles (not single): R's slice stays on chip
     where it fits RESIDENT_BYTES, in K chunks by ``_resident_chunk``, else it is read in
-    chunks every step. 4 warps, the fastest measured."""
+    chunks every step."""
     full = padded(hidden)
     resident = 3 * block_h * full * element_size <= RESIDENT_BYTES
     block_k = _resident_chunk(full, element_size) if resident else min(CHUNK, full)
-    return Plan(False, block_b, block_h, block_k, warps=4, resident=resident)
+    warps = _tile_warps(block_b, block_h, element_size, backward=False)
+    return Plan(False, block_b, block_h, block_k, warps, resident=resident)
+
+
+def _tile_warps(block_b: int, block_h: int, element_size: int, backward: bool) -> int:
+    """The warps of a tile program (measurements at LARGE_TILE)."""
+    tile = block_b * block_h
+    if element_size == 4 and tile >= LARGE_TILE:
+        return 8
+    if tile <= SMALL_TILE and (backward or element_size < 4):
+        return 2
+    return 4
 
 
 def forward_plan(batch: int, hidden: int, element_size: int, device: torch.device) -> Plan:
@@ -271,7 +291,7 @@ def _backward_tile_plan(block_b: int, block_h: int, hidden: int, element_size: i
     full = padded(hidden)
     resident = element_size < 4 and 3 * full * block_h * element_size <= RESIDENT_BYTES
     block_k = full if resident else min(CHUNK, full)
-    warps = 8 if element_size == 4 and block_b * block_h >= LARGE_TILE else 4
+    warps = _tile_warps(block_b, block_h, element_size, backward=True)
     return Plan(False, block_b, block_h, block_k, warps, resident=resident)
 
 
@@ -281,10 +301,10 @@ def tile_candidates(
     """The tile plans the autotuner measures (tuning.py): batch tiles of 16 to 64 rows and
     hidden tiles of 8 to 32 units (64 too in the backward) whose grid fits on the SMs once.
     R's slice stays on chip where it fits RESIDENT_BYTES (in the backward, for 16-bit types
-    only), else it is read in chunks every step: of 64 rows, and for large float32 backward
-    tiles (LARGE_TILE, 8 warps) also of 32 rows on 4 warps. Each plan costs a compilation, so
-    the set keeps to the tiles that came out fastest somewhere in a sweep on an H100. None
-    under the interpreter."""
+    only), else it is read in chunks every step: of 64 rows. Each plan runs on the warps of
+    ``_tile_warps`` and, where those are not 4, on 4 as well (large float32 backward tiles
+    then in chunks of 32). Each plan costs a compilation, so the set keeps to the tiles that
+    came out fastest somewhere in a sweep on an H100. None under the interpreter."""
     programs = _programs(device)
     if programs is None:
         return []
@@ -298,9 +318,11 @@ def tile_candidates(
                 continue
             if backward:
                 plan = _backward_tile_plan(block_b, block_h, hidden, element_size)
-                plans.append(plan)
-                if plan.warps == 8:
-                    plans.append(replace(plan, block_k=min(32, full), warps=4))
             else:
-                plans.append(_forward_tile_plan(block_b, block_h, hidden, element_size))
+                plan = _forward_tile_plan(block_b, block_h, hidden, element_size)
+            plans.append(plan)
+            if plan.warps == 8 and backward:
+                plans.append(replace(plan, block_k=min(32, full), warps=4))
+            elif plan.warps != 4:
+                plans.append(replace(plan, warps=4))
     return plans
