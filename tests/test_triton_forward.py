@@ -284,7 +284,8 @@ if DEVICE.type == "cuda":  # several hidden tiles meeting at the barrier
 def test_tile_kernel_layouts(layout: str, tf32: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each way the tile kernel holds R (whole state in one program, on chip in K chunks,
     re-read every step) on packed lengths in both directions. Under TF32 the state enters
-    the products split in two rounded parts (products.py), so the forward is float32-accurate
+    the products split in two rounded parts (products.py: H=24 is below SPLIT_BELOW_HIDDEN),
+    so the forward is float32-accurate
     against a float64 GRU whose R is rounded to TF32 as the kernel's is."""
     from quant_gru.kernels.triton.gru_forward import gru_direction_forward
     from quant_gru.kernels.triton.products import rounded_to_tf32

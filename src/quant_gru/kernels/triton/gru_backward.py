@@ -21,7 +21,7 @@ import triton.language as tl
 from torch import Tensor
 
 from quant_gru.kernels.triton import tuning
-from quant_gru.kernels.triton.gru_forward import _program_tile, _rows_chunk
+from quant_gru.kernels.triton.gru_forward import _program_tile, _rows_chunk, _step_time
 from quant_gru.kernels.triton.ops import recurrent_grad_type
 from quant_gru.kernels.triton.plans import (
     Plan,
@@ -68,17 +68,6 @@ def _has_previous(t, length, REVERSE: tl.constexpr):
     else:
         has_prev = ((length * 0 + t - 1) >= 0)[:, None] & (t < length)[:, None]
     return has_prev
-
-
-@triton.jit
-def _backward_times(step, steps, REVERSE: tl.constexpr):
-    """The time index of loop iteration ``step`` (time runs backwards) and of the next one
-    (clamped to a valid step on the last iteration: its inputs are loaded, not used)."""
-    if REVERSE:
-        times = step, tl.minimum(step + 1, steps - 1)
-    else:
-        times = steps - 1 - step, tl.maximum(steps - 2 - step, 0)
-    return times
 
 
 @triton.jit
@@ -184,7 +173,7 @@ def _gru_backward_tile_kernel(
         )  # fmt: skip
 
     for step in range(steps):
-        t, t_next = _backward_times(step, steps, REVERSE)
+        t, t_next = _step_time(step, steps, not REVERSE)  # time runs backwards
         if PREFETCH:
             grad_out, r, z, n, ghn, h_prev = inputs
             inputs = _step_inputs(
@@ -274,7 +263,7 @@ def _gru_backward_row_kernel(
     )  # fmt: skip
 
     for step in range(steps):
-        t, t_next = _backward_times(step, steps, REVERSE)
+        t, t_next = _step_time(step, steps, not REVERSE)  # time runs backwards
         grad_out, r, z, n, ghn, h_prev = inputs
         inputs = _step_inputs(
             t_next, steps, length, grad_out_ptr, out_ptr, saved_ptr, rows, units, own,

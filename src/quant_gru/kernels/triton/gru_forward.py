@@ -120,7 +120,8 @@ def _resident_slice(w_ptr, units, unit_ok, hidden, BK, CHUNKS):
 @triton.jit
 def _step_time(step, steps, REVERSE: tl.constexpr):
     """The time index of loop iteration ``step`` and of the next one (clamped to a valid step
-    on the last iteration: its input projections are loaded, not used)."""
+    on the last iteration: its inputs are loaded, not used). The backward passes
+    ``not REVERSE``: it visits the steps in the opposite order."""
     if REVERSE:
         return steps - 1 - step, tl.maximum(steps - 2 - step, 0)
     return step, tl.minimum(step + 1, steps - 1)

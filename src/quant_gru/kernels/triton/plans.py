@@ -272,7 +272,7 @@ def backward_plan(batch: int, hidden: int, element_size: int, device: torch.devi
 def _plan(batch: int, hidden: int, element_size: int, programs: int | None, backward: bool) -> Plan:
     """The forward's kernel and tiles: the row kernel for small batches where R's slice fits,
     else the tile kernel. The backward's: the row kernel where the forward's would be used and
-    R's columns fit, else the tile kernel with the forward's tiles."""
+    R's columns fit, else the tile kernel with ``_backward_tiles``."""
     if batch <= ROW_KERNEL_MAX_BATCH:
         plan = _row_plan(batch, hidden, programs, backward)
         if plan is not None:
