@@ -35,12 +35,13 @@ CASES = [
     dict(input_size=3, hidden_size=37, num_layers=2, bidirectional=True),
     dict(input_size=5, hidden_size=20, num_layers=1, batch_first=True, bias=False),
     dict(input_size=7, hidden_size=9, num_layers=2, batch_first=True, bidirectional=True),
-    # Too large for one program: several hidden tiles on a GPU (R's slices in registers),
-    # one tile re-reading R in chunks of H every step under the interpreter.
+    # Under the interpreter, too large for the single tile kernel: one tile re-reading R in
+    # chunks every step. On a GPU, one row a program holding all of R (H up to 128).
     dict(input_size=3, hidden_size=80, num_layers=1),
 ]
 if DEVICE.type == "cuda":
-    # Several hidden tiles re-reading their R slices from L2 every step.
+    # Several hidden tiles re-reading their R slices from L2 every step (twenty rows), or
+    # handing the state over between row programs (six).
     CASES.append(dict(input_size=8, hidden_size=300, num_layers=1, bidirectional=True))
 
 
@@ -287,10 +288,16 @@ def test_tile_kernel_layouts(layout: str, tf32: bool, monkeypatch: pytest.Monkey
     the products split in two rounded parts (products.py: H=24 is below SPLIT_BELOW_HIDDEN),
     so the forward is float32-accurate
     against a float64 GRU whose R is rounded to TF32 as the kernel's is."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+    check_forward_plan(TILE_PLANS[layout], layout, rounded=tf32)
+
+
+def check_forward_plan(plan: Plan, what: str, rounded: bool) -> None:
+    """The forward under ``plan`` on packed lengths in both directions against a float64 GRU
+    (whose R is rounded to TF32 when the kernel's is, ``rounded``)."""
     from quant_gru.kernels.triton.gru_forward import gru_direction_forward
     from quant_gru.kernels.triton.products import rounded_to_tf32
 
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
     torch.manual_seed(1)
     hidden, batch = 24, 20
     x = torch.randn(6, batch, 3, device=DEVICE)
@@ -301,16 +308,14 @@ def test_tile_kernel_layouts(layout: str, tf32: bool, monkeypatch: pytest.Monkey
     lengths = torch.randint(0, 7, (batch,), device=DEVICE)
     # Made in float64: under TF32 the input projection's GEMM would add TF32 error of its own.
     gates_x = torch.nn.functional.linear(x.double(), w_ih.double(), b_ih.double()).float()
-    w_exact = rounded_to_tf32(w_hh) if tf32 else w_hh
+    w_exact = rounded_to_tf32(w_hh) if rounded else w_hh
     for reverse in (False, True):
-        out, h_n = gru_direction_forward(
-            gates_x, h0, w_hh, b_hh, lengths, reverse, None, TILE_PLANS[layout]
-        )
+        out, h_n = gru_direction_forward(gates_x, h0, w_hh, b_hh, lengths, reverse, None, plan)
         want, want_h = gru_direction(
             *(t.double() for t in (x, h0, w_ih, w_exact, b_ih, b_hh)), lengths, reverse
         )
-        assert_float_conformant(out, want, f"{layout} reverse={reverse}")
-        assert_float_conformant(h_n, want_h, f"{layout} reverse={reverse}")
+        assert_float_conformant(out, want, f"{what} reverse={reverse}")
+        assert_float_conformant(h_n, want_h, f"{what} reverse={reverse}")
 
 
 @pytest.mark.parametrize("layout", [name for name in TILE_PLANS if name != "single"])
@@ -320,6 +325,13 @@ def test_backward_tile_layouts(layout: str) -> None:
     directions, against autograd through the plain recurrence in float64: the gradients of
     the input projections, of h0 and (summed over steps and rows) of R_n h + b_n, which is
     b_hh's n part."""
+    plan = TILE_PLANS[layout]
+    check_backward_plan(plan, plan, layout)
+
+
+def check_backward_plan(forward: Plan, backward: Plan, what: str) -> None:
+    """The backward under ``backward`` (after the forward under ``forward``) on packed
+    lengths in both directions against autograd through the float64 recurrence."""
     from quant_gru.kernels.triton.gru_backward import gru_direction_backward
     from quant_gru.kernels.triton.gru_forward import gru_direction_forward
 
@@ -336,18 +348,37 @@ def test_backward_tile_layouts(layout: str) -> None:
     eye = torch.eye(3 * hidden, device=DEVICE, dtype=torch.float64)
     for reverse in (False, True):
         saved = torch.empty(steps, batch, 4 * hidden, device=DEVICE)
-        out, _ = gru_direction_forward(gates_x, h0, w_hh, b_hh, lengths, reverse, saved)
+        out, _ = gru_direction_forward(gates_x, h0, w_hh, b_hh, lengths, reverse, saved, forward)
         grad_gx, grad_h0, grad_ghn = gru_direction_backward(
-            grad_out, grad_h_n, out, h0, saved, w_hh, lengths32, reverse, torch.float32,
-            TILE_PLANS[layout],
-        )  # fmt: skip
+            grad_out, grad_h_n, out, h0, saved, w_hh, lengths32, reverse, torch.float32, backward
+        )
         x64, h64, b64 = (t.double().requires_grad_() for t in (gates_x, h0, b_hh))
         want, want_h = gru_direction(x64, h64, eye, w_hh.double(), None, b64, lengths, reverse)
         ((want * grad_out.double()).sum() + (want_h * grad_h_n.double()).sum()).backward()
-        what = f"{layout} reverse={reverse}"
-        assert_float_conformant(grad_gx, x64.grad, f"input projections' grad, {what}")
-        assert_float_conformant(grad_h0, h64.grad, f"h0 grad, {what}")
-        assert_float_conformant(grad_ghn.sum((0, 1)), b64.grad[2 * hidden :], f"b_hn grad, {what}")
+        case = f"{what} reverse={reverse}"
+        assert_float_conformant(grad_gx, x64.grad, f"input projections' grad, {case}")
+        assert_float_conformant(grad_h0, h64.grad, f"h0 grad, {case}")
+        assert_float_conformant(grad_ghn.sum((0, 1)), b64.grad[2 * hidden :], f"b_hn grad, {case}")
+
+
+# For H = 24 (32 padded): (forward plan, backward plan). The tagged backward holds R's
+# columns of its units over padded 3H = 128 rows, the single one 3 blocks of 32.
+ROW_PLANS = {
+    "single": (Plan(True, 1, 32, 32, 4, single=True), Plan(True, 1, 32, 32, 4, single=True)),
+    "tagged, one hidden tile": (Plan(True, 1, 32, 32, 4), Plan(True, 1, 32, 128, 4)),
+}
+if DEVICE.type == "cuda":  # several hidden tiles handing the state over
+    ROW_PLANS["tagged, 3 hidden tiles"] = (Plan(True, 1, 8, 32, 4), Plan(True, 1, 8, 128, 4))
+
+
+@pytest.mark.parametrize("layout", ROW_PLANS)
+def test_row_kernel_layouts(layout: str) -> None:
+    """The row kernels, holding all of R (the state stays in the program) or handing the
+    state over in tagged words, forward and backward, on packed lengths in both directions.
+    Their products are float32 on the CUDA cores, so they are exact even under TF32."""
+    forward, backward = ROW_PLANS[layout]
+    check_forward_plan(forward, layout, rounded=False)
+    check_backward_plan(forward, backward, layout)
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="the limit exists on a GPU only")
@@ -409,7 +440,8 @@ def test_environment_selects_the_backend(monkeypatch: pytest.MonkeyPatch) -> Non
 @pytest.mark.parametrize("batch", [6, 20])
 def test_gradients_match_nn_gru(kwargs: dict, packed: bool, batch: int) -> None:
     """Training through the kernels: the input's, h0's and every parameter's gradient. Six rows
-    take the row kernels, twenty the tile kernels (plans.ROW_KERNEL_MAX_BATCH)."""
+    take the row kernels; twenty the tile kernels under the interpreter and where H > 128 on
+    a GPU, else the row kernels holding all of R (plans.ROW_KERNEL_MAX_BATCH)."""
     from quant_gru.kernels.triton.plans import ROW_KERNEL_MAX_BATCH
 
     assert (batch <= ROW_KERNEL_MAX_BATCH) == (batch == 6)

@@ -167,6 +167,44 @@ def test_rule_tiles(
         assert (plan.block_b, plan.block_h) == (forward.block_b, forward.block_h)
 
 
+@pytest.mark.parametrize(
+    ("batch", "hidden", "expected"),
+    [
+        (16, 128, ("single", 8)),
+        (132, 100, ("single", 8)),
+        (16, 64, ("single", 4)),
+        (1, 256, ("handover", 4)),
+        (133, 128, "tile"),
+        (20, 256, "tile"),
+    ],
+)
+@pytest.mark.parametrize("backward", [False, True])
+def test_rule_rows(
+    monkeypatch: pytest.MonkeyPatch,
+    batch: int,
+    hidden: int,
+    expected: tuple[str, int] | str,
+    backward: bool,
+) -> None:
+    """On 132 SMs: one row a program holding all of R wherever R fits (H up to 128) and every
+    row's program fits on the SMs; the handover between programs of a row for other small
+    batches; the tile kernels otherwise. Any float type: the row kernels compute in float32."""
+    monkeypatch.setattr(plans, "_programs", lambda _device: 132)
+    make = plans.backward_plan if backward else plans.forward_plan
+    for element_size in (2, 4):
+        plan = make(batch, hidden, element_size, DEVICE)
+        if expected == "tile":
+            assert not plan.rows
+            continue
+        kind, warps = expected
+        full = plans.padded(hidden)
+        assert plan.rows and plan.single == (kind == "single") and plan.warps == warps
+        rows, units = plan.grid(batch, hidden)
+        assert rows == batch and rows * units <= 132
+        if plan.single:
+            assert (plan.block_h, plan.block_k) == (full, full)
+
+
 def test_no_candidates_under_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert plans.tile_candidates(64, 256, 4, DEVICE, False) == []

@@ -30,7 +30,7 @@ from quant_gru.kernels.triton.plans import (
     tile_candidates,
 )
 from quant_gru.kernels.triton.products import TF32, _product, dot_precision, rounded_to_tf32
-from quant_gru.kernels.triton.sync import _await_state, _barrier, _publish
+from quant_gru.kernels.triton.sync import _await_state, _barrier, _publish, zero_words
 
 # The tile backward loads a step's six input tiles a step ahead up to this many elements a
 # tile: measured on an H100, 16 x 8 to 32 x 8 tiles took 22-31 % less time a step (7.65 to 5.98
@@ -237,7 +237,8 @@ def _gru_backward_row_kernel(
     REVERSE: tl.constexpr,
     BB: tl.constexpr,
     BH: tl.constexpr,
-    BK: tl.constexpr,  # padded 3H: the program's columns of R (BK, BH) stay in registers
+    BK: tl.constexpr,  # padded 3H (padded H when SINGLE): R's columns stay in registers
+    SINGLE: tl.constexpr,  # the program holds every unit (BH == BK): dgh stays here
     COMPILED: tl.constexpr,  # False under TRITON_INTERPRET=1
 ):
     rows, units, row_ok, unit_ok, own, own_offsets = _program_tile(batch, hidden, BB, BH)
@@ -245,12 +246,18 @@ def _gru_backward_row_kernel(
     carry = tl.load(grad_h_n_ptr + own_offsets, mask=own, other=0.0).to(tl.float32)
     h0 = tl.load(h0_ptr + own_offsets, mask=own, other=0.0).to(tl.float32)
 
-    # dh_{t-1}[j] = Σ_k dgh[k] R[k, j] over the 3H rows k of R, gates one after another.
+    # dh_{t-1}[j] = Σ_k dgh[k] R[k, j] over the 3H rows k of R, gates one after another:
+    # as one (BK, BH) block of R's columns, or (SINGLE) as a block per gate, (BH, BH) each.
     ks = tl.arange(0, BK)
-    k_ok = ks < 3 * hidden
+    k_ok = ks < (hidden if SINGLE else 3 * hidden)
     w_mask = k_ok[:, None] & unit_ok[None, :]
-    w_columns = tl.load(w_ptr + ks[:, None] * hidden + units[None, :], mask=w_mask, other=0.0)
-    w_columns = w_columns.to(tl.float32)[None, :, :]  # (1, BK, BH)
+    w_offsets = ks[:, None] * hidden + units[None, :]
+    w_columns = tl.load(w_ptr + w_offsets, mask=w_mask, other=0.0).to(tl.float32)[None, :, :]
+    if SINGLE:
+        w_z_columns = tl.load(w_ptr + hidden * hidden + w_offsets, mask=w_mask, other=0.0)
+        w_z_columns = w_z_columns.to(tl.float32)[None, :, :]
+        w_n_columns = tl.load(w_ptr + 2 * hidden * hidden + w_offsets, mask=w_mask, other=0.0)
+        w_n_columns = w_n_columns.to(tl.float32)[None, :, :]
     dgh_offsets = rows[:, None] * (3 * hidden) + ks[None, :]
     dgh_mask = row_ok[:, None] & k_ok[None, :]
     mine = rows[:, None] * (3 * hidden) + units[None, :]
@@ -273,12 +280,17 @@ def _gru_backward_row_kernel(
             carry, h0, t, length, grad_out, r, z, n, ghn, h_prev, grad_gx_ptr, grad_ghn_ptr,
             rows, units, own, own_offsets, batch, hidden, REVERSE,
         )  # fmt: skip
-        words = words_ptr + (step % 2) * batch * 3 * hidden
-        _publish(words, mine, own, da_r, step + 1)
-        _publish(words, mine + hidden, own, da_z, step + 1)
-        _publish(words, mine + 2 * hidden, own, dghn, step + 1)
-        dgh = _await_state(words, dgh_offsets, dgh_mask, step + 1, COMPILED)
-        acc = tl.sum(dgh[:, :, None] * w_columns, axis=1)
+        if SINGLE:  # units past H hold zeros
+            acc = tl.sum(da_r[:, :, None] * w_columns, axis=1)
+            acc += tl.sum(da_z[:, :, None] * w_z_columns, axis=1)
+            acc += tl.sum(dghn[:, :, None] * w_n_columns, axis=1)
+        else:
+            words = words_ptr + (step % 2) * batch * 3 * hidden
+            _publish(words, mine, own, da_r, step + 1)
+            _publish(words, mine + hidden, own, da_z, step + 1)
+            _publish(words, mine + 2 * hidden, own, dghn, step + 1)
+            dgh = _await_state(words, dgh_offsets, dgh_mask, step + 1, COMPILED)
+            acc = tl.sum(dgh[:, :, None] * w_columns, axis=1)
         carry = tl.where(active, dh * z + acc, dh)
 
     tl.store(grad_h0_ptr + own_offsets, carry, mask=own)
@@ -319,11 +331,11 @@ def gru_direction_backward(
     operands = (grad_out.contiguous(), grad_h_n.contiguous(), out, h0.contiguous(), saved)
     outputs = (w_hh.contiguous(), lengths, grad_ghn, grad_gx, grad_h0)
     if plan.rows:
-        words = torch.zeros(2, batch, 3 * hidden, device=device, dtype=torch.int64)
+        words = grad_gx if plan.single else zero_words(2, batch, 3 * hidden, device=device)
         _gru_backward_row_kernel[grid](
             *operands, *outputs, words, steps, batch, hidden,
             REVERSE=reverse, BB=plan.block_b, BH=plan.block_h, BK=plan.block_k,
-            COMPILED=not interpreted(), num_warps=plan.warps,
+            SINGLE=plan.single, COMPILED=not interpreted(), num_warps=plan.warps,
         )  # fmt: skip
         return grad_gx, grad_h0, grad_ghn
     exchange = torch.empty(2, batch, 3 * hidden, device=device, dtype=grad_ghn.dtype)

@@ -40,7 +40,7 @@ from quant_gru.kernels.triton.products import (
     forward_tf32,
     rounded_to_tf32,
 )
-from quant_gru.kernels.triton.sync import _await_state, _barrier, _publish
+from quant_gru.kernels.triton.sync import _await_state, _barrier, _publish, zero_words
 
 
 @triton.jit
@@ -258,6 +258,7 @@ def _gru_forward_row_kernel(
     BB: tl.constexpr,
     BH: tl.constexpr,
     BK: tl.constexpr,  # padded H: the program's R slice (3, BH, BK) stays in registers
+    SINGLE: tl.constexpr,  # the program holds every unit (BH == BK): the state stays here
     SAVE: tl.constexpr,
     COMPILED: tl.constexpr,  # False under TRITON_INTERPRET=1
 ):
@@ -265,13 +266,14 @@ def _gru_forward_row_kernel(
     plane = batch * hidden
     length = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
     h = tl.load(h0_ptr + own_offsets, mask=own, other=0.0).to(tl.float32)
-    _publish(words_ptr, own_offsets, own, h, 1)
+    if not SINGLE:
+        _publish(words_ptr, own_offsets, own, h, 1)
     bias_r, bias_z, bias_n = _gate_biases(bias_ptr, units, unit_ok, hidden)
 
     ks = tl.arange(0, BK)
     k_ok = ks < hidden
-    w_mask = unit_ok[:, None] & k_ok[None, :]
-    w_offsets = units[:, None] * hidden + ks[None, :]  # R rows (BH, BK)
+    w_mask = k_ok[:, None] & unit_ok[None, :]
+    w_offsets = units[None, :] * hidden + ks[:, None]  # R^T (BK, BH)
     w_r = tl.load(w_ptr + w_offsets, mask=w_mask, other=0.0).to(tl.float32)[None, :, :]
     w_z = tl.load(w_ptr + hidden * hidden + w_offsets, mask=w_mask, other=0.0)
     w_z = w_z.to(tl.float32)[None, :, :]
@@ -286,18 +288,22 @@ def _gru_forward_row_kernel(
     for step in range(steps):
         t, t_next = _step_time(step, steps, REVERSE)
         next_r, next_z, next_n = _input_projections(gx_rows, t_next, batch, hidden, own)
-        source = words_ptr + (step % 2) * plane
-        state = _await_state(source, state_offsets, state_mask, step + 1, COMPILED)
-        state = state[:, None, :]  # (BB, 1, BK) against R's (1, BH, BK)
-        acc_r = tl.sum(state * w_r, axis=2)
-        acc_z = tl.sum(state * w_z, axis=2)
-        acc_n = tl.sum(state * w_n, axis=2)
+        if SINGLE:  # units past H hold zeros, like the words past H
+            state = h[:, :, None]  # (BB, BK, 1) against R^T's (1, BK, BH)
+        else:
+            source = words_ptr + (step % 2) * plane
+            state = _await_state(source, state_offsets, state_mask, step + 1, COMPILED)
+            state = state[:, :, None]
+        acc_r = tl.sum(state * w_r, axis=1)
+        acc_z = tl.sum(state * w_z, axis=1)
+        acc_n = tl.sum(state * w_n, axis=1)
         h = _update(
             h, gx_r, gx_z, gx_n, acc_r, acc_z, acc_n, bias_r, bias_z, bias_n,
             t, length, out_ptr, saved_ptr, rows, units, own, own_offsets, batch, hidden, SAVE,
         )  # fmt: skip
         gx_r, gx_z, gx_n = next_r, next_z, next_n
-        _publish(words_ptr + ((step + 1) % 2) * plane, own_offsets, own, h, step + 2)
+        if not SINGLE:
+            _publish(words_ptr + ((step + 1) % 2) * plane, own_offsets, own, h, step + 2)
 
     tl.store(h_n_ptr + own_offsets, h.to(h_n_ptr.dtype.element_ty), mask=own)
 
@@ -344,12 +350,13 @@ def gru_direction_forward(
     operands = (gates_x.contiguous(), w_hh.contiguous(), bias.contiguous(), h0.contiguous())
     grid = plan.grid(batch, hidden)
     if plan.rows:
-        words = torch.zeros(2, batch, hidden, device=device, dtype=torch.int64)
+        words = out if plan.single else zero_words(2, batch, hidden, device=device)
         _gru_forward_row_kernel[grid](
             *operands, lengths32, out, h_n, words, words if saved is None else saved,
             steps, batch, hidden,
             REVERSE=reverse, BB=plan.block_b, BH=plan.block_h, BK=plan.block_k,
-            SAVE=saved is not None, COMPILED=not interpreted(), num_warps=plan.warps,
+            SINGLE=plan.single, SAVE=saved is not None, COMPILED=not interpreted(),
+            num_warps=plan.warps,
         )  # fmt: skip
         return out, h_n
     # 16-bit states are exchanged in their own type: tl.dot reads nothing finer.

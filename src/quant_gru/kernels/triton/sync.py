@@ -14,6 +14,7 @@ to at most one program per SM):
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -29,6 +30,11 @@ def _barrier(counter_ptr, target):
     while tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu") < target:
         pass
     tl.debug_barrier()
+
+
+def zero_words(*shape: int, device: torch.device) -> torch.Tensor:
+    """Tagged words for ``_publish`` / ``_await_state``, all tags 0 (no step yet)."""
+    return torch.zeros(shape, device=device, dtype=torch.int64)
 
 
 @triton.jit
