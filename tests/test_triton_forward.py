@@ -195,7 +195,7 @@ def test_half_precision_within_twice_the_plain_path(dtype: torch.dtype) -> None:
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="compares with cuDNN, on a GPU")
 @pytest.mark.parametrize("precision", ["bfloat16", "float16", "float32", "tf32"])
-@pytest.mark.parametrize(("batch", "hidden"), [(3, 96), (40, 160), (48, 512)])
+@pytest.mark.parametrize(("batch", "hidden"), [(3, 96), (40, 160), (100, 160), (48, 512)])
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_gradients_within_twice_cudnn(
     precision: str,
@@ -206,9 +206,10 @@ def test_gradients_within_twice_cudnn(
 ) -> None:
     """Training against cuDNN's own error at the same precision: the output, h_n and the
     gradient of the input, h0 and every parameter, each against float64, at most twice
-    cuDNN's error (row kernels for 3 rows, tile kernels for 40 and 48; under TF32 the forward
-    splits the state at H=160 and rounds it at H=512). 'tf32' is float32 with
-    torch's TF32 switches on, for cuDNN and us alike; 'float32' has them off."""
+    cuDNN's error. Row kernels for 3 rows (all of R in one program) and for the forward at
+    40 rows (programs of 64 units), tile kernels otherwise; under TF32 the tile forward splits
+    the state at H=160 and rounds it at H=512. 'tf32' is float32 with torch's TF32 switches
+    on, for cuDNN and us alike; 'float32' has them off."""
     tf32 = precision == "tf32"
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)
@@ -369,6 +370,15 @@ ROW_PLANS = {
 }
 if DEVICE.type == "cuda":  # several hidden tiles handing the state over
     ROW_PLANS["tagged, 3 hidden tiles"] = (Plan(True, 1, 8, 32, 4), Plan(True, 1, 8, 128, 4))
+    # The forward's wide plans: several rows a program (the backward takes one).
+    ROW_PLANS["tagged, 2 rows, 3 hidden tiles"] = (
+        Plan(True, 2, 8, 32, 4),
+        Plan(True, 1, 8, 128, 4),
+    )
+    ROW_PLANS["tagged, 2 rows, 1 hidden tile"] = (
+        Plan(True, 2, 32, 32, 4),
+        Plan(True, 1, 32, 128, 4),
+    )
 
 
 @pytest.mark.parametrize("layout", ROW_PLANS)

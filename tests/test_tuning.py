@@ -152,17 +152,19 @@ def test_rule_tiles(
     chunk: int,
     warps: int,
 ) -> None:
-    """The rule's plans on 132 SMs (an H100) where plans.py documents its measurements: the
-    float32 backward takes its own least-read tiles, 16-bit types the forward's; large float32
-    tiles run on 8 warps, small 16-bit ones and small float32 backward ones on 2; every grid
-    fits on the SMs at once."""
+    """The tile rule's plans on 132 SMs (an H100) where plans.py documents its measurements
+    (for the forward, the tile kernel's plan: at (64, 256) the forward takes the row kernel):
+    the float32 backward takes its own least-read tiles, 16-bit types the forward's; large
+    float32 tiles run on 8 warps, small 16-bit ones and small float32 backward ones on 2;
+    every grid fits on the SMs at once."""
     monkeypatch.setattr(plans, "_programs", lambda _device: 132)
-    make = plans.backward_plan if backward else plans.forward_plan
+    make = plans.backward_plan if backward else plans.tile_plan
     plan = make(batch, hidden, element_size, DEVICE)
+    assert not plan.rows
     rows, units = plan.grid(batch, hidden)
     assert rows * units <= 132
     assert ((plan.block_b, plan.block_h), plan.block_k, plan.warps) == (tiles, chunk, warps)
-    forward = plans.forward_plan(batch, hidden, element_size, DEVICE)
+    forward = plans.tile_plan(batch, hidden, element_size, DEVICE)
     if element_size == 2:
         assert (plan.block_b, plan.block_h) == (forward.block_b, forward.block_h)
 
@@ -170,12 +172,15 @@ def test_rule_tiles(
 @pytest.mark.parametrize(
     ("batch", "hidden", "expected"),
     [
-        (16, 128, ("single", 8)),
-        (132, 100, ("single", 8)),
-        (16, 64, ("single", 4)),
-        (1, 256, ("handover", 4)),
+        (16, 128, ("single", 8, 1)),
+        (132, 100, ("single", 8, 1)),
+        (16, 64, ("single", 4, 1)),
+        (1, 256, ("handover", 4, 1)),
         (133, 128, "tile"),
-        (20, 256, "tile"),
+        (20, 256, ("wide", 8, 1)),
+        (64, 256, ("wide", 8, 2)),
+        (128, 256, "tile"),
+        (64, 512, "tile"),
     ],
 )
 @pytest.mark.parametrize("backward", [False, True])
@@ -183,26 +188,32 @@ def test_rule_rows(
     monkeypatch: pytest.MonkeyPatch,
     batch: int,
     hidden: int,
-    expected: tuple[str, int] | str,
+    expected: tuple[str, int, int] | str,
     backward: bool,
 ) -> None:
     """On 132 SMs: one row a program holding all of R wherever R fits (H up to 128) and every
     row's program fits on the SMs; the handover between programs of a row for other small
-    batches; the tile kernels otherwise. Any float type: the row kernels compute in float32."""
+    batches; in the forward, programs of up to 2 rows holding 64 units of R at H=256 (the
+    backward takes the tile kernel there); the tile kernels otherwise. Any float type: the row
+    kernels compute in float32."""
     monkeypatch.setattr(plans, "_programs", lambda _device: 132)
     make = plans.backward_plan if backward else plans.forward_plan
+    if backward and expected != "tile" and expected[0] == "wide":
+        expected = "tile"
     for element_size in (2, 4):
         plan = make(batch, hidden, element_size, DEVICE)
         if expected == "tile":
             assert not plan.rows
             continue
-        kind, warps = expected
+        kind, warps, block_b = expected
         full = plans.padded(hidden)
         assert plan.rows and plan.single == (kind == "single") and plan.warps == warps
         rows, units = plan.grid(batch, hidden)
-        assert rows == batch and rows * units <= 132
+        assert plan.block_b == block_b and rows * units <= 132
         if plan.single:
             assert (plan.block_h, plan.block_k) == (full, full)
+        if kind == "wide":
+            assert (plan.block_h, plan.block_k) == (64, full)
 
 
 def test_no_candidates_under_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -50,13 +50,20 @@ SMALL_TILE = 256
 # (fastest where it fits) or 8.
 ROW_SLICE_ELEMENTS_4_WARPS = 96 * 32 * 4
 ROW_SLICE_ELEMENTS = 96 * 32 * 8
-# A row program that holds all of R (``_single_row_plan``): up to 192 float32 elements a thread
-# on 8 warps, so H up to 128; 4 warps where R takes at most half of that. Measured on an H100,
-# forward / backward a step: float32 (16, H=100) 0.84 / 1.33 us on 8 warps, 1.10 / 1.27 on
-# 16, against 1.38 / 2.01 for the handover between 8 programs a row; float32 (64, H=128)
-# 0.77 / 1.22 against 8.4 / 4.3 for the tile kernels; bfloat16 (16, H=128) 0.82 / 1.26 on 8
-# warps, 1.12 / 1.58 on 16; bfloat16 (16, H=64) 0.53 / 0.67 on 4 warps, 0.62 / 0.79 on 8.
-ROW_SINGLE_ELEMENTS = 192 * 32 * 8
+# Row programs that hold all of R (``_single_row_plan``), or wide slices of it for larger
+# batches (``_wide_row_plan``): up to 192 float32 elements of R a thread on 8 warps, so all of
+# R up to H = 128. Measured on an H100, forward / backward a step:
+# - all of R, float32: (16, H=128) 0.76 / 1.23 us on 8 warps, 1.01 / 1.31 on 16, against
+#   1.43 / 1.85 with the handover between 8 programs a row; (64, H=128) 0.77 / 1.22 against
+#   8.4 / 4.3 for the tile kernels; (4, H=64) 0.53 / 0.64 on 4 warps, 0.64 / 0.77 on 8.
+#   bfloat16 (16, H=128) 0.82 / 1.26 on 8 warps, 1.12 / 1.58 on 16.
+# - wide slices, forward: float32 (64, H=256) 2 rows x 64 units a program 3.2 us, against
+#   4.4 for the TF32 tile kernel and 15.6 for the IEEE one; (32, H=256) 1 x 64 2.2 against 4.9
+#   (TF32). bfloat16 2.7 against 2.7, and 2.0 against 2.7. With 4 rows a program, at
+#   (128, H=256): float32 5.5 against 5.8-7.3 (TF32), bfloat16 4.9 against 3.3; so 2 at most.
+#   Several rows in the backward row kernel spill registers (ptxas, sm_90a).
+ROW_REGISTER_ELEMENTS = 192 * 32 * 8
+ROW_WIDE_MAX_ROWS = 2
 
 
 @dataclass(frozen=True)
@@ -129,14 +136,17 @@ def row_plan(batch: int, hidden: int, device: torch.device, backward: bool = Fal
 
 
 def _row_plan(batch: int, hidden: int, programs: int | None, backward: bool) -> Plan | None:
-    """One batch row a program. Where all of R fits one program's registers in float32
-    (``_single_row_plan``), the program holds every hidden unit; else, up to
-    ROW_KERNEL_MAX_BATCH rows, the fewest hidden units per program that fill the SMs once.
-    None when neither fits. The forward holds R's rows of its units in all three gates
-    (3 x block_h x padded H), the backward R's columns of its units (padded 3H x block_h)."""
+    """Row programs, R's slice in float32 registers. Where all of R fits one program
+    (``_single_row_plan``), one row a program holding every hidden unit; else, up to
+    ROW_KERNEL_MAX_BATCH rows, one row a program with the fewest hidden units that fill the
+    SMs once; for larger batches the forward's ``_wide_row_plan``. None when none fits. The
+    forward holds R's rows of its units in all three gates (3 x block_h x padded H), the
+    backward R's columns of its units (padded 3H x block_h)."""
     single = _single_row_plan(batch, hidden, programs)
-    if single is not None or batch > ROW_KERNEL_MAX_BATCH:
+    if single is not None:
         return single
+    if batch > ROW_KERNEL_MAX_BATCH:
+        return None if backward else _wide_row_plan(batch, hidden, programs)
     full = padded(hidden)
     block_k = max(16, triton.next_power_of_2(3 * hidden)) if backward else full
     per_unit = block_k if backward else 3 * full
@@ -154,16 +164,35 @@ def _row_plan(batch: int, hidden: int, programs: int | None, backward: bool) -> 
 def _single_row_plan(batch: int, hidden: int, programs: int | None) -> Plan | None:
     """One batch row a program holding all of R (3 x padded H x padded H in float32) and the
     whole state, which never leaves it: no handover between programs. Where R fits
-    ROW_SINGLE_ELEMENTS and one program per row fits on the SMs at once, on the fewest warps
-    of ``_single_row_warps``. Under the interpreter only up to ROW_KERNEL_MAX_BATCH rows, so
-    that larger batches exercise the tile kernels there."""
+    ROW_REGISTER_ELEMENTS and one program per row fits on the SMs at once: on 8 warps, or 4
+    where R takes at most half of that. Under the interpreter only up to ROW_KERNEL_MAX_BATCH
+    rows, so that larger batches exercise the tile kernels there."""
     full = padded(hidden)
-    if 3 * full * full > ROW_SINGLE_ELEMENTS:
+    if 3 * full * full > ROW_REGISTER_ELEMENTS:
         return None
     if batch > (ROW_KERNEL_MAX_BATCH if programs is None else programs):
         return None
-    warps = 4 if 3 * full * full <= ROW_SINGLE_ELEMENTS // 2 else 8
+    warps = 4 if 3 * full * full <= ROW_REGISTER_ELEMENTS // 2 else 8
     return Plan(rows=True, block_b=1, block_h=full, block_k=full, warps=warps, single=True)
+
+
+def _wide_row_plan(batch: int, hidden: int, programs: int | None) -> Plan | None:
+    """The forward for batches over ROW_KERNEL_MAX_BATCH: programs of up to ROW_WIDE_MAX_ROWS
+    rows on 8 warps, each holding R's rows of the most units (a power of two below padded H)
+    that fit ROW_REGISTER_ELEMENTS, handing the state over in tagged words; None where the
+    grid would not fit on the SMs at once, and under the interpreter."""
+    if programs is None:
+        return None
+    full = padded(hidden)
+    block_h = full // 2
+    while block_h > 4 and 3 * block_h * full > ROW_REGISTER_ELEMENTS:
+        block_h //= 2
+    if 3 * block_h * full > ROW_REGISTER_ELEMENTS:
+        return None
+    for block_b in range(1, ROW_WIDE_MAX_ROWS + 1):
+        if triton.cdiv(batch, block_b) * triton.cdiv(hidden, block_h) <= programs:
+            return Plan(rows=True, block_b=block_b, block_h=block_h, block_k=full, warps=8)
+    return None
 
 
 def tile_tiles(batch: int, hidden: int, element_size: int, device: torch.device) -> tuple[int, int]:
