@@ -445,6 +445,34 @@ def test_environment_selects_the_backend(monkeypatch: pytest.MonkeyPatch) -> Non
     torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("batch", [6, 20])
+def test_gradients_without_hx_or_final_state(packed: bool, batch: int) -> None:
+    """No hx and a loss on the output alone: the kernels start from zeros and take h_n's
+    gradient as zeros without tensors of zeros made for them, and the recurrent weights'
+    gradient leaves out the first step's (zero) state, in both directions of two layers."""
+    model, oracle = pair(dict(input_size=3, hidden_size=37, num_layers=2, bidirectional=True))
+    steps = 7
+    x = inputs(model, batch, steps, torch.float32).requires_grad_()
+    x64 = x.detach().double().requires_grad_()
+    lengths = torch.tensor([7, 2, 5, 1, 7, 4] * 4)[:batch]
+    feed, feed64 = x, x64
+    if packed:
+        feed = pack_padded_sequence(x, lengths, enforce_sorted=False)
+        feed64 = pack_padded_sequence(x64, lengths, enforce_sorted=False)
+    outputs = [model(feed)[0], oracle(feed64)[0]]
+    data = [o.data if packed else o for o in outputs]
+    weight = torch.randn(data[0].shape, device=DEVICE)
+    (data[0] * weight).sum().backward()
+    (data[1] * weight.double()).sum().backward()
+    assert_float_conformant(data[0], data[1], "output")
+    assert_float_conformant(x.grad, x64.grad, "input grad")
+    for (name, ours), (_, theirs) in zip(
+        model.named_parameters(), oracle.named_parameters(), strict=True
+    ):
+        assert_float_conformant(ours.grad, theirs.grad, name)
+
+
 @pytest.mark.parametrize("kwargs", CASES)
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("batch", [6, 20])

@@ -80,7 +80,7 @@ def operator_sqnr(
         _, _, traces = integer_codes(
             programs,
             input_codes(x, programs),
-            initial_codes(h0 if hx is not None else None, programs, x),
+            initial_codes(h0, programs, x),
             lengths,
             shape.num_layers,
             shape.bidirectional,

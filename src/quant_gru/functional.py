@@ -47,27 +47,26 @@ def gru(
     """
 
     def run_direction(
-        index: int, x: Tensor, h0: Tensor, lengths: Tensor | None, reverse: bool
+        index: int, x: Tensor, h0: Tensor | None, lengths: Tensor | None, reverse: bool
     ) -> tuple[Tensor, Tensor]:
-        if observe is not None:
-            return decomposed_direction(x, h0, weights[index], lengths, reverse, observe(index))
-        if valid is not None:  # the Triton kernels
+        if triton:
             w_ih, w_hh, b_ih, b_hh = weights[index]
             gates_x = triton_ops.input_projection(x, w_ih, b_ih)
             return triton_ops.direction(gates_x, h0, w_hh, b_hh, valid, reverse, save)
+        assert h0 is not None  # made for every other path
+        if observe is not None:
+            return decomposed_direction(x, h0, weights[index], lengths, reverse, observe(index))
         return gru_direction(x, h0, *weights[index], lengths, reverse)
 
     _check_weight_count(weights, shape)
     x, h0, lengths, layout = _validated_time_major(input, hx, weights[0][0], shape)
-    valid = None
     # Whether autograd records this call: then the kernels save what the backward needs.
     save = records_gradient(x, h0, weights)
-    if observe is None and backend_choice(backend, x) == "triton":
-        # The kernels take every sequence's length, full ones included, as int32: made once.
-        if lengths is None:
-            valid = torch.full((x.shape[1],), x.shape[0], device=x.device, dtype=torch.int32)
-        else:
-            valid = lengths.to(x.device, torch.int32)
+    triton = observe is None and backend_choice(backend, x) == "triton"
+    # The kernels take lengths as int32 (made once here) and start from zeros without hx.
+    valid = None if lengths is None or not triton else lengths.to(x.device, torch.int32)
+    if h0 is None and not triton:
+        h0 = zero_state(x, shape)
     out, h_n = run_layers(
         x, h0, lengths, shape, run_direction, dropout_between_layers(dropout, training)
     )
@@ -90,9 +89,7 @@ def quantized_gru(
     when autograd records."""
     _check_weight_count(weights, shape)
     x, h0, lengths, layout = _validated_time_major(input, hx, weights[0][0], shape)
-    out, h_n = quantized_forward(
-        x, h0 if hx is not None else None, lengths, weights, shape, model, dropout, training
-    )
+    out, h_n = quantized_forward(x, h0, lengths, weights, shape, model, dropout, training)
     return (
         sequence.output_from_time_major(out, layout),
         sequence.hidden_from_working_order(h_n, layout),
@@ -151,13 +148,19 @@ def _check_weight_count(weights: Sequence[DirectionWeights], shape: GRUShape) ->
         )
 
 
+def zero_state(x: Tensor, shape: GRUShape) -> Tensor:
+    """The initial state without hx: zeros (layers x directions, B, H) for time-major x."""
+    return x.new_zeros(shape.num_layers * shape.num_directions, x.shape[1], shape.hidden_size)
+
+
 def _validated_time_major(
     input: Tensor | PackedSequence,
     hx: Tensor | None,
     reference_weight: Tensor,
     shape: GRUShape,
-) -> tuple[Tensor, Tensor, Tensor | None, sequence.SequenceLayout]:
-    """Check every argument of a forward call, then bring it into the kernels' layout."""
+) -> tuple[Tensor, Tensor | None, Tensor | None, sequence.SequenceLayout]:
+    """Check every argument of a forward call, then bring it into the kernels' layout; h0 is
+    None without hx."""
     lengths: Tensor | None
     if isinstance(input, PackedSequence):
         x, lengths, layout = sequence.packed_to_time_major(input)
@@ -192,16 +195,14 @@ def _validated_time_major(
     if x.shape[0] == 0:
         raise RuntimeError("Expected sequence length to be larger than 0 in GRU, got 0")
 
+    if hx is None:
+        return x, None, lengths, layout
     expected_hidden = (
         shape.num_layers * shape.num_directions,
         x.shape[1],
         shape.hidden_size,
     )
-    if hx is None:
-        h0 = x.new_zeros(expected_hidden)
-    else:
-        h0 = _validated_hidden(hx, expected_hx_dim, expected_hidden, x, layout)
-    return x, h0, lengths, layout
+    return x, _validated_hidden(hx, expected_hx_dim, expected_hidden, x, layout), lengths, layout
 
 
 def _validated_hidden(

@@ -86,8 +86,9 @@ def quantized_forward(
     assert traces is not None
 
     def run_direction(
-        index: int, x_in: Tensor, h_in: Tensor, lens: Tensor | None, reverse: bool
+        index: int, x_in: Tensor, h_in: Tensor | None, lens: Tensor | None, reverse: bool
     ) -> tuple[Tensor, Tensor]:
+        assert h_in is not None  # run_layers slices `start` below
         hook = _straight_through(
             programs[index], model.quant[index], traces[index], h0_codes[index]
         )

@@ -29,9 +29,9 @@ class GRUShape:
         return 2 if self.bidirectional else 1
 
 
-# Runs one (layer, direction): (pair index, x (T, B, I), h0 (B, H), lengths, reverse) ->
-# (output (T, B, H), h_n (B, H)).
-DirectionRunner = Callable[[int, Tensor, Tensor, Tensor | None, bool], tuple[Tensor, Tensor]]
+# Runs one (layer, direction): (pair index, x (T, B, I), h0 (B, H) or None for zeros, lengths,
+# reverse) -> (output (T, B, H), h_n (B, H)).
+DirectionRunner = Callable[[int, Tensor, Tensor | None, Tensor | None, bool], tuple[Tensor, Tensor]]
 
 
 # Applied to a layer's output before the next layer reads it: (layer index, output) -> input.
@@ -40,20 +40,22 @@ BetweenLayers = Callable[[int, Tensor], Tensor]
 
 def run_layers(
     x: Tensor,
-    h0: Tensor,
+    h0: Tensor | None,
     lengths: Tensor | None,
     shape: GRUShape,
     run_direction: DirectionRunner,
     between_layers: BetweenLayers | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Stack layers on time-major input; `between_layers` is where inter-layer dropout goes."""
+    """Stack layers on time-major input from h0 (layers x directions, B, H; None: each
+    runner starts from zeros); `between_layers` is where inter-layer dropout goes."""
     finals: list[Tensor] = []
     layer_input = x
     for layer in range(shape.num_layers):
         direction_outputs = []
         for direction in range(shape.num_directions):
             index = layer * shape.num_directions + direction
-            out, h_last = run_direction(index, layer_input, h0[index], lengths, direction == 1)
+            start = None if h0 is None else h0[index]
+            out, h_last = run_direction(index, layer_input, start, lengths, direction == 1)
             direction_outputs.append(out)
             finals.append(h_last)
         # One direction: its output as it is (a concatenation of one tensor would copy it).

@@ -21,7 +21,13 @@ import triton.language as tl
 from torch import Tensor
 
 from quant_gru.kernels.triton import tuning
-from quant_gru.kernels.triton.gru_forward import _program_tile, _rows_chunk, _step_time
+from quant_gru.kernels.triton.gru_forward import (
+    _initial,
+    _lengths,
+    _program_tile,
+    _rows_chunk,
+    _step_time,
+)
 from quant_gru.kernels.triton.ops import recurrent_grad_type
 from quant_gru.kernels.triton.plans import (
     Plan,
@@ -152,6 +158,9 @@ def _gru_backward_tile_kernel(
     RESIDENT: tl.constexpr,  # R's columns of this program are loaded once, before the loop
     CHUNKS: tl.constexpr,  # RESIDENT: CHUNKS * BK covers H
     PREFETCH: tl.constexpr,  # load each step's inputs during the step before
+    HAS_LENGTHS: tl.constexpr,  # else every row ran all steps (lengths_ptr unused)
+    HAS_H0: tl.constexpr,  # else the state started at zeros (h0_ptr unused)
+    HAS_GRAD_H_N: tl.constexpr,  # else h_n's gradient is zeros (grad_h_n_ptr unused)
 ):
     rows, units, row_ok, unit_ok, own, own_offsets = _program_tile(batch, hidden, BB, BH)
     hidden_tiles = tl.num_programs(1)
@@ -159,9 +168,9 @@ def _gru_backward_tile_kernel(
     dtype = w_ptr.dtype.element_ty
     exchange_type = exchange_ptr.dtype.element_ty
 
-    length = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
-    carry = tl.load(grad_h_n_ptr + own_offsets, mask=own, other=0.0).to(tl.float32)
-    h0 = tl.load(h0_ptr + own_offsets, mask=own, other=0.0).to(tl.float32)
+    length = _lengths(lengths_ptr, rows, row_ok, steps, BB, HAS_LENGTHS)
+    carry = _initial(grad_h_n_ptr, own_offsets, own, BB, BH, HAS_GRAD_H_N)
+    h0 = _initial(h0_ptr, own_offsets, own, BB, BH, HAS_H0)
     if RESIDENT:
         columns = _resident_columns(w_ptr, units, unit_ok, hidden, BK, CHUNKS)
     # A step's inputs are loaded a step ahead where the registers allow (PREFETCH): they do
@@ -239,12 +248,15 @@ def _gru_backward_row_kernel(
     BH: tl.constexpr,
     BK: tl.constexpr,  # padded 3H (padded H when SINGLE): R's columns stay in registers
     SINGLE: tl.constexpr,  # the program holds every unit (BH == BK): dgh stays here
+    HAS_LENGTHS: tl.constexpr,  # else every row ran all steps (lengths_ptr unused)
+    HAS_H0: tl.constexpr,  # else the state started at zeros (h0_ptr unused)
+    HAS_GRAD_H_N: tl.constexpr,  # else h_n's gradient is zeros (grad_h_n_ptr unused)
     COMPILED: tl.constexpr,  # False under TRITON_INTERPRET=1
 ):
     rows, units, row_ok, unit_ok, own, own_offsets = _program_tile(batch, hidden, BB, BH)
-    length = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
-    carry = tl.load(grad_h_n_ptr + own_offsets, mask=own, other=0.0).to(tl.float32)
-    h0 = tl.load(h0_ptr + own_offsets, mask=own, other=0.0).to(tl.float32)
+    length = _lengths(lengths_ptr, rows, row_ok, steps, BB, HAS_LENGTHS)
+    carry = _initial(grad_h_n_ptr, own_offsets, own, BB, BH, HAS_GRAD_H_N)
+    h0 = _initial(h0_ptr, own_offsets, own, BB, BH, HAS_H0)
 
     # dh_{t-1}[j] = Σ_k dgh[k] R[k, j] over the 3H rows k of R, gates one after another:
     # as one (BK, BH) block of R's columns, or (SINGLE) as a block per gate, (BH, BH) each.
@@ -298,19 +310,20 @@ def _gru_backward_row_kernel(
 
 def gru_direction_backward(
     grad_out: Tensor,
-    grad_h_n: Tensor,
+    grad_h_n: Tensor | None,
     out: Tensor,
-    h0: Tensor,
+    h0: Tensor | None,
     saved: Tensor,
     w_hh: Tensor,
-    lengths: Tensor,
+    lengths: Tensor | None,
     reverse: bool,
     gx_dtype: torch.dtype,
     plan: Plan | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(grad of the input projections (T, B, 3H), grad of h0 (B, H) float32, grad of
-    R_n h + b_n (T, B, H) in ``recurrent_grad_type``). ``plan`` overrides the choice of
-    kernel and tiles (plans.backward_plan, or the autotuner's: tuning.py)."""
+    R_n h + b_n (T, B, H) in ``recurrent_grad_type``). None for ``grad_h_n`` or ``h0`` means
+    zeros, for ``lengths`` (int32 when given) every row T long. ``plan`` overrides the choice
+    of kernel and tiles (plans.backward_plan, or the autotuner's: tuning.py)."""
     steps, batch, hidden = out.shape
     device = out.device
     if plan is None:
@@ -328,14 +341,26 @@ def gru_direction_backward(
     grad_gx = torch.empty(steps, batch, 3 * hidden, device=device, dtype=gx_dtype)
     grad_h0 = torch.empty(batch, hidden, device=device, dtype=torch.float32)
     grid = plan.grid(batch, hidden)
-    operands = (grad_out.contiguous(), grad_h_n.contiguous(), out, h0.contiguous(), saved)
-    outputs = (w_hh.contiguous(), lengths, grad_ghn, grad_gx, grad_h0)
+    # Absent inputs take the out tensor's place: the kernels do not read them then.
+    given = {
+        "HAS_LENGTHS": lengths is not None,
+        "HAS_H0": h0 is not None,
+        "HAS_GRAD_H_N": grad_h_n is not None,
+    }
+    operands = (
+        grad_out.contiguous(),
+        out if grad_h_n is None else grad_h_n.contiguous(),
+        out,
+        out if h0 is None else h0.contiguous(),
+        saved,
+    )
+    outputs = (w_hh.contiguous(), out if lengths is None else lengths, grad_ghn, grad_gx, grad_h0)
     if plan.rows:
         words = grad_gx if plan.single else zero_words(2, batch, 3 * hidden, device=device)
         _gru_backward_row_kernel[grid](
             *operands, *outputs, words, steps, batch, hidden,
             REVERSE=reverse, BB=plan.block_b, BH=plan.block_h, BK=plan.block_k,
-            SINGLE=plan.single, COMPILED=not interpreted(), num_warps=plan.warps,
+            SINGLE=plan.single, **given, COMPILED=not interpreted(), num_warps=plan.warps,
         )  # fmt: skip
         return grad_gx, grad_h0, grad_ghn
     exchange = torch.empty(2, batch, 3 * hidden, device=device, dtype=grad_ghn.dtype)
@@ -348,6 +373,7 @@ def gru_direction_backward(
         REVERSE=reverse, PRECISION=precision, BB=plan.block_b, BH=plan.block_h,
         BK=plan.block_k, RESIDENT=plan.resident,
         CHUNKS=plan.resident_chunks(hidden),
-        PREFETCH=plan.block_b * plan.block_h <= PREFETCH_ELEMENTS, num_warps=plan.warps,
+        PREFETCH=plan.block_b * plan.block_h <= PREFETCH_ELEMENTS, **given,
+        num_warps=plan.warps,
     )  # fmt: skip
     return grad_gx, grad_h0, grad_ghn

@@ -56,6 +56,24 @@ def _program_tile(batch, hidden, BB: tl.constexpr, BH: tl.constexpr):
 
 
 @triton.jit
+def _lengths(lengths_ptr, rows, row_ok, steps, BB: tl.constexpr, HAS_LENGTHS: tl.constexpr):
+    """Each of this program's rows' length: from ``lengths_ptr``, or ``steps`` for every row
+    (no lengths given: no tensor to fill on the host)."""
+    if HAS_LENGTHS:
+        return tl.load(lengths_ptr + rows, mask=row_ok, other=0)
+    return tl.zeros((BB,), dtype=tl.int32) + steps
+
+
+@triton.jit
+def _initial(ptr, own_offsets, own, BB: tl.constexpr, BH: tl.constexpr, GIVEN: tl.constexpr):
+    """This program's block of a (B, H) starting value in float32: loaded, or zeros where it
+    is not ``GIVEN`` (no tensor of zeros to fill on the host)."""
+    if GIVEN:
+        return tl.load(ptr + own_offsets, mask=own, other=0.0).to(tl.float32)
+    return tl.zeros((BB, BH), dtype=tl.float32)
+
+
+@triton.jit
 def _gate_biases(bias_ptr, units, unit_ok, hidden):
     bias_r = tl.load(bias_ptr + units, mask=unit_ok, other=0.0).to(tl.float32)
     bias_z = tl.load(bias_ptr + hidden + units, mask=unit_ok, other=0.0).to(tl.float32)
@@ -177,6 +195,8 @@ def _gru_forward_tile_kernel(
     CHUNKS: tl.constexpr,  # RESIDENT: CHUNKS * BK covers H
     SINGLE: tl.constexpr,  # one hidden tile holds every unit (BH == BK): the state stays here
     SAVE: tl.constexpr,  # training: keep what the backward needs
+    HAS_LENGTHS: tl.constexpr,  # else every row runs all steps (lengths_ptr unused)
+    HAS_H0: tl.constexpr,  # else the state starts at zeros (h0_ptr unused)
 ):
     rows, units, row_ok, unit_ok, own, own_offsets = _program_tile(batch, hidden, BB, BH)
     hidden_tiles = tl.num_programs(1)
@@ -184,8 +204,8 @@ def _gru_forward_tile_kernel(
     plane = batch * hidden
     exchange_type = exchange_ptr.dtype.element_ty
 
-    length = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
-    h = tl.load(h0_ptr + own_offsets, mask=own, other=0.0).to(tl.float32)
+    length = _lengths(lengths_ptr, rows, row_ok, steps, BB, HAS_LENGTHS)
+    h = _initial(h0_ptr, own_offsets, own, BB, BH, HAS_H0)
     if not SINGLE:
         tl.store(exchange_ptr + own_offsets, h.to(exchange_type), mask=own)
         _barrier(counter, hidden_tiles)
@@ -260,12 +280,14 @@ def _gru_forward_row_kernel(
     BK: tl.constexpr,  # padded H: the program's R slice (3, BH, BK) stays in registers
     SINGLE: tl.constexpr,  # the program holds every unit (BH == BK): the state stays here
     SAVE: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr,  # else every row runs all steps (lengths_ptr unused)
+    HAS_H0: tl.constexpr,  # else the state starts at zeros (h0_ptr unused)
     COMPILED: tl.constexpr,  # False under TRITON_INTERPRET=1
 ):
     rows, units, row_ok, unit_ok, own, own_offsets = _program_tile(batch, hidden, BB, BH)
     plane = batch * hidden
-    length = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
-    h = tl.load(h0_ptr + own_offsets, mask=own, other=0.0).to(tl.float32)
+    length = _lengths(lengths_ptr, rows, row_ok, steps, BB, HAS_LENGTHS)
+    h = _initial(h0_ptr, own_offsets, own, BB, BH, HAS_H0)
     if not SINGLE:
         _publish(words_ptr, own_offsets, own, h, 1)
     bias_r, bias_z, bias_n = _gate_biases(bias_ptr, units, unit_ok, hidden)
@@ -310,7 +332,7 @@ def _gru_forward_row_kernel(
 
 def gru_direction_forward(
     gates_x: Tensor,
-    h0: Tensor,
+    h0: Tensor | None,
     w_hh: Tensor,
     b_hh: Tensor | None,
     lengths: Tensor | None,
@@ -319,16 +341,20 @@ def gru_direction_forward(
     plan: Plan | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The recurrence over precomputed input projections ``gates_x`` (T, B, 3H) from ``h0``
-    (B, H); returns output (T, B, H) and h_n (B, H) in ``gates_x``'s dtype. With ``saved``
-    (T, B, 4H), also fills it with r, z, n and R_n h + b_n of every step. ``plan``
-    overrides the choice of kernel and tiles (plans.forward_plan)."""
+    (B, H; None: zeros) with every row ``lengths`` long (None: T); returns output (T, B, H)
+    and h_n (B, H) in ``gates_x``'s dtype. With ``saved`` (T, B, 4H), also fills it with r, z,
+    n and R_n h + b_n of every step. ``plan`` overrides the choice of kernel and tiles
+    (plans.forward_plan)."""
     steps, batch, three_h = gates_x.shape
     hidden = three_h // 3
     device, dtype = gates_x.device, gates_x.dtype
     out = torch.empty(steps, batch, hidden, device=device, dtype=dtype)
     h_n = torch.empty(batch, hidden, device=device, dtype=dtype)
     if steps == 0 or batch == 0:
-        h_n.copy_(h0)
+        if h0 is None:
+            h_n.zero_()
+        else:
+            h_n.copy_(h0)
         return out, h_n
     if plan is None:
         plan = forward_plan(batch, hidden, w_hh.element_size(), device)
@@ -342,12 +368,12 @@ def gru_direction_forward(
                 lambda: tile_candidates(batch, hidden, w_hh.element_size(), device, False),
                 lambda p: gru_direction_forward(*arguments, p),
             )
-    if lengths is None:
-        lengths32 = torch.full((batch,), steps, device=device, dtype=torch.int32)
-    else:
-        lengths32 = lengths.to(device=device, dtype=torch.int32)
+    # Absent lengths and h0 take the out tensor's place: the kernels do not read them then.
+    lengths32 = out if lengths is None else lengths.to(device=device, dtype=torch.int32)
     bias = b_hh if b_hh is not None else w_hh.new_zeros(three_h)
-    operands = (gates_x.contiguous(), w_hh.contiguous(), bias.contiguous(), h0.contiguous())
+    start = out if h0 is None else h0.contiguous()
+    operands = (gates_x.contiguous(), w_hh.contiguous(), bias.contiguous(), start)
+    given = {"HAS_LENGTHS": lengths is not None, "HAS_H0": h0 is not None}
     grid = plan.grid(batch, hidden)
     if plan.rows:
         words = out if plan.single else zero_words(2, batch, hidden, device=device)
@@ -355,7 +381,7 @@ def gru_direction_forward(
             *operands, lengths32, out, h_n, words, words if saved is None else saved,
             steps, batch, hidden,
             REVERSE=reverse, BB=plan.block_b, BH=plan.block_h, BK=plan.block_k,
-            SINGLE=plan.single, SAVE=saved is not None, COMPILED=not interpreted(),
+            SINGLE=plan.single, SAVE=saved is not None, **given, COMPILED=not interpreted(),
             num_warps=plan.warps,
         )  # fmt: skip
         return out, h_n
@@ -375,7 +401,7 @@ def gru_direction_forward(
         REVERSE=reverse, PRECISION=precision,
         BB=plan.block_b, BH=plan.block_h, BK=plan.block_k,
         RESIDENT=plan.resident, CHUNKS=plan.resident_chunks(hidden),
-        SINGLE=plan.single, SAVE=saved is not None,
+        SINGLE=plan.single, SAVE=saved is not None, **given,
         num_warps=plan.warps,
     )  # fmt: skip
     return out, h_n

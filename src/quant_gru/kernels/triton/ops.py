@@ -53,22 +53,32 @@ def _ieee_matmuls() -> Iterator[None]:
 
 def direction(
     gates_x: Tensor,
-    h0: Tensor,
+    h0: Optional[Tensor],  # noqa: UP045
     w_hh: Tensor,
     b_hh: Optional[Tensor],  # noqa: UP045
-    lengths: Tensor,
+    lengths: Optional[Tensor],  # noqa: UP045
     reverse: bool,
     save: bool,
 ) -> tuple[Tensor, Tensor]:
-    """(output (T, B, H), h_n (B, H)) of one direction; differentiable when ``save``. Batches
-    larger than one launch takes run in slices of rows (rows are independent)."""
+    """(output (T, B, H), h_n (B, H)) of one direction from ``h0`` (None: zeros) over rows
+    ``lengths`` long (int32; None: T); differentiable when ``save``. Batches larger than one
+    launch takes run in slices of rows (rows are independent)."""
     from quant_gru.kernels.triton.plans import batch_limit
 
     limit = batch_limit(gates_x.device)
     if limit is not None and gates_x.shape[1] > limit:
         slices = [slice(rows, rows + limit) for rows in range(0, gates_x.shape[1], limit)]
         parts = [
-            direction(gates_x[:, r], h0[r], w_hh, b_hh, lengths[r], reverse, save) for r in slices
+            direction(
+                gates_x[:, r],
+                None if h0 is None else h0[r],
+                w_hh,
+                b_hh,
+                None if lengths is None else lengths[r],
+                reverse,
+                save,
+            )
+            for r in slices
         ]
         return torch.cat([out for out, _ in parts], dim=1), torch.cat([h for _, h in parts])
     if torch.compiler.is_compiling():
@@ -83,10 +93,10 @@ def direction(
 
 def _forward(
     gates_x: Tensor,
-    h0: Tensor,
+    h0: Optional[Tensor],  # noqa: UP045
     w_hh: Tensor,
     b_hh: Optional[Tensor],  # noqa: UP045
-    lengths: Tensor,
+    lengths: Optional[Tensor],  # noqa: UP045
     reverse: bool,
     save: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -102,26 +112,26 @@ def _forward(
 @torch.library.custom_op("quant_gru::gru_direction", mutates_args=())
 def gru_direction(
     gates_x: Tensor,
-    h0: Tensor,
+    h0: Optional[Tensor],  # noqa: UP045 (torch.library's schema inference)
     w_hh: Tensor,
-    b_hh: Optional[Tensor],  # noqa: UP045 (torch.library's schema inference)
-    lengths: Tensor,
+    b_hh: Optional[Tensor],  # noqa: UP045
+    lengths: Optional[Tensor],  # noqa: UP045
     reverse: bool,
     save: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(output (T, B, H), h_n (B, H), saved gates (T, B, 4H) in ``recurrent_grad_type``, empty
-    unless ``save``) over precomputed input projections ``gates_x`` (T, B, 3H); ``lengths``
-    (B,) int32."""
+    unless ``save``) over precomputed input projections ``gates_x`` (T, B, 3H) from ``h0``
+    (None: zeros); ``lengths`` (B,) int32 (None: every row T long)."""
     return _forward(gates_x, h0, w_hh, b_hh, lengths, reverse, save)
 
 
 @gru_direction.register_fake
 def _gru_direction_fake(
     gates_x: Tensor,
-    h0: Tensor,
+    h0: Optional[Tensor],  # noqa: UP045
     w_hh: Tensor,
     b_hh: Optional[Tensor],  # noqa: UP045
-    lengths: Tensor,
+    lengths: Optional[Tensor],  # noqa: UP045
     reverse: bool,
     save: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -132,17 +142,17 @@ def _gru_direction_fake(
 
 def _backward_kernels(
     grad_out: Tensor,
-    grad_h_n: Tensor,
+    grad_h_n: Optional[Tensor],  # noqa: UP045 (torch.library's schema inference)
     out: Tensor,
-    h0: Tensor,
+    h0: Optional[Tensor],  # noqa: UP045
     saved: Tensor,
     w_hh: Tensor,
-    lengths: Tensor,
+    lengths: Optional[Tensor],  # noqa: UP045
     reverse: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(grad of gates_x, grad of h0 (float32), grad of R_n h + b_n (T, B, H) in
     recurrent_grad_type). The recurrent pre-activations' gradient is (grad of gates_x's r and
-    z parts, the last)."""
+    z parts, the last). None for grad_h_n or h0: zeros; for lengths: every row T long."""
     from quant_gru.kernels.triton.gru_backward import gru_direction_backward as launch
 
     return launch(grad_out, grad_h_n, out, h0, saved, w_hh, lengths, reverse, out.dtype)
@@ -157,19 +167,19 @@ gru_direction_backward = torch.library.custom_op(
 @gru_direction_backward.register_fake
 def _gru_direction_backward_fake(
     grad_out: Tensor,
-    grad_h_n: Tensor,
+    grad_h_n: Optional[Tensor],  # noqa: UP045
     out: Tensor,
-    h0: Tensor,
+    h0: Optional[Tensor],  # noqa: UP045
     saved: Tensor,
     w_hh: Tensor,
-    lengths: Tensor,
+    lengths: Optional[Tensor],  # noqa: UP045
     reverse: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     steps, batch, hidden = out.shape
     grad_ghn = out.new_empty(steps, batch, hidden, dtype=recurrent_grad_type(w_hh))
     return (
         out.new_empty(steps, batch, 3 * hidden),
-        h0.new_empty(h0.shape, dtype=torch.float32),
+        out.new_empty(batch, hidden, dtype=torch.float32),
         grad_ghn,
     )
 
@@ -217,7 +227,6 @@ def _gradients(
     under torch.compile, ``_backward_kernels`` directly in eager code."""
     h0, w_hh, out, saved, lengths = ctx.saved_tensors
     grad_out = torch.zeros_like(out) if grad_out is None else grad_out.contiguous()
-    grad_h_n = torch.zeros_like(h0) if grad_h_n is None else grad_h_n.contiguous()
     grad_gx, grad_h0, grad_ghn = kernels(
         grad_out, grad_h_n, out, h0, saved, w_hh, lengths, ctx.reverse
     )
@@ -235,7 +244,8 @@ def _gradients(
         grad_b = w_hh.new_empty(3 * hidden)
         _step_sum(grad_gx.to(grad_b.dtype), grad_b)
         _step_sum(grad_ghn, grad_b[-hidden:])  # the n rows: R_n h + b_n's gradient
-    return grad_gx, grad_h0.to(h0.dtype), grad_w, grad_b, None, None, None
+    grad_start = None if h0 is None else grad_h0.to(h0.dtype)
+    return grad_gx, grad_start, grad_w, grad_b, None, None, None
 
 
 def _step_sum(grad: Tensor, into: Tensor) -> None:
@@ -259,10 +269,10 @@ class _EagerDirection(torch.autograd.Function):
     def forward(
         ctx: Any,
         gates_x: Tensor,
-        h0: Tensor,
+        h0: Optional[Tensor],  # noqa: UP045
         w_hh: Tensor,
         b_hh: Optional[Tensor],  # noqa: UP045
-        lengths: Tensor,
+        lengths: Optional[Tensor],  # noqa: UP045
         reverse: bool,
     ) -> tuple[Tensor, Tensor]:
         out, h_n, saved = _forward(gates_x, h0, w_hh, b_hh, lengths, reverse, True)
@@ -280,21 +290,31 @@ class _EagerDirection(torch.autograd.Function):
 
 
 def recurrent_weight_grad(
-    grad: Tensor, out: Tensor, h0: Tensor, lengths: Tensor, reverse: bool, into: Tensor
+    grad: Tensor,
+    out: Tensor,
+    h0: Tensor | None,
+    lengths: Tensor | None,
+    reverse: bool,
+    into: Tensor,
 ) -> None:
     """Σ_t grad_tᵀ h_{t-1} (K, H) into ``into`` for ``grad`` (T, B, K) of ``into``'s type,
-    where h_{t-1} is the neighbouring output in the direction's order or h0, without building
-    the (T, B, H) tensor of h_{t-1}: the outputs shifted by one step, plus h0 at each
-    sequence's first step. Padded steps have zero gradients and zero outputs, so they add
-    nothing."""
-    h0 = h0.to(grad.dtype)
+    where h_{t-1} is the neighbouring output in the direction's order or h0 (None: zeros,
+    which add nothing), without building the (T, B, H) tensor of h_{t-1}: the outputs shifted
+    by one step, plus h0 at each sequence's first step. Padded steps have zero gradients and
+    zero outputs, so they add nothing."""
     out = out.to(grad.dtype)
     if not reverse:
         first, rest, previous = grad[0], grad[1:], out[:-1]
     else:
         # Reverse: step t follows step t + 1; a sequence's first step is its last valid one.
-        last = (lengths.to(grad.device).long() - 1).clamp(min=0)
-        first = grad.gather(0, last.view(1, -1, 1).expand(1, *grad.shape[1:]))[0]
         rest, previous = grad[:-1], out[1:]
-    torch.mm(first.t(), h0, out=into)
+        if h0 is not None and lengths is not None:
+            last = (lengths.to(grad.device).long() - 1).clamp(min=0)
+            first = grad.gather(0, last.view(1, -1, 1).expand(1, *grad.shape[1:]))[0]
+        else:
+            first = grad[-1]
+    if h0 is None:
+        torch.mm(rest.flatten(0, 1).t(), previous.flatten(0, 1), out=into)
+        return
+    torch.mm(first.t(), h0.to(grad.dtype), out=into)
     into.addmm_(rest.flatten(0, 1).t(), previous.flatten(0, 1))
