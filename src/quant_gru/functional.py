@@ -66,7 +66,7 @@ def gru(
     # The kernels take lengths as int32 (made once here) and start from zeros without hx.
     valid = None if lengths is None or not triton else lengths.to(x.device, torch.int32)
     if h0 is None and not triton:
-        h0 = zero_state(x, shape)
+        h0 = _zero_state(x, shape)
     out, h_n = run_layers(
         x, h0, lengths, shape, run_direction, dropout_between_layers(dropout, training)
     )
@@ -148,7 +148,7 @@ def _check_weight_count(weights: Sequence[DirectionWeights], shape: GRUShape) ->
         )
 
 
-def zero_state(x: Tensor, shape: GRUShape) -> Tensor:
+def _zero_state(x: Tensor, shape: GRUShape) -> Tensor:
     """The initial state without hx: zeros (layers x directions, B, H) for time-major x."""
     return x.new_zeros(shape.num_layers * shape.num_directions, x.shape[1], shape.hidden_size)
 

@@ -277,7 +277,7 @@ def _gru_forward_row_kernel(
     REVERSE: tl.constexpr,
     BB: tl.constexpr,
     BH: tl.constexpr,
-    BK: tl.constexpr,  # padded H: the program's R slice (3, BH, BK) stays in registers
+    BK: tl.constexpr,  # padded H: the program's R^T slice (3, BK, BH) stays in registers
     SINGLE: tl.constexpr,  # the program holds every unit (BH == BK): the state stays here
     SAVE: tl.constexpr,
     HAS_LENGTHS: tl.constexpr,  # else every row runs all steps (lengths_ptr unused)

@@ -27,9 +27,11 @@ RESIDENT_BYTES = 48 * 1024
 CHUNK = 64
 # All of R up to this size lives in one program (16 warps: 48 registers a thread).
 SINGLE_BYTES = 96 * 1024
-# Batches up to this size use the row kernel (products on the CUDA cores, one batch row a
-# program, states handed over in tagged words): measured on an H100, its steps take less time
-# than the tile kernel's in float32 and TF32 up to 16 rows, and no more in bfloat16.
+# Batches up to this size take the row kernel with one batch row a program and a slice of R
+# (products on the CUDA cores, states handed over in tagged words) where all of R does not fit
+# one program: measured on an H100, its steps take less time than the tile kernel's in float32
+# and TF32 up to 16 rows, and no more in bfloat16. (Row programs holding all of R, and the
+# forward's wide slices, reach past it: ROW_REGISTER_ELEMENTS.)
 ROW_KERNEL_MAX_BATCH = 16
 # Warps of a tile program (``_tile_warps``): 8 for float32 tiles of at least LARGE_TILE
 # elements, 2 for tiles of at most SMALL_TILE elements in 16-bit types and in the float32
@@ -46,8 +48,8 @@ ROW_KERNEL_MAX_BATCH = 16
 #   keeps 4.
 LARGE_TILE = 2048
 SMALL_TILE = 256
-# The row kernel keeps its float32 slice of R in registers: at most 96 a thread, for 4 warps
-# (fastest where it fits) or 8.
+# One row a program with a slice of R keeps it in float32 registers: at most 96 a thread, for
+# 4 warps (fastest where it fits) or 8.
 ROW_SLICE_ELEMENTS_4_WARPS = 96 * 32 * 4
 ROW_SLICE_ELEMENTS = 96 * 32 * 8
 # Row programs that hold all of R (``_single_row_plan``), or wide slices of it for larger
@@ -325,9 +327,9 @@ def backward_plan(batch: int, hidden: int, element_size: int, device: torch.devi
 # host time an eager call spends before its kernel starts.
 @functools.lru_cache(maxsize=4096)
 def _plan(batch: int, hidden: int, element_size: int, programs: int | None, backward: bool) -> Plan:
-    """The forward's kernel and tiles: the row kernel where one program holds all of R, or
-    for small batches where its slice fits, else the tile kernel. The backward's: the row
-    kernel where R's columns fit likewise, else the tile kernel with ``_backward_tiles``."""
+    """The forward's kernel and tiles: the row kernel where a few programs hold R in
+    registers (``_row_plan``), else the tile kernel. The backward's: the row kernel where R's
+    columns fit likewise, else the tile kernel with ``_backward_tiles``."""
     plan = _row_plan(batch, hidden, programs, backward)
     if plan is not None:
         return plan
