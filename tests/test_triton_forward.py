@@ -391,6 +391,36 @@ def test_row_kernel_layouts(layout: str) -> None:
     check_backward_plan(forward, backward, layout)
 
 
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="waves of programs exist on a GPU only")
+def test_rows_holding_all_of_r_in_two_waves() -> None:
+    """More rows than SMs, each row's program holding all of R: the rows past the first wave
+    run after it (those programs never wait for each other), forward and backward, packed,
+    both directions, against nn.GRU in float64."""
+    from quant_gru.kernels.triton.plans import forward_plan
+
+    batch = torch.cuda.get_device_properties(DEVICE).multi_processor_count + 37
+    plan = forward_plan(batch, 100, 4, DEVICE)
+    assert plan.rows and plan.single
+    model, oracle = pair(dict(input_size=5, hidden_size=100, num_layers=1, bidirectional=True))
+    x = inputs(model, batch, 6, torch.float32).requires_grad_()
+    x64 = x.detach().double().requires_grad_()
+    lengths = torch.randint(1, 7, (batch,))
+    outputs = [
+        module(pack_padded_sequence(feed, lengths, enforce_sorted=False))
+        for module, feed in ((model, x), (oracle, x64))
+    ]
+    for out, h_n in outputs:
+        (out.data.square().sum() + h_n.sum()).backward()
+    (ours, ours_h), (want, want_h) = outputs
+    assert_float_conformant(ours.data, want.data, "output")
+    assert_float_conformant(ours_h, want_h, "h_n")
+    assert_float_conformant(x.grad, x64.grad, "input grad")
+    for (name, mine), (_, theirs) in zip(
+        model.named_parameters(), oracle.named_parameters(), strict=True
+    ):
+        assert_float_conformant(mine.grad, theirs.grad, name)
+
+
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="the limit exists on a GPU only")
 def test_batch_beyond_one_launch() -> None:
     """More rows than one launch takes (64 a program, one program per SM): the batch runs in

@@ -64,8 +64,14 @@ ROW_SLICE_ELEMENTS = 96 * 32 * 8
 #   (TF32). bfloat16 2.7 against 2.7, and 2.0 against 2.7. With 4 rows a program, at
 #   (128, H=256): float32 5.5 against 5.8-7.3 (TF32), bfloat16 4.9 against 3.3; so 2 at most.
 #   Several rows in the backward row kernel spill registers (ptxas, sm_90a).
+# - all of R, past one program per SM (132 on the H100), TF32 / bf16 against the tile
+#   kernels, forward / backward: H=128 at 264 rows (2 waves) 2.1 / 3.4 against 4.5 / 5.1,
+#   bf16 2.0 / 2.8 against 2.4 / 6.0; at 528 rows mixed (TF32 3.2 / 5.4 against 3.7 / 5.1,
+#   bf16 3.2 / 5.1 against 2.4 / 6.5). H=64 at 528 rows 2.0 / 2.4 against 2.3 / 4.7 (TF32).
+#   Hence ROW_SINGLE_WAVES.
 ROW_REGISTER_ELEMENTS = 192 * 32 * 8
 ROW_WIDE_MAX_ROWS = 2
+ROW_SINGLE_WAVES = 2
 
 
 @dataclass(frozen=True)
@@ -165,14 +171,15 @@ def _row_plan(batch: int, hidden: int, programs: int | None, backward: bool) -> 
 
 def _single_row_plan(batch: int, hidden: int, programs: int | None) -> Plan | None:
     """One batch row a program holding all of R (3 x padded H x padded H in float32) and the
-    whole state, which never leaves it: no handover between programs. Where R fits
-    ROW_REGISTER_ELEMENTS and one program per row fits on the SMs at once: on 8 warps, or 4
-    where R takes at most half of that. Under the interpreter only up to ROW_KERNEL_MAX_BATCH
-    rows, so that larger batches exercise the tile kernels there."""
+    whole state, which never leaves it: no handover between programs, so they need not all be
+    resident, and rows past one program per SM run in later waves. Where R fits
+    ROW_REGISTER_ELEMENTS and the rows fill at most ROW_SINGLE_WAVES waves of the SMs: on 8
+    warps, or 4 where R takes at most half of that. Under the interpreter only up to
+    ROW_KERNEL_MAX_BATCH rows, so that larger batches exercise the tile kernels there."""
     full = padded(hidden)
     if 3 * full * full > ROW_REGISTER_ELEMENTS:
         return None
-    if batch > (ROW_KERNEL_MAX_BATCH if programs is None else programs):
+    if batch > (ROW_KERNEL_MAX_BATCH if programs is None else ROW_SINGLE_WAVES * programs):
         return None
     warps = 4 if 3 * full * full <= ROW_REGISTER_ELEMENTS // 2 else 8
     return Plan(rows=True, block_b=1, block_h=full, block_k=full, warps=warps, single=True)
