@@ -259,20 +259,24 @@ def _gru_backward_row_kernel(
     h0 = _initial(h0_ptr, own_offsets, own, BB, BH, HAS_H0)
 
     # dh_{t-1}[j] = Σ_k dgh[k] R[k, j] over the 3H rows k of R, gates one after another:
-    # as one (BK, BH) block of R's columns, or (SINGLE) as a block per gate, (BH, BH) each.
-    ks = tl.arange(0, BK)
-    k_ok = ks < (hidden if SINGLE else 3 * hidden)
-    w_mask = k_ok[:, None] & unit_ok[None, :]
-    w_offsets = ks[:, None] * hidden + units[None, :]
-    w_columns = tl.load(w_ptr + w_offsets, mask=w_mask, other=0.0).to(tl.float32)[None, :, :]
+    # (SINGLE) as a (BK, BH) block of R's columns per gate, else as one block of all 3H rows.
     if SINGLE:
-        w_z_columns = tl.load(w_ptr + hidden * hidden + w_offsets, mask=w_mask, other=0.0)
+        w_r_columns = _column_chunk(w_ptr, 0, units, unit_ok, 0, hidden, BK)
+        w_r_columns = w_r_columns.to(tl.float32)[None, :, :]
+        w_z_columns = _column_chunk(w_ptr, 1, units, unit_ok, 0, hidden, BK)
         w_z_columns = w_z_columns.to(tl.float32)[None, :, :]
-        w_n_columns = tl.load(w_ptr + 2 * hidden * hidden + w_offsets, mask=w_mask, other=0.0)
+        w_n_columns = _column_chunk(w_ptr, 2, units, unit_ok, 0, hidden, BK)
         w_n_columns = w_n_columns.to(tl.float32)[None, :, :]
-    dgh_offsets = rows[:, None] * (3 * hidden) + ks[None, :]
-    dgh_mask = row_ok[:, None] & k_ok[None, :]
-    mine = rows[:, None] * (3 * hidden) + units[None, :]
+    else:
+        ks = tl.arange(0, BK)
+        k_ok = ks < 3 * hidden
+        w_mask = k_ok[:, None] & unit_ok[None, :]
+        w_offsets = ks[:, None] * hidden + units[None, :]
+        w_columns = tl.load(w_ptr + w_offsets, mask=w_mask, other=0.0)
+        w_columns = w_columns.to(tl.float32)[None, :, :]  # (1, BK, BH)
+        dgh_offsets = rows[:, None] * (3 * hidden) + ks[None, :]
+        dgh_mask = row_ok[:, None] & k_ok[None, :]
+        mine = rows[:, None] * (3 * hidden) + units[None, :]
 
     # A step's inputs are loaded a step ahead: they do not depend on the carry, so their
     # latency hides behind the previous step's work.
@@ -293,7 +297,7 @@ def _gru_backward_row_kernel(
             rows, units, own, own_offsets, batch, hidden, REVERSE,
         )  # fmt: skip
         if SINGLE:  # units past H hold zeros
-            acc = tl.sum(da_r[:, :, None] * w_columns, axis=1)
+            acc = tl.sum(da_r[:, :, None] * w_r_columns, axis=1)
             acc += tl.sum(da_z[:, :, None] * w_z_columns, axis=1)
             acc += tl.sum(dghn[:, :, None] * w_n_columns, axis=1)
         else:

@@ -294,12 +294,10 @@ def _gru_forward_row_kernel(
 
     ks = tl.arange(0, BK)
     k_ok = ks < hidden
-    w_mask = k_ok[:, None] & unit_ok[None, :]
-    w_offsets = units[None, :] * hidden + ks[:, None]  # R^T (BK, BH)
-    w_r = tl.load(w_ptr + w_offsets, mask=w_mask, other=0.0).to(tl.float32)[None, :, :]
-    w_z = tl.load(w_ptr + hidden * hidden + w_offsets, mask=w_mask, other=0.0)
+    # R^T (1, BK, BH) a gate, reduced over K (axis 1) against the state.
+    w_r, w_z, w_n = _weight_chunk(w_ptr, units, unit_ok, 0, hidden, BK)
+    w_r = w_r.to(tl.float32)[None, :, :]
     w_z = w_z.to(tl.float32)[None, :, :]
-    w_n = tl.load(w_ptr + 2 * hidden * hidden + w_offsets, mask=w_mask, other=0.0)
     w_n = w_n.to(tl.float32)[None, :, :]
     state_offsets = rows[:, None] * hidden + ks[None, :]
     state_mask = row_ok[:, None] & k_ok[None, :]

@@ -303,18 +303,17 @@ def recurrent_weight_grad(
     by one step, plus h0 at each sequence's first step. Padded steps have zero gradients and
     zero outputs, so they add nothing."""
     out = out.to(grad.dtype)
-    if not reverse:
-        first, rest, previous = grad[0], grad[1:], out[:-1]
-    else:
-        # Reverse: step t follows step t + 1; a sequence's first step is its last valid one.
-        rest, previous = grad[:-1], out[1:]
-        if h0 is not None and lengths is not None:
-            last = (lengths.to(grad.device).long() - 1).clamp(min=0)
-            first = grad.gather(0, last.view(1, -1, 1).expand(1, *grad.shape[1:]))[0]
-        else:
-            first = grad[-1]
+    # Reverse: step t follows step t + 1.
+    rest, previous = (grad[:-1], out[1:]) if reverse else (grad[1:], out[:-1])
     if h0 is None:
         torch.mm(rest.flatten(0, 1).t(), previous.flatten(0, 1), out=into)
         return
+    if not reverse:
+        first = grad[0]
+    elif lengths is None:
+        first = grad[-1]
+    else:  # a sequence's first step in reverse is its last valid one
+        last = (lengths.to(grad.device).long() - 1).clamp(min=0)
+        first = grad.gather(0, last.view(1, -1, 1).expand(1, *grad.shape[1:]))[0]
     torch.mm(first.t(), h0.to(grad.dtype), out=into)
     into.addmm_(rest.flatten(0, 1).t(), previous.flatten(0, 1))
