@@ -421,6 +421,31 @@ def test_rows_holding_all_of_r_in_two_waves() -> None:
         assert_float_conformant(mine.grad, theirs.grad, name)
 
 
+@pytest.mark.parametrize("batch", [3, 20])  # the row kernels, the tile kernels
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_backward_reads_the_output_gradient_with_any_strides(batch: int, batch_first: bool) -> None:
+    """The output's gradient as losses hand it over, read in place: a sum's (expanded, stride
+    0 everywhere) and, batch-first, one transposed into the kernels' time-major order."""
+    model, oracle = pair(dict(input_size=4, hidden_size=12, batch_first=batch_first))
+    x = inputs(model, batch, 5, torch.float32).requires_grad_()
+    x64 = x.detach().double().requires_grad_()
+    out, _ = model(x)
+    want, _ = oracle(x64)
+    out.sum().backward(retain_graph=True)
+    want.sum().backward(retain_graph=True)
+    assert_float_conformant(x.grad, x64.grad, "input grad, expanded output gradient")
+    weight = torch.randn(out.shape, device=DEVICE)
+    for tensor in (x, x64, *model.parameters(), *oracle.parameters()):
+        tensor.grad = None
+    (out * weight).sum().backward()
+    (want * weight.double()).sum().backward()
+    assert_float_conformant(x.grad, x64.grad, "input grad, output gradient as the output")
+    for (name, mine), (_, theirs) in zip(
+        model.named_parameters(), oracle.named_parameters(), strict=True
+    ):
+        assert_float_conformant(mine.grad, theirs.grad, name)
+
+
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="the limit exists on a GPU only")
 def test_batch_beyond_one_launch() -> None:
     """More rows than one launch takes (64 a program, one program per SM): the batch runs in

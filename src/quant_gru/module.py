@@ -190,17 +190,20 @@ class QuantGRU(nn.Module):
         ]
 
     def _direction_weights(self) -> list[DirectionWeights]:
+        # Registered parameters straight from their dict (nn.Module.__getattr__ costs about a
+        # microsecond a name on every call); getattr for names something else provides, such
+        # as parametrizations or weight_norm's recomputed weights.
+        parameters = self._parameters
+        weights: list[Tensor] = []
+        for name in self._flat_weights_names:
+            registered = parameters.get(name)
+            weights.append(getattr(self, name) if registered is None else registered)
         pairs: list[DirectionWeights] = []
-        for layer in range(self.num_layers):
-            for suffix in self._direction_suffixes:
-                pairs.append(
-                    (
-                        getattr(self, f"weight_ih_l{layer}{suffix}"),
-                        getattr(self, f"weight_hh_l{layer}{suffix}"),
-                        getattr(self, f"bias_ih_l{layer}{suffix}") if self.bias else None,
-                        getattr(self, f"bias_hh_l{layer}{suffix}") if self.bias else None,
-                    )
-                )
+        per_pair = 4 if self.bias else 2
+        for start in range(0, len(weights), per_pair):
+            w_ih, w_hh, *biases = weights[start : start + per_pair]
+            b_ih, b_hh = biases if biases else (None, None)
+            pairs.append((w_ih, w_hh, b_ih, b_hh))
         return pairs
 
     def _shape(self) -> GRUShape:

@@ -46,14 +46,15 @@ PREFETCH_ELEMENTS = 512
 
 @triton.jit
 def _step_inputs(
-    t, steps, length, grad_out_ptr, out_ptr, saved_ptr, rows, units, own, own_offsets, batch,
-    hidden, REVERSE: tl.constexpr,
+    t, steps, length, grad_out_block, grad_out_step, out_ptr, saved_ptr, rows, units, own,
+    own_offsets, batch, hidden, REVERSE: tl.constexpr,
 ):  # fmt: skip
-    """What step ``t``'s gradients read besides the carry: the output's gradient, the saved
-    r, z, n, ghn and h_{t-1} (the output of the step before in the direction's order; masked
-    where that is h0). None of it depends on the carry, so the kernels load it a step ahead."""
+    """What step ``t``'s gradients read besides the carry: the output's gradient (at
+    ``grad_out_block`` + t * ``grad_out_step``, ``_grad_out_block``), the saved r, z, n, ghn
+    and h_{t-1} (the output of the step before in the direction's order; masked where that is
+    h0). None of it depends on the carry, so the kernels load it a step ahead."""
     plane = batch * hidden
-    grad_out = tl.load(grad_out_ptr + t * plane + own_offsets, mask=own, other=0.0)
+    grad_out = tl.load(grad_out_block + t * grad_out_step, mask=own, other=0.0)
     gates = saved_ptr + t * batch * 4 * hidden + rows[:, None] * (4 * hidden) + units[None, :]
     r = tl.load(gates, mask=own, other=0.0)
     z = tl.load(gates + hidden, mask=own, other=0.0)
@@ -64,6 +65,14 @@ def _step_inputs(
     t_load = tl.minimum(tl.maximum(t_prev, 0), steps - 1)
     h_prev = tl.load(out_ptr + t_load * plane + own_offsets, mask=own & has_prev, other=0.0)
     return grad_out, r, z, n, ghn, h_prev
+
+
+@triton.jit
+def _grad_out_block(grad_out_ptr, rows, units, row_stride, unit_stride):
+    """Pointers to this program's block of step 0 of the output's gradient, which may have any
+    strides: a loss's gradient often comes expanded (a sum's: stride 0 everywhere), and reading
+    it in place saves a copy of (T, B, H) on the host's critical path."""
+    return grad_out_ptr + rows[:, None] * row_stride + units[None, :] * unit_stride
 
 
 @triton.jit
@@ -135,7 +144,7 @@ def _resident_columns(w_ptr, units, unit_ok, hidden, BK, CHUNKS):
 
 @triton.jit
 def _gru_backward_tile_kernel(
-    grad_out_ptr,  # (T, B, H)
+    grad_out_ptr,  # (T, B, H), any strides
     grad_h_n_ptr,  # (B, H)
     out_ptr,  # (T, B, H): the forward's outputs, h_t at valid steps
     h0_ptr,  # (B, H)
@@ -150,6 +159,9 @@ def _gru_backward_tile_kernel(
     steps,
     batch,
     hidden,
+    grad_out_step,  # grad_out's strides (any: _grad_out_block)
+    grad_out_row,
+    grad_out_unit,
     REVERSE: tl.constexpr,
     PRECISION: tl.constexpr,  # products.dot_precision (float32); ignored for 16-bit types
     BB: tl.constexpr,
@@ -169,6 +181,7 @@ def _gru_backward_tile_kernel(
     exchange_type = exchange_ptr.dtype.element_ty
 
     length = _lengths(lengths_ptr, rows, row_ok, steps, BB, HAS_LENGTHS)
+    grad_out_block = _grad_out_block(grad_out_ptr, rows, units, grad_out_row, grad_out_unit)
     carry = _initial(grad_h_n_ptr, own_offsets, own, BB, BH, HAS_GRAD_H_N)
     h0 = _initial(h0_ptr, own_offsets, own, BB, BH, HAS_H0)
     if RESIDENT:
@@ -177,8 +190,8 @@ def _gru_backward_tile_kernel(
     # not depend on the carry, so their latency hides behind the previous step's work.
     if PREFETCH:
         inputs = _step_inputs(
-            0 if REVERSE else steps - 1, steps, length, grad_out_ptr, out_ptr, saved_ptr,
-            rows, units, own, own_offsets, batch, hidden, REVERSE,
+            0 if REVERSE else steps - 1, steps, length, grad_out_block, grad_out_step,
+            out_ptr, saved_ptr, rows, units, own, own_offsets, batch, hidden, REVERSE,
         )  # fmt: skip
 
     for step in range(steps):
@@ -186,13 +199,13 @@ def _gru_backward_tile_kernel(
         if PREFETCH:
             grad_out, r, z, n, ghn, h_prev = inputs
             inputs = _step_inputs(
-                t_next, steps, length, grad_out_ptr, out_ptr, saved_ptr, rows, units, own,
-                own_offsets, batch, hidden, REVERSE,
+                t_next, steps, length, grad_out_block, grad_out_step, out_ptr, saved_ptr,
+                rows, units, own, own_offsets, batch, hidden, REVERSE,
             )  # fmt: skip
         else:
             grad_out, r, z, n, ghn, h_prev = _step_inputs(
-                t, steps, length, grad_out_ptr, out_ptr, saved_ptr, rows, units, own,
-                own_offsets, batch, hidden, REVERSE,
+                t, steps, length, grad_out_block, grad_out_step, out_ptr, saved_ptr,
+                rows, units, own, own_offsets, batch, hidden, REVERSE,
             )  # fmt: skip
         dh, z, active, da_r, da_z, dghn = _step_gradients(
             carry, h0, t, length, grad_out, r, z, n, ghn, h_prev, grad_gx_ptr, grad_ghn_ptr,
@@ -229,7 +242,7 @@ def _gru_backward_tile_kernel(
 
 @triton.jit
 def _gru_backward_row_kernel(
-    grad_out_ptr,  # (T, B, H)
+    grad_out_ptr,  # (T, B, H), any strides
     grad_h_n_ptr,  # (B, H)
     out_ptr,  # (T, B, H): the forward's outputs, h_t at valid steps
     h0_ptr,  # (B, H)
@@ -243,6 +256,9 @@ def _gru_backward_row_kernel(
     steps,
     batch,
     hidden,
+    grad_out_step,  # grad_out's strides (any: _grad_out_block)
+    grad_out_row,
+    grad_out_unit,
     REVERSE: tl.constexpr,
     BB: tl.constexpr,
     BH: tl.constexpr,
@@ -255,6 +271,7 @@ def _gru_backward_row_kernel(
 ):
     rows, units, row_ok, unit_ok, own, own_offsets = _program_tile(batch, hidden, BB, BH)
     length = _lengths(lengths_ptr, rows, row_ok, steps, BB, HAS_LENGTHS)
+    grad_out_block = _grad_out_block(grad_out_ptr, rows, units, grad_out_row, grad_out_unit)
     carry = _initial(grad_h_n_ptr, own_offsets, own, BB, BH, HAS_GRAD_H_N)
     h0 = _initial(h0_ptr, own_offsets, own, BB, BH, HAS_H0)
 
@@ -281,16 +298,16 @@ def _gru_backward_row_kernel(
     # A step's inputs are loaded a step ahead: they do not depend on the carry, so their
     # latency hides behind the previous step's work.
     inputs = _step_inputs(
-        0 if REVERSE else steps - 1, steps, length, grad_out_ptr, out_ptr, saved_ptr,
-        rows, units, own, own_offsets, batch, hidden, REVERSE,
+        0 if REVERSE else steps - 1, steps, length, grad_out_block, grad_out_step,
+        out_ptr, saved_ptr, rows, units, own, own_offsets, batch, hidden, REVERSE,
     )  # fmt: skip
 
     for step in range(steps):
         t, t_next = _step_time(step, steps, not REVERSE)  # time runs backwards
         grad_out, r, z, n, ghn, h_prev = inputs
         inputs = _step_inputs(
-            t_next, steps, length, grad_out_ptr, out_ptr, saved_ptr, rows, units, own,
-            own_offsets, batch, hidden, REVERSE,
+            t_next, steps, length, grad_out_block, grad_out_step, out_ptr, saved_ptr,
+            rows, units, own, own_offsets, batch, hidden, REVERSE,
         )  # fmt: skip
         dh, z, active, da_r, da_z, dghn = _step_gradients(
             carry, h0, t, length, grad_out, r, z, n, ghn, h_prev, grad_gx_ptr, grad_ghn_ptr,
@@ -352,7 +369,7 @@ def gru_direction_backward(
         "HAS_GRAD_H_N": grad_h_n is not None,
     }
     operands = (
-        grad_out.contiguous(),
+        grad_out,
         out if grad_h_n is None else grad_h_n.contiguous(),
         out,
         out if h0 is None else h0.contiguous(),
@@ -362,7 +379,7 @@ def gru_direction_backward(
     if plan.rows:
         words = grad_gx if plan.single else zero_words(2, batch, 3 * hidden, device=device)
         _gru_backward_row_kernel[grid](
-            *operands, *outputs, words, steps, batch, hidden,
+            *operands, *outputs, words, steps, batch, hidden, *grad_out.stride(),
             REVERSE=reverse, BB=plan.block_b, BH=plan.block_h, BK=plan.block_k,
             SINGLE=plan.single, **given, COMPILED=not interpreted(), num_warps=plan.warps,
         )  # fmt: skip
@@ -373,7 +390,7 @@ def gru_direction_backward(
     if precision == TF32:
         outputs = (rounded_to_tf32(w_hh), *outputs[1:])
     _gru_backward_tile_kernel[grid](
-        *operands, *outputs, exchange, counters, steps, batch, hidden,
+        *operands, *outputs, exchange, counters, steps, batch, hidden, *grad_out.stride(),
         REVERSE=reverse, PRECISION=precision, BB=plan.block_b, BH=plan.block_h,
         BK=plan.block_k, RESIDENT=plan.resident,
         CHUNKS=plan.resident_chunks(hidden),

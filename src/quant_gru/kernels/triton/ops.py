@@ -85,8 +85,9 @@ def direction(
         out, h_n, _ = gru_direction(gates_x, h0, w_hh, b_hh, lengths, reverse, save)
         return out, h_n
     if not save:
-        out, h_n, _ = _forward(gates_x, h0, w_hh, b_hh, lengths, reverse, False)
-        return out, h_n
+        from quant_gru.kernels.triton.gru_forward import gru_direction_forward
+
+        return gru_direction_forward(gates_x, h0, w_hh, b_hh, lengths, reverse)
     out, h_n = _EagerDirection.apply(gates_x, h0, w_hh, b_hh, lengths, reverse)
     return out, h_n
 
@@ -226,7 +227,9 @@ def _gradients(
     """Every input's gradient, with the backward kernels run by ``kernels``: the operator
     under torch.compile, ``_backward_kernels`` directly in eager code."""
     h0, w_hh, out, saved, lengths = ctx.saved_tensors
-    grad_out = torch.zeros_like(out) if grad_out is None else grad_out.contiguous()
+    # The kernels read grad_out with any strides: a loss's gradient stays as it comes (often
+    # expanded), and an absent one is a single zero expanded.
+    grad_out = out.new_zeros(1).expand(out.shape) if grad_out is None else grad_out
     grad_gx, grad_h0, grad_ghn = kernels(
         grad_out, grad_h_n, out, h0, saved, w_hh, lengths, ctx.reverse
     )

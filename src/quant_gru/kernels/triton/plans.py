@@ -14,7 +14,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
-import triton
 
 # Tile kernels load R^T slices up to this size once, before the time loop (Triton keeps a
 # tl.dot operand loaded there in shared memory); larger ones are re-read from L2 every step,
@@ -92,7 +91,7 @@ class Plan:
     single: bool = False
 
     def grid(self, batch: int, hidden: int) -> tuple[int, int]:
-        return triton.cdiv(batch, self.block_b), triton.cdiv(hidden, self.block_h)
+        return _ceil_div(batch, self.block_b), _ceil_div(hidden, self.block_h)
 
     def resident_chunks(self, hidden: int) -> int:
         """How many K chunks of ``block_k`` hold a resident R slice (1 when not resident)."""
@@ -125,7 +124,18 @@ def batch_limit(device: torch.device) -> int | None:
 
 
 def padded(hidden: int) -> int:
-    return max(16, triton.next_power_of_2(hidden))
+    return max(16, _power_of_two(hidden))
+
+
+# Plain integer helpers: triton.cdiv and triton.next_power_of_2 are constexpr functions whose
+# calls from Python cost microseconds each, and Plan.grid runs on every launch.
+def _ceil_div(numerator: int, denominator: int) -> int:
+    return -(-numerator // denominator)
+
+
+def _power_of_two(n: int) -> int:
+    """The smallest power of two at least ``n`` (1 for n <= 1)."""
+    return 1 << max(0, n - 1).bit_length()
 
 
 def _fewest_units(row_tiles: int, hidden: int, smallest: int, programs: int) -> int | None:
@@ -134,9 +144,9 @@ def _fewest_units(row_tiles: int, hidden: int, smallest: int, programs: int) -> 
     a batch tile is too many."""
     full = padded(hidden)
     block_h = smallest
-    while block_h < full and row_tiles * triton.cdiv(hidden, block_h) > programs:
+    while block_h < full and row_tiles * _ceil_div(hidden, block_h) > programs:
         block_h *= 2
-    return None if row_tiles * triton.cdiv(hidden, block_h) > programs else block_h
+    return None if row_tiles * _ceil_div(hidden, block_h) > programs else block_h
 
 
 def row_plan(batch: int, hidden: int, device: torch.device, backward: bool = False) -> Plan | None:
@@ -156,7 +166,7 @@ def _row_plan(batch: int, hidden: int, programs: int | None, backward: bool) -> 
     if batch > ROW_KERNEL_MAX_BATCH:
         return None if backward else _wide_row_plan(batch, hidden, programs)
     full = padded(hidden)
-    block_k = max(16, triton.next_power_of_2(3 * hidden)) if backward else full
+    block_k = max(16, _power_of_two(3 * hidden)) if backward else full
     per_unit = block_k if backward else 3 * full
     if programs is None:
         block_h = full  # one hidden tile: no register budget to respect under the interpreter
@@ -199,7 +209,7 @@ def _wide_row_plan(batch: int, hidden: int, programs: int | None) -> Plan | None
     if 3 * block_h * full > ROW_REGISTER_ELEMENTS:
         return None
     for block_b in range(1, ROW_WIDE_MAX_ROWS + 1):
-        if triton.cdiv(batch, block_b) * triton.cdiv(hidden, block_h) <= programs:
+        if _ceil_div(batch, block_b) * _ceil_div(hidden, block_h) <= programs:
             return Plan(rows=True, block_b=block_b, block_h=block_h, block_k=full, warps=8)
     return None
 
@@ -256,14 +266,14 @@ def _least_reads(
     """Of batch tiles of 16, 32 or 64 rows, each with hidden tiles (8 units or more) as small
     as fill the SMs once, the one whose program ``reads`` the fewest bytes from L2 a step (the
     fewer rows on a tie). Under the interpreter: one program a batch tile of up to 64 rows."""
-    rows = max(16, triton.next_power_of_2(batch))
+    rows = max(16, _power_of_two(batch))
     if programs is None:
         return min(64, rows), padded(hidden)
     best: tuple[int, int, int] | None = None
     for block_b in (16, 32, 64):
         if block_b > rows:
             break
-        block_h = _fewest_units(triton.cdiv(batch, block_b), hidden, 8, programs)
+        block_h = _fewest_units(_ceil_div(batch, block_b), hidden, 8, programs)
         if block_h is None:
             continue
         cost = reads(block_b, block_h)
@@ -271,7 +281,7 @@ def _least_reads(
             best = (cost, block_b, block_h)
     if best is None:
         raise ValueError(
-            f"batch {batch} needs {triton.cdiv(batch, 64)} batch tiles, more than the {programs} "
+            f"batch {batch} needs {_ceil_div(batch, 64)} batch tiles, more than the {programs} "
             "SMs the persistent kernel can keep resident"
         )
     return best[1], best[2]
@@ -372,11 +382,11 @@ def tile_candidates(
     if programs is None:
         return []
     full = padded(hidden)
-    rows = max(16, triton.next_power_of_2(batch))
+    rows = max(16, _power_of_two(batch))
     plans = []
     for block_b in (16, 32, 64):
         for block_h in (8, 16, 32, 64) if backward else (8, 16, 32):
-            grid = triton.cdiv(batch, block_b) * triton.cdiv(hidden, block_h)
+            grid = _ceil_div(batch, block_b) * _ceil_div(hidden, block_h)
             if block_b > rows or block_h >= full or grid > programs:
                 continue
             if backward:
