@@ -421,6 +421,43 @@ def test_rows_holding_all_of_r_in_two_waves() -> None:
         assert_float_conformant(mine.grad, theirs.grad, name)
 
 
+@pytest.mark.parametrize("kernel", ["row", "tile"])
+def test_forward_hands_the_backward_r_rounded_to_tf32(
+    kernel: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A training forward under TF32 writes R rounded to TF32 for the tile backward: the row
+    kernel from its registers, the tile kernel where it rounds R for itself. Bit for bit the
+    host's rounding, and the backward given it computes what it computes rounding R itself."""
+    from quant_gru.kernels.triton.gru_backward import gru_direction_backward
+    from quant_gru.kernels.triton.gru_forward import gru_direction_forward
+    from quant_gru.kernels.triton.products import rounded_to_tf32
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    torch.manual_seed(3)
+    steps, batch, hidden = 4, 3, 10
+    gates_x = torch.randn(steps, batch, 3 * hidden, device=DEVICE)
+    w_hh = torch.randn(3 * hidden, hidden, device=DEVICE) / hidden**0.5
+    b_hh = torch.randn(3 * hidden, device=DEVICE) * 0.1
+    plan = (
+        row_plan(batch, hidden, DEVICE) if kernel == "row" else tile_plan(batch, hidden, 4, DEVICE)
+    )
+    assert plan is not None and plan.rows == (kernel == "row")
+    saved = torch.empty(steps, batch, 4 * hidden, device=DEVICE)
+    rounded = torch.full_like(w_hh, float("nan"))
+    out, _ = gru_direction_forward(
+        gates_x, None, w_hh, b_hh, None, False, saved, plan, rounded=rounded
+    )
+    assert torch.equal(rounded, rounded_to_tf32(w_hh))
+    assert not torch.equal(rounded, w_hh)  # the rounding did something
+    grad_out = torch.randn_like(out)
+    arguments = (grad_out, None, out, None, saved, w_hh, None, False, out.dtype)
+    backward = tile_plan(batch, hidden, 4, DEVICE)
+    given = gru_direction_backward(*arguments, backward, rounded=rounded)
+    own = gru_direction_backward(*arguments, backward)
+    for mine, theirs in zip(given, own, strict=True):
+        assert torch.equal(mine, theirs)
+
+
 @pytest.mark.parametrize("batch", [3, 20])  # the row kernels, the tile kernels
 @pytest.mark.parametrize("batch_first", [False, True])
 def test_backward_reads_the_output_gradient_with_any_strides(batch: int, batch_first: bool) -> None:

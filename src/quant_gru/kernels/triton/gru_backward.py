@@ -340,11 +340,14 @@ def gru_direction_backward(
     reverse: bool,
     gx_dtype: torch.dtype,
     plan: Plan | None = None,
+    rounded: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(grad of the input projections (T, B, 3H), grad of h0 (B, H) float32, grad of
     R_n h + b_n (T, B, H) in ``recurrent_grad_type``). None for ``grad_h_n`` or ``h0`` means
     zeros, for ``lengths`` (int32 when given) every row T long. ``plan`` overrides the choice
-    of kernel and tiles (plans.backward_plan, or the autotuner's: tuning.py)."""
+    of kernel and tiles (plans.backward_plan, or the autotuner's: tuning.py). ``rounded``: R
+    rounded to TF32 already (the forward's, gru_forward.gru_direction_forward), which the
+    TF32 tile kernel then takes instead of rounding it here."""
     steps, batch, hidden = out.shape
     device = out.device
     if plan is None:
@@ -388,7 +391,7 @@ def gru_direction_backward(
     counters = torch.zeros(grid[0], device=device, dtype=torch.int32)
     precision = dot_precision(w_hh.dtype)
     if precision == TF32:
-        outputs = (rounded_to_tf32(w_hh), *outputs[1:])
+        outputs = (rounded_to_tf32(w_hh) if rounded is None else rounded, *outputs[1:])
     _gru_backward_tile_kernel[grid](
         *operands, *outputs, exchange, counters, steps, batch, hidden, *grad_out.stride(),
         REVERSE=reverse, PRECISION=precision, BB=plan.block_b, BH=plan.block_h,

@@ -36,6 +36,7 @@ from quant_gru.kernels.triton.plans import (
 from quant_gru.kernels.triton.products import (
     TF32,
     _product,
+    _round_tf32,
     dot_precision,
     forward_tf32,
     rounded_to_tf32,
@@ -116,6 +117,17 @@ def _weight_chunk(w_ptr, units, unit_ok, k0, hidden, BK: tl.constexpr):
     w_z = tl.load(w_ptr + hidden * hidden + offsets, mask=mask, other=0.0)
     w_n = tl.load(w_ptr + 2 * hidden * hidden + offsets, mask=mask, other=0.0)
     return w_r, w_z, w_n
+
+
+@triton.jit
+def _store_weight_chunk(ptr, w_r, w_z, w_n, units, unit_ok, k0, hidden, BK: tl.constexpr):
+    """Store three (BK, BH) tiles where ``_weight_chunk`` loads them from."""
+    ks = k0 + tl.arange(0, BK)
+    mask = (ks < hidden)[:, None] & unit_ok[None, :]
+    offsets = units[None, :] * hidden + ks[:, None]
+    tl.store(ptr + offsets, w_r, mask=mask)
+    tl.store(ptr + hidden * hidden + offsets, w_z, mask=mask)
+    tl.store(ptr + 2 * hidden * hidden + offsets, w_n, mask=mask)
 
 
 @triton.jit
@@ -271,6 +283,7 @@ def _gru_forward_row_kernel(
     h_n_ptr,  # (B, H)
     words_ptr,  # (2, B, H) int64, zeros: the states h_s, tagged s + 1 (sync.py)
     saved_ptr,  # (T, B, 4H): r, z, n and R_n h + b_n of every step (SAVE only)
+    rounded_ptr,  # (3H, H) float32: R rounded to TF32, for the backward (ROUND_R only)
     steps,
     batch,
     hidden,
@@ -280,6 +293,7 @@ def _gru_forward_row_kernel(
     BK: tl.constexpr,  # padded H: the program's R^T slice (3, BK, BH) stays in registers
     SINGLE: tl.constexpr,  # the program holds every unit (BH == BK): the state stays here
     SAVE: tl.constexpr,
+    ROUND_R: tl.constexpr,  # write rounded_ptr (the programs of the first batch tile)
     HAS_LENGTHS: tl.constexpr,  # else every row runs all steps (lengths_ptr unused)
     HAS_H0: tl.constexpr,  # else the state starts at zeros (h0_ptr unused)
     COMPILED: tl.constexpr,  # False under TRITON_INTERPRET=1
@@ -296,6 +310,14 @@ def _gru_forward_row_kernel(
     k_ok = ks < hidden
     # R^T (1, BK, BH) a gate, reduced over K (axis 1) against the state.
     w_r, w_z, w_n = _weight_chunk(w_ptr, units, unit_ok, 0, hidden, BK)
+    # The TF32 backward's R, rounded from registers instead of by two launches on the host
+    # (the constexpr test apart, so that it compiles away).
+    if ROUND_R:  # noqa: SIM102
+        if tl.program_id(0) == 0:
+            _store_weight_chunk(
+                rounded_ptr, _round_tf32(w_r), _round_tf32(w_z), _round_tf32(w_n),
+                units, unit_ok, 0, hidden, BK,
+            )  # fmt: skip
     w_r = w_r.to(tl.float32)[None, :, :]
     w_z = w_z.to(tl.float32)[None, :, :]
     w_n = w_n.to(tl.float32)[None, :, :]
@@ -337,12 +359,14 @@ def gru_direction_forward(
     reverse: bool,
     saved: Tensor | None = None,
     plan: Plan | None = None,
+    rounded: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The recurrence over precomputed input projections ``gates_x`` (T, B, 3H) from ``h0``
     (B, H; None: zeros) with every row ``lengths`` long (None: T); returns output (T, B, H)
     and h_n (B, H) in ``gates_x``'s dtype. With ``saved`` (T, B, 4H), also fills it with r, z,
-    n and R_n h + b_n of every step. ``plan`` overrides the choice of kernel and tiles
-    (plans.forward_plan)."""
+    n and R_n h + b_n of every step; with ``rounded`` (3H, H, contiguous; float32 weights),
+    with R rounded to TF32 (products.rounded_to_tf32) for the TF32 backward. ``plan``
+    overrides the choice of kernel and tiles (plans.forward_plan)."""
     steps, batch, three_h = gates_x.shape
     hidden = three_h // 3
     device, dtype = gates_x.device, gates_x.dtype
@@ -377,10 +401,10 @@ def gru_direction_forward(
         words = out if plan.single else zero_words(2, batch, hidden, device=device)
         _gru_forward_row_kernel[grid](
             *operands, lengths32, out, h_n, words, words if saved is None else saved,
-            steps, batch, hidden,
+            words if rounded is None else rounded, steps, batch, hidden,
             REVERSE=reverse, BB=plan.block_b, BH=plan.block_h, BK=plan.block_k,
-            SINGLE=plan.single, SAVE=saved is not None, **given, COMPILED=not interpreted(),
-            num_warps=plan.warps,
+            SINGLE=plan.single, SAVE=saved is not None, ROUND_R=rounded is not None, **given,
+            COMPILED=not interpreted(), num_warps=plan.warps,
         )  # fmt: skip
         return out, h_n
     # 16-bit states are exchanged in their own type: tl.dot reads nothing finer.
@@ -389,8 +413,10 @@ def gru_direction_forward(
     counters = torch.zeros(grid[0], device=device, dtype=torch.int32)
     precision = dot_precision(dtype)
     if precision == TF32:
-        operands = (operands[0], rounded_to_tf32(w_hh), *operands[2:])
+        operands = (operands[0], rounded_to_tf32(w_hh, rounded), *operands[2:])
         precision = forward_tf32(hidden)
+    elif rounded is not None:
+        rounded_to_tf32(w_hh, rounded)
     if plan.single and plan.block_k != padded(hidden):
         raise ValueError(f"a single-tile plan holds the whole state in one chunk, got {plan}")
     _gru_forward_tile_kernel[grid](

@@ -100,14 +100,31 @@ def _forward(
     lengths: Optional[Tensor],  # noqa: UP045
     reverse: bool,
     save: bool,
+    rounded: Optional[Tensor] = None,  # noqa: UP045
 ) -> tuple[Tensor, Tensor, Tensor]:
     from quant_gru.kernels.triton.gru_forward import gru_direction_forward
 
     saved = _saved_like(gates_x, save)
     out, h_n = gru_direction_forward(
-        gates_x, h0, w_hh, b_hh, lengths, reverse, saved if save else None
+        gates_x, h0, w_hh, b_hh, lengths, reverse, saved if save else None, rounded=rounded
     )
     return out, h_n, saved
+
+
+def _rounded_for_backward(gates_x: Tensor, w_hh: Tensor) -> Optional[Tensor]:  # noqa: UP045
+    """An empty (3H, H) tensor for the forward to fill with R rounded to TF32 where the
+    backward runs the TF32 tile kernel (float32 weights, TF32 on), else None: the forward
+    rounds R in its registers (row kernels) or rounds it anyway (tile kernels), which saves
+    the backward two launches on the host's critical path."""
+    from quant_gru.kernels.triton.plans import backward_plan
+    from quant_gru.kernels.triton.products import TF32, dot_precision
+
+    if w_hh.dtype != torch.float32 or dot_precision(w_hh.dtype) != TF32:
+        return None
+    batch, hidden = gates_x.shape[1], w_hh.shape[1]
+    if backward_plan(batch, hidden, w_hh.element_size(), gates_x.device).rows:
+        return None
+    return torch.empty(w_hh.shape, device=w_hh.device, dtype=torch.float32)
 
 
 @torch.library.custom_op("quant_gru::gru_direction", mutates_args=())
@@ -278,8 +295,10 @@ class _EagerDirection(torch.autograd.Function):
         lengths: Optional[Tensor],  # noqa: UP045
         reverse: bool,
     ) -> tuple[Tensor, Tensor]:
-        out, h_n, saved = _forward(gates_x, h0, w_hh, b_hh, lengths, reverse, True)
+        rounded = _rounded_for_backward(gates_x, w_hh)
+        out, h_n, saved = _forward(gates_x, h0, w_hh, b_hh, lengths, reverse, True, rounded)
         _setup_context(ctx, (gates_x, h0, w_hh, b_hh, lengths, reverse, True), (out, h_n, saved))
+        ctx.rounded = rounded
         return out, h_n
 
     @staticmethod
@@ -289,7 +308,22 @@ class _EagerDirection(torch.autograd.Function):
         grad_h_n: Tensor | None,
     ) -> tuple[Tensor | None, ...]:
         # Straight to the kernels: the operator's dispatch costs host time with nothing to do.
-        return _gradients(ctx, grad_out, grad_h_n, _backward_kernels)[:6]
+        from quant_gru.kernels.triton.gru_backward import gru_direction_backward as launch
+
+        def kernels(
+            grad_out: Tensor,
+            grad_h_n: Tensor | None,
+            out: Tensor,
+            h0: Tensor | None,
+            saved: Tensor,
+            w_hh: Tensor,
+            lengths: Tensor | None,
+            reverse: bool,
+        ) -> tuple[Tensor, Tensor, Tensor]:
+            arguments = (grad_out, grad_h_n, out, h0, saved, w_hh, lengths, reverse)
+            return launch(*arguments, out.dtype, rounded=ctx.rounded)
+
+        return _gradients(ctx, grad_out, grad_h_n, kernels)[:6]
 
 
 def recurrent_weight_grad(

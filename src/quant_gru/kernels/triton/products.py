@@ -40,11 +40,15 @@ def forward_tf32(hidden: int) -> str:
     return TF32_SPLIT if hidden < SPLIT_BELOW_HIDDEN else TF32
 
 
-def rounded_to_tf32(weight: Tensor) -> Tensor:
+def rounded_to_tf32(weight: Tensor, out: Tensor | None = None) -> Tensor:
     """A float32 ``weight`` rounded to the nearest TF32 values (ties away from zero), as the
-    kernels' TF32 products take it."""
-    bits = weight.contiguous().view(torch.int32)
-    return ((bits + 0x1000) & -8192).view(torch.float32)
+    kernels' TF32 products take it; written into ``out`` (contiguous, weight's shape) when
+    given."""
+    bits = weight.contiguous().view(torch.int32) + 0x1000
+    if out is None:
+        return (bits & -8192).view(torch.float32)
+    torch.bitwise_and(bits, -8192, out=out.view(torch.int32))
+    return out
 
 
 @triton.jit
