@@ -51,8 +51,7 @@ def gru(
     ) -> tuple[Tensor, Tensor]:
         if triton:
             w_ih, w_hh, b_ih, b_hh = weights[index]
-            gates_x = triton_ops.input_projection(x, w_ih, b_ih)
-            return triton_ops.direction(gates_x, h0, w_hh, b_hh, valid, reverse, save)
+            return triton_ops.layer_direction(x, w_ih, b_ih, h0, w_hh, b_hh, valid, reverse, save)
         assert h0 is not None  # made for every other path
         if observe is not None:
             return decomposed_direction(x, h0, weights[index], lengths, reverse, observe(index))

@@ -51,6 +51,32 @@ def _ieee_matmuls() -> Iterator[None]:
             torch.backends.cuda.matmul.allow_tf32 = allowed
 
 
+def layer_direction(
+    x: Tensor,
+    w_ih: Tensor,
+    b_ih: Optional[Tensor],  # noqa: UP045
+    h0: Optional[Tensor],  # noqa: UP045
+    w_hh: Tensor,
+    b_hh: Optional[Tensor],  # noqa: UP045
+    lengths: Optional[Tensor],  # noqa: UP045
+    reverse: bool,
+    save: bool,
+) -> tuple[Tensor, Tensor]:
+    """One (layer, direction) from its input ``x`` (T, B, I): ``input_projection``, then
+    ``direction``. Eager training runs the two as one autograd node (``_EagerLayer``): the
+    projection then records nothing for autograd, and its backward needs no node of its own,
+    which saves host time on every step."""
+    if save and not torch.compiler.is_compiling():
+        from quant_gru.kernels.triton.plans import batch_limit
+
+        limit = batch_limit(x.device)
+        if limit is None or x.shape[1] <= limit:
+            out, h_n = _EagerLayer.apply(x, w_ih, b_ih, h0, w_hh, b_hh, lengths, reverse)
+            return out, h_n
+    gates_x = input_projection(x, w_ih, b_ih)
+    return direction(gates_x, h0, w_hh, b_hh, lengths, reverse, save)
+
+
 def direction(
     gates_x: Tensor,
     h0: Optional[Tensor],  # noqa: UP045
@@ -215,12 +241,15 @@ def _saved_like(gates_x: Tensor, save: bool) -> Tensor:
     return gates_x.new_empty(shape, dtype=recurrent_grad_type(gates_x))
 
 
-def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+def _setup_context(
+    ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...], *more_saved: Tensor
+) -> None:
+    """The operator's (``more_saved``: kept after its saved tensors, for the eager layer)."""
     _, h0, w_hh, b_hh, lengths, reverse, save = inputs
     if not save:
         raise RuntimeError("quant_gru::gru_direction records gradients only with save=True")
     out, _, saved = output
-    ctx.save_for_backward(h0, w_hh, out, saved, lengths)
+    ctx.save_for_backward(h0, w_hh, out, saved, lengths, *more_saved)
     # No zero-filled gradient for the saved gates (an output as large as four outputs).
     ctx.set_materialize_grads(False)
     ctx.reverse, ctx.has_bias = reverse, b_hh is not None
@@ -243,7 +272,7 @@ def _gradients(
 ) -> tuple[Optional[Tensor], ...]:  # noqa: UP045
     """Every input's gradient, with the backward kernels run by ``kernels``: the operator
     under torch.compile, ``_backward_kernels`` directly in eager code."""
-    h0, w_hh, out, saved, lengths = ctx.saved_tensors
+    h0, w_hh, out, saved, lengths = ctx.saved_tensors[:5]
     # The kernels read grad_out with any strides: a loss's gradient stays as it comes (often
     # expanded), and an absent one is a single zero expanded.
     grad_out = out.new_zeros(1).expand(out.shape) if grad_out is None else grad_out
@@ -282,6 +311,50 @@ def _step_sum(grad: Tensor, into: Tensor) -> None:
 gru_direction.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _eager_forward(
+    ctx: Any,
+    gates_x: Tensor,
+    h0: Optional[Tensor],  # noqa: UP045
+    w_hh: Tensor,
+    b_hh: Optional[Tensor],  # noqa: UP045
+    lengths: Optional[Tensor],  # noqa: UP045
+    reverse: bool,
+    *more_saved: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """The operator's forward and setup_context for eager autograd, keeping R rounded for the
+    backward where it needs it (``_rounded_for_backward``) and ``more_saved`` after the
+    operator's saved tensors."""
+    rounded = _rounded_for_backward(gates_x, w_hh)
+    out, h_n, saved = _forward(gates_x, h0, w_hh, b_hh, lengths, reverse, True, rounded)
+    inputs = (gates_x, h0, w_hh, b_hh, lengths, reverse, True)
+    _setup_context(ctx, inputs, (out, h_n, saved), *more_saved)
+    ctx.rounded = rounded
+    return out, h_n
+
+
+def _eager_gradients(
+    ctx: Any, grad_out: Tensor | None, grad_h_n: Tensor | None
+) -> tuple[Optional[Tensor], ...]:  # noqa: UP045
+    """``_gradients`` straight to the kernels (the operator's dispatch costs host time with
+    nothing to do), with the forward's rounded R."""
+    from quant_gru.kernels.triton.gru_backward import gru_direction_backward as launch
+
+    def kernels(
+        grad_out: Tensor,
+        grad_h_n: Tensor | None,
+        out: Tensor,
+        h0: Tensor | None,
+        saved: Tensor,
+        w_hh: Tensor,
+        lengths: Tensor | None,
+        reverse: bool,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        arguments = (grad_out, grad_h_n, out, h0, saved, w_hh, lengths, reverse)
+        return launch(*arguments, out.dtype, rounded=ctx.rounded)
+
+    return _gradients(ctx, grad_out, grad_h_n, kernels)
+
+
 class _EagerDirection(torch.autograd.Function):
     """The operator's forward and backward for eager autograd, without its dispatch."""
 
@@ -295,11 +368,7 @@ class _EagerDirection(torch.autograd.Function):
         lengths: Optional[Tensor],  # noqa: UP045
         reverse: bool,
     ) -> tuple[Tensor, Tensor]:
-        rounded = _rounded_for_backward(gates_x, w_hh)
-        out, h_n, saved = _forward(gates_x, h0, w_hh, b_hh, lengths, reverse, True, rounded)
-        _setup_context(ctx, (gates_x, h0, w_hh, b_hh, lengths, reverse, True), (out, h_n, saved))
-        ctx.rounded = rounded
-        return out, h_n
+        return _eager_forward(ctx, gates_x, h0, w_hh, b_hh, lengths, reverse)
 
     @staticmethod
     def backward(
@@ -307,23 +376,47 @@ class _EagerDirection(torch.autograd.Function):
         grad_out: Tensor | None,
         grad_h_n: Tensor | None,
     ) -> tuple[Tensor | None, ...]:
-        # Straight to the kernels: the operator's dispatch costs host time with nothing to do.
-        from quant_gru.kernels.triton.gru_backward import gru_direction_backward as launch
+        return _eager_gradients(ctx, grad_out, grad_h_n)[:6]
 
-        def kernels(
-            grad_out: Tensor,
-            grad_h_n: Tensor | None,
-            out: Tensor,
-            h0: Tensor | None,
-            saved: Tensor,
-            w_hh: Tensor,
-            lengths: Tensor | None,
-            reverse: bool,
-        ) -> tuple[Tensor, Tensor, Tensor]:
-            arguments = (grad_out, grad_h_n, out, h0, saved, w_hh, lengths, reverse)
-            return launch(*arguments, out.dtype, rounded=ctx.rounded)
 
-        return _gradients(ctx, grad_out, grad_h_n, kernels)[:6]
+class _EagerLayer(torch.autograd.Function):
+    """``_EagerDirection`` with the input projection inside: x W_ih^T + b_ih in the forward,
+    and its gradients from the gates' in the backward (the products autograd's node for it
+    would launch, less that node's host time)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        w_ih: Tensor,
+        b_ih: Optional[Tensor],  # noqa: UP045
+        h0: Optional[Tensor],  # noqa: UP045
+        w_hh: Tensor,
+        b_hh: Optional[Tensor],  # noqa: UP045
+        lengths: Optional[Tensor],  # noqa: UP045
+        reverse: bool,
+    ) -> tuple[Tensor, Tensor]:
+        gates_x = input_projection(x, w_ih, b_ih)
+        return _eager_forward(ctx, gates_x, h0, w_hh, b_hh, lengths, reverse, x, w_ih)
+
+    @staticmethod
+    def backward(
+        ctx: Any,
+        grad_out: Tensor | None,
+        grad_h_n: Tensor | None,
+    ) -> tuple[Tensor | None, ...]:
+        grad_gx, grad_h0, grad_w_hh, grad_b_hh = _eager_gradients(ctx, grad_out, grad_h_n)[:4]
+        assert grad_gx is not None
+        x, w_ih = ctx.saved_tensors[5:]
+        need_x, need_w_ih, need_b_ih = ctx.needs_input_grad[:3]
+        rows = grad_gx.flatten(0, 1)
+        grad_x = torch.mm(rows, w_ih).view(x.shape) if need_x else None
+        grad_w_ih = torch.mm(rows.t(), x.reshape(rows.shape[0], -1)) if need_w_ih else None
+        grad_b_ih = None
+        if need_b_ih:
+            grad_b_ih = w_ih.new_empty(rows.shape[1])
+            _step_sum(grad_gx, grad_b_ih)
+        return grad_x, grad_w_ih, grad_b_ih, grad_h0, grad_w_hh, grad_b_hh, None, None
 
 
 def recurrent_weight_grad(
