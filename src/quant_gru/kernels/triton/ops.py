@@ -339,18 +339,10 @@ def _eager_gradients(
     nothing to do), with the forward's rounded R."""
     from quant_gru.kernels.triton.gru_backward import gru_direction_backward as launch
 
-    def kernels(
-        grad_out: Tensor,
-        grad_h_n: Tensor | None,
-        out: Tensor,
-        h0: Tensor | None,
-        saved: Tensor,
-        w_hh: Tensor,
-        lengths: Tensor | None,
-        reverse: bool,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        arguments = (grad_out, grad_h_n, out, h0, saved, w_hh, lengths, reverse)
-        return launch(*arguments, out.dtype, rounded=ctx.rounded)
+    def kernels(*arguments: Any) -> tuple[Tensor, Tensor, Tensor]:
+        grad_out, grad_h_n, out, h0, saved, w_hh, lengths, reverse = arguments
+        operands = (grad_out, grad_h_n, out, h0, saved, w_hh, lengths, reverse, out.dtype)
+        return launch(*operands, rounded=ctx.rounded)
 
     return _gradients(ctx, grad_out, grad_h_n, kernels)
 
