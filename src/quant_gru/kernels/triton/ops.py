@@ -351,16 +351,9 @@ class _EagerDirection(torch.autograd.Function):
     """The operator's forward and backward for eager autograd, without its dispatch."""
 
     @staticmethod
-    def forward(
-        ctx: Any,
-        gates_x: Tensor,
-        h0: Optional[Tensor],  # noqa: UP045
-        w_hh: Tensor,
-        b_hh: Optional[Tensor],  # noqa: UP045
-        lengths: Optional[Tensor],  # noqa: UP045
-        reverse: bool,
-    ) -> tuple[Tensor, Tensor]:
-        return _eager_forward(ctx, gates_x, h0, w_hh, b_hh, lengths, reverse)
+    def forward(ctx: Any, *inputs: Any) -> tuple[Tensor, Tensor]:
+        """(gates_x, h0, w_hh, b_hh, lengths, reverse), as ``_eager_forward`` takes them."""
+        return _eager_forward(ctx, *inputs)
 
     @staticmethod
     def backward(
@@ -381,15 +374,12 @@ class _EagerLayer(torch.autograd.Function):
         ctx: Any,
         x: Tensor,
         w_ih: Tensor,
-        b_ih: Optional[Tensor],  # noqa: UP045
-        h0: Optional[Tensor],  # noqa: UP045
-        w_hh: Tensor,
-        b_hh: Optional[Tensor],  # noqa: UP045
-        lengths: Optional[Tensor],  # noqa: UP045
-        reverse: bool,
+        b_ih: Optional[Tensor],
+        *direction: Any,  # noqa: UP045
     ) -> tuple[Tensor, Tensor]:
+        """``direction``: (h0, w_hh, b_hh, lengths, reverse), as ``_eager_forward`` takes them."""
         gates_x = input_projection(x, w_ih, b_ih)
-        return _eager_forward(ctx, gates_x, h0, w_hh, b_hh, lengths, reverse, x, w_ih)
+        return _eager_forward(ctx, gates_x, *direction, x, w_ih)
 
     @staticmethod
     def backward(
