@@ -46,15 +46,15 @@ PREFETCH_ELEMENTS = 512
 
 @triton.jit
 def _step_inputs(
-    t, steps, length, grad_out_block, grad_out_step, out_ptr, saved_ptr, rows, units, own,
-    own_offsets, batch, hidden, REVERSE: tl.constexpr,
+    t, steps, length, grad_out_ptr, grad_out_step, grad_out_offsets, out_ptr, saved_ptr, rows,
+    units, own, own_offsets, batch, hidden, REVERSE: tl.constexpr,
 ):  # fmt: skip
     """What step ``t``'s gradients read besides the carry: the output's gradient (at
-    ``grad_out_block`` + t * ``grad_out_step``, ``_grad_out_block``), the saved r, z, n, ghn
-    and h_{t-1} (the output of the step before in the direction's order; masked where that is
-    h0). None of it depends on the carry, so the kernels load it a step ahead."""
+    t * ``grad_out_step`` + ``grad_out_offsets``: ``_grad_out_offsets``), the saved r, z, n,
+    ghn and h_{t-1} (the output of the step before in the direction's order; masked where
+    that is h0). None of it depends on the carry, so the kernels load it a step ahead."""
     plane = batch * hidden
-    grad_out = tl.load(grad_out_block + t * grad_out_step, mask=own, other=0.0)
+    grad_out = tl.load(grad_out_ptr + t * grad_out_step + grad_out_offsets, mask=own, other=0.0)
     gates = saved_ptr + t * batch * 4 * hidden + rows[:, None] * (4 * hidden) + units[None, :]
     r = tl.load(gates, mask=own, other=0.0)
     z = tl.load(gates + hidden, mask=own, other=0.0)
@@ -68,11 +68,16 @@ def _step_inputs(
 
 
 @triton.jit
-def _grad_out_block(grad_out_ptr, rows, units, row_stride, unit_stride):
-    """Pointers to this program's block of step 0 of the output's gradient, which may have any
-    strides: a loss's gradient often comes expanded (a sum's: stride 0 everywhere), and reading
-    it in place saves a copy of (T, B, H) on the host's critical path."""
-    return grad_out_ptr + rows[:, None] * row_stride + units[None, :] * unit_stride
+def _grad_out_offsets(
+    own_offsets, rows, units, row_stride, unit_stride, GRAD_OUT_CONTIGUOUS: tl.constexpr
+):
+    """The offsets of this program's block in a step of the output's gradient, which may have
+    any strides: a loss's gradient often comes expanded (a sum's: stride 0 everywhere), and
+    reading it in place saves a copy of (T, B, H) on the host's critical path. Contiguous,
+    the block's own offsets (no more registers than before strides were taken)."""
+    if GRAD_OUT_CONTIGUOUS:
+        return own_offsets
+    return rows[:, None] * row_stride + units[None, :] * unit_stride
 
 
 @triton.jit
@@ -159,7 +164,7 @@ def _gru_backward_tile_kernel(
     steps,
     batch,
     hidden,
-    grad_out_step,  # grad_out's strides (any: _grad_out_block)
+    grad_out_step,  # grad_out's strides (any: _grad_out_offsets)
     grad_out_row,
     grad_out_unit,
     REVERSE: tl.constexpr,
@@ -173,6 +178,7 @@ def _gru_backward_tile_kernel(
     HAS_LENGTHS: tl.constexpr,  # else every row ran all steps (lengths_ptr unused)
     HAS_H0: tl.constexpr,  # else the state started at zeros (h0_ptr unused)
     HAS_GRAD_H_N: tl.constexpr,  # else h_n's gradient is zeros (grad_h_n_ptr unused)
+    GRAD_OUT_CONTIGUOUS: tl.constexpr,  # grad_out's strides are (B * H, H, 1)
 ):
     rows, units, row_ok, unit_ok, own, own_offsets = _program_tile(batch, hidden, BB, BH)
     hidden_tiles = tl.num_programs(1)
@@ -181,7 +187,9 @@ def _gru_backward_tile_kernel(
     exchange_type = exchange_ptr.dtype.element_ty
 
     length = _lengths(lengths_ptr, rows, row_ok, steps, BB, HAS_LENGTHS)
-    grad_out_block = _grad_out_block(grad_out_ptr, rows, units, grad_out_row, grad_out_unit)
+    grad_out_offsets = _grad_out_offsets(
+        own_offsets, rows, units, grad_out_row, grad_out_unit, GRAD_OUT_CONTIGUOUS
+    )
     carry = _initial(grad_h_n_ptr, own_offsets, own, BB, BH, HAS_GRAD_H_N)
     h0 = _initial(h0_ptr, own_offsets, own, BB, BH, HAS_H0)
     if RESIDENT:
@@ -190,8 +198,9 @@ def _gru_backward_tile_kernel(
     # not depend on the carry, so their latency hides behind the previous step's work.
     if PREFETCH:
         inputs = _step_inputs(
-            0 if REVERSE else steps - 1, steps, length, grad_out_block, grad_out_step,
-            out_ptr, saved_ptr, rows, units, own, own_offsets, batch, hidden, REVERSE,
+            0 if REVERSE else steps - 1, steps, length, grad_out_ptr, grad_out_step,
+            grad_out_offsets, out_ptr, saved_ptr, rows, units, own, own_offsets, batch, hidden,
+            REVERSE,
         )  # fmt: skip
 
     for step in range(steps):
@@ -199,13 +208,13 @@ def _gru_backward_tile_kernel(
         if PREFETCH:
             grad_out, r, z, n, ghn, h_prev = inputs
             inputs = _step_inputs(
-                t_next, steps, length, grad_out_block, grad_out_step, out_ptr, saved_ptr,
-                rows, units, own, own_offsets, batch, hidden, REVERSE,
+                t_next, steps, length, grad_out_ptr, grad_out_step, grad_out_offsets, out_ptr,
+                saved_ptr, rows, units, own, own_offsets, batch, hidden, REVERSE,
             )  # fmt: skip
         else:
             grad_out, r, z, n, ghn, h_prev = _step_inputs(
-                t, steps, length, grad_out_block, grad_out_step, out_ptr, saved_ptr,
-                rows, units, own, own_offsets, batch, hidden, REVERSE,
+                t, steps, length, grad_out_ptr, grad_out_step, grad_out_offsets, out_ptr,
+                saved_ptr, rows, units, own, own_offsets, batch, hidden, REVERSE,
             )  # fmt: skip
         dh, z, active, da_r, da_z, dghn = _step_gradients(
             carry, h0, t, length, grad_out, r, z, n, ghn, h_prev, grad_gx_ptr, grad_ghn_ptr,
@@ -256,7 +265,7 @@ def _gru_backward_row_kernel(
     steps,
     batch,
     hidden,
-    grad_out_step,  # grad_out's strides (any: _grad_out_block)
+    grad_out_step,  # grad_out's strides (any: _grad_out_offsets)
     grad_out_row,
     grad_out_unit,
     REVERSE: tl.constexpr,
@@ -267,11 +276,14 @@ def _gru_backward_row_kernel(
     HAS_LENGTHS: tl.constexpr,  # else every row ran all steps (lengths_ptr unused)
     HAS_H0: tl.constexpr,  # else the state started at zeros (h0_ptr unused)
     HAS_GRAD_H_N: tl.constexpr,  # else h_n's gradient is zeros (grad_h_n_ptr unused)
+    GRAD_OUT_CONTIGUOUS: tl.constexpr,  # grad_out's strides are (B * H, H, 1)
     COMPILED: tl.constexpr,  # False under TRITON_INTERPRET=1
 ):
     rows, units, row_ok, unit_ok, own, own_offsets = _program_tile(batch, hidden, BB, BH)
     length = _lengths(lengths_ptr, rows, row_ok, steps, BB, HAS_LENGTHS)
-    grad_out_block = _grad_out_block(grad_out_ptr, rows, units, grad_out_row, grad_out_unit)
+    grad_out_offsets = _grad_out_offsets(
+        own_offsets, rows, units, grad_out_row, grad_out_unit, GRAD_OUT_CONTIGUOUS
+    )
     carry = _initial(grad_h_n_ptr, own_offsets, own, BB, BH, HAS_GRAD_H_N)
     h0 = _initial(h0_ptr, own_offsets, own, BB, BH, HAS_H0)
 
@@ -298,16 +310,17 @@ def _gru_backward_row_kernel(
     # A step's inputs are loaded a step ahead: they do not depend on the carry, so their
     # latency hides behind the previous step's work.
     inputs = _step_inputs(
-        0 if REVERSE else steps - 1, steps, length, grad_out_block, grad_out_step,
-        out_ptr, saved_ptr, rows, units, own, own_offsets, batch, hidden, REVERSE,
+        0 if REVERSE else steps - 1, steps, length, grad_out_ptr, grad_out_step,
+        grad_out_offsets, out_ptr, saved_ptr, rows, units, own, own_offsets, batch, hidden,
+        REVERSE,
     )  # fmt: skip
 
     for step in range(steps):
         t, t_next = _step_time(step, steps, not REVERSE)  # time runs backwards
         grad_out, r, z, n, ghn, h_prev = inputs
         inputs = _step_inputs(
-            t_next, steps, length, grad_out_block, grad_out_step, out_ptr, saved_ptr,
-            rows, units, own, own_offsets, batch, hidden, REVERSE,
+            t_next, steps, length, grad_out_ptr, grad_out_step, grad_out_offsets, out_ptr,
+            saved_ptr, rows, units, own, own_offsets, batch, hidden, REVERSE,
         )  # fmt: skip
         dh, z, active, da_r, da_z, dghn = _step_gradients(
             carry, h0, t, length, grad_out, r, z, n, ghn, h_prev, grad_gx_ptr, grad_ghn_ptr,
@@ -370,6 +383,7 @@ def gru_direction_backward(
         "HAS_LENGTHS": lengths is not None,
         "HAS_H0": h0 is not None,
         "HAS_GRAD_H_N": grad_h_n is not None,
+        "GRAD_OUT_CONTIGUOUS": grad_out.is_contiguous(),
     }
     operands = (
         grad_out,

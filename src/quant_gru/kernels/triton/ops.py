@@ -374,8 +374,8 @@ class _EagerLayer(torch.autograd.Function):
         ctx: Any,
         x: Tensor,
         w_ih: Tensor,
-        b_ih: Optional[Tensor],
-        *direction: Any,  # noqa: UP045
+        b_ih: Optional[Tensor],  # noqa: UP045
+        *direction: Any,
     ) -> tuple[Tensor, Tensor]:
         """``direction``: (h0, w_hh, b_hh, lengths, reverse), as ``_eager_forward`` takes them."""
         gates_x = input_projection(x, w_ih, b_ih)
