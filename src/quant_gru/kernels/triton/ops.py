@@ -269,9 +269,12 @@ def _gradients(
     grad_out: Tensor | None,
     grad_h_n: Tensor | None,
     kernels: Callable[..., tuple[Tensor, Tensor, Tensor]],
+    grad_b_ih: Optional[Tensor] = None,  # noqa: UP045
 ) -> tuple[Optional[Tensor], ...]:  # noqa: UP045
     """Every input's gradient, with the backward kernels run by ``kernels``: the operator
-    under torch.compile, ``_backward_kernels`` directly in eager code."""
+    under torch.compile, ``_backward_kernels`` directly in eager code. ``grad_b_ih`` (3H,),
+    when given, receives Σ dgx, the input bias's gradient, which b_hh's shares in its r and z
+    rows: one sum over (T, B, 3H) for both."""
     h0, w_hh, out, saved, lengths = ctx.saved_tensors[:5]
     # The kernels read grad_out with any strides: a loss's gradient stays as it comes (often
     # expanded), and an absent one is a single zero expanded.
@@ -288,10 +291,15 @@ def _gradients(
     grad_rz = grad_gx[..., : 2 * hidden].to(grad_w.dtype)
     recurrent_weight_grad(grad_rz, out, h0, lengths, ctx.reverse, grad_w[:-hidden])
     recurrent_weight_grad(grad_ghn, out, h0, lengths, ctx.reverse, grad_w[-hidden:])
+    if grad_b_ih is not None:
+        _step_sum(grad_gx.to(grad_b_ih.dtype), grad_b_ih)
     grad_b = None
     if ctx.has_bias:  # summed whole: a sum over the r and z slice would copy it first
         grad_b = w_hh.new_empty(3 * hidden)
-        _step_sum(grad_gx.to(grad_b.dtype), grad_b)
+        if grad_b_ih is None:
+            _step_sum(grad_gx.to(grad_b.dtype), grad_b)
+        else:
+            grad_b[:-hidden].copy_(grad_b_ih[:-hidden])
         _step_sum(grad_ghn, grad_b[-hidden:])  # the n rows: R_n h + b_n's gradient
     grad_start = None if h0 is None else grad_h0.to(h0.dtype)
     return grad_gx, grad_start, grad_w, grad_b, None, None, None
@@ -333,7 +341,10 @@ def _eager_forward(
 
 
 def _eager_gradients(
-    ctx: Any, grad_out: Tensor | None, grad_h_n: Tensor | None
+    ctx: Any,
+    grad_out: Tensor | None,
+    grad_h_n: Tensor | None,
+    grad_b_ih: Tensor | None = None,
 ) -> tuple[Optional[Tensor], ...]:  # noqa: UP045
     """``_gradients`` straight to the kernels (the operator's dispatch costs host time with
     nothing to do), with the forward's rounded R."""
@@ -344,7 +355,7 @@ def _eager_gradients(
         operands = (grad_out, grad_h_n, out, h0, saved, w_hh, lengths, reverse, out.dtype)
         return launch(*operands, rounded=ctx.rounded)
 
-    return _gradients(ctx, grad_out, grad_h_n, kernels)
+    return _gradients(ctx, grad_out, grad_h_n, kernels, grad_b_ih)
 
 
 class _EagerDirection(torch.autograd.Function):
@@ -387,17 +398,15 @@ class _EagerLayer(torch.autograd.Function):
         grad_out: Tensor | None,
         grad_h_n: Tensor | None,
     ) -> tuple[Tensor | None, ...]:
-        grad_gx, grad_h0, grad_w_hh, grad_b_hh = _eager_gradients(ctx, grad_out, grad_h_n)[:4]
-        assert grad_gx is not None
         x, w_ih = ctx.saved_tensors[5:]
         need_x, need_w_ih, need_b_ih = ctx.needs_input_grad[:3]
+        grad_b_ih = w_ih.new_empty(w_ih.shape[0]) if need_b_ih else None
+        gradients = _eager_gradients(ctx, grad_out, grad_h_n, grad_b_ih)
+        grad_gx, grad_h0, grad_w_hh, grad_b_hh = gradients[:4]
+        assert grad_gx is not None
         rows = grad_gx.flatten(0, 1)
         grad_x = torch.mm(rows, w_ih).view(x.shape) if need_x else None
         grad_w_ih = torch.mm(rows.t(), x.reshape(rows.shape[0], -1)) if need_w_ih else None
-        grad_b_ih = None
-        if need_b_ih:
-            grad_b_ih = w_ih.new_empty(rows.shape[1])
-            _step_sum(grad_gx, grad_b_ih)
         return grad_x, grad_w_ih, grad_b_ih, grad_h0, grad_w_hh, grad_b_hh, None, None
 
 
