@@ -362,6 +362,86 @@ def check_backward_plan(forward: Plan, backward: Plan, what: str) -> None:
         assert_float_conformant(grad_ghn.sum((0, 1)), b64.grad[2 * hidden :], f"b_hn grad, {case}")
 
 
+PACKED_PRECISIONS = {
+    "bfloat16": pytest.param((torch.bfloat16, False), marks=INTERPRETER_BF16),
+    "float16": (torch.float16, False),
+    "tf32": (torch.float32, True),  # the forward's state rounded, not split: forced below
+}
+
+
+@pytest.mark.parametrize("layout", [name for name in TILE_PLANS if name != "single"])
+@pytest.mark.parametrize("precision", PACKED_PRECISIONS.values(), ids=PACKED_PRECISIONS.keys())
+def test_packed_exchange_equals_the_barrier(
+    layout: str, precision: tuple[torch.dtype, bool], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the tile kernels' products read 16-bit or TF32 values, the state and dgh go
+    between programs in packed tagged words (sync.py) instead of through the barrier: the same
+    values, so forward and backward give bit-identical results either way, on packed lengths
+    in both directions."""
+    from quant_gru.kernels.triton import products, sync
+    from quant_gru.kernels.triton.gru_backward import gru_direction_backward
+    from quant_gru.kernels.triton.gru_forward import gru_direction_forward
+
+    dtype, tf32 = precision
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+    monkeypatch.setattr(products, "SPLIT_BELOW_HIDDEN", 0)
+    plan = TILE_PLANS[layout]
+    assert sync.packs_exchange(dtype, products.dot_precision(dtype))
+    assert sync.packs_exchange(dtype, products.forward_tf32(24) if tf32 else "ieee")
+    torch.manual_seed(3)
+    steps, batch, hidden = 6, 20, 24
+    gates_x = torch.randn(steps, batch, 3 * hidden, device=DEVICE).to(dtype)
+    h0 = torch.randn(batch, hidden, device=DEVICE).to(dtype)
+    w_hh = (torch.randn(3 * hidden, hidden, device=DEVICE) / hidden**0.5).to(dtype)
+    b_hh = torch.randn(3 * hidden, device=DEVICE).to(dtype)
+    lengths = torch.randint(0, steps + 1, (batch,), device=DEVICE).to(torch.int32)
+    grad_out = torch.randn(steps, batch, hidden, device=DEVICE).to(dtype)
+    grad_h_n = torch.randn(batch, hidden, device=DEVICE).to(dtype)
+    for reverse in (False, True):
+        results = []
+        for packed in (True, False):
+            monkeypatch.setattr(sync, "PACKED_EXCHANGE", packed)
+            saved = torch.empty(steps, batch, 4 * hidden, device=DEVICE, dtype=dtype)
+            out, h_n = gru_direction_forward(gates_x, h0, w_hh, b_hh, lengths, reverse, saved, plan)
+            grads = gru_direction_backward(
+                grad_out, grad_h_n, out, h0, saved, w_hh, lengths, reverse, dtype, plan
+            )
+            results.append((out, h_n, saved, *grads))
+        names = ("output", "h_n", "saved gates", "grad gx", "grad h0", "grad ghn")
+        for name, with_tags, with_barrier in zip(names, *results, strict=True):
+            assert torch.isfinite(with_barrier).all(), f"{name}, reverse={reverse}"
+            assert torch.equal(with_tags, with_barrier), f"{name} differs, reverse={reverse}"
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="several programs exchange on a GPU only")
+def test_packed_tags_wrap_around() -> None:
+    """Packed words carry the step modulo 2^13: past 8192 steps the tile kernels still wait
+    for the right step (against the barrier's result, bit for bit, bfloat16 and TF32)."""
+    from quant_gru.kernels.triton import sync
+    from quant_gru.kernels.triton.gru_forward import gru_direction_forward
+
+    steps, batch, hidden = 2**13 + 300, 32, 512
+    plan = Plan(False, 16, 16, 64, 4, resident=False)
+    for dtype, tf32 in ((torch.bfloat16, False), (torch.float32, True)):
+        torch.manual_seed(4)
+        gates_x = torch.randn(steps, batch, 3 * hidden, device=DEVICE).to(dtype)
+        w_hh = (torch.randn(3 * hidden, hidden, device=DEVICE) / hidden**0.5).to(dtype)
+        tf32_before = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        try:
+            results = []
+            for packed in (True, False):
+                sync.PACKED_EXCHANGE = packed
+                results.append(
+                    gru_direction_forward(gates_x, None, w_hh, None, None, False, plan=plan)
+                )
+        finally:
+            sync.PACKED_EXCHANGE = True
+            torch.backends.cuda.matmul.allow_tf32 = tf32_before
+        assert torch.equal(results[0][0], results[1][0]), str(dtype)
+        assert torch.equal(results[0][1], results[1][1]), str(dtype)
+
+
 # For H = 24 (32 padded): (forward plan, backward plan). The tagged backward holds R's
 # columns of its units over padded 3H = 128 rows, the single one 3 blocks of 32.
 ROW_PLANS = {

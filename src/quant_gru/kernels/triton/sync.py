@@ -10,6 +10,9 @@ to at most one program per SM):
   whole, so a reader that sees the step it waits for also sees that step's value. Readers
   re-read until every word is current: one round trip when the writers are ahead. Words are
   8 bytes, so this suits small batch tiles, where the latency matters most.
+- ``_publish_packed`` / ``_await_packed``: the same in 4-byte words, for states that are
+  exactly a bfloat16, float16 or TF32 value (what the tile kernels' products read): as a
+  float32 such a value has its low 13 bits zero, which carry the step instead (modulo 2^13).
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from quant_gru.kernels.triton.products import TF32
 
 
 @triton.jit
@@ -30,6 +35,37 @@ def _barrier(counter_ptr, target):
     while tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu") < target:
         pass
     tl.debug_barrier()
+
+
+# The tile kernels hand states over in packed words wherever the products read them as 16-bit
+# or TF32 values (``packs_exchange``); False gives every tile kernel the barrier (for comparing).
+PACKED_EXCHANGE = True
+
+
+def packs_exchange(weight_dtype: torch.dtype, precision: str) -> bool:
+    """Whether a tile kernel whose products take ``precision`` (products.dot_precision, or the
+    forward's TF32 variant) over weights of ``weight_dtype`` exchanges packed words: where every
+    exchanged value is exactly what its product reads, a 16-bit or TF32 value."""
+    return PACKED_EXCHANGE and (weight_dtype != torch.float32 or precision == TF32)
+
+
+def exchange_buffers(
+    planes: int,
+    batch: int,
+    width: int,
+    batch_tiles: int,
+    weight_dtype: torch.dtype,
+    packed: bool,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A tile kernel's (exchange buffer (planes, batch, width), barrier counters): packed words,
+    all tags 0, and the buffer in the counters' place (unused); or values in float32 (16-bit
+    weights: their type, which is what tl.dot reads) and a zero counter per batch tile."""
+    if packed:
+        words = torch.zeros(planes, batch, width, device=device, dtype=torch.int32)
+        return words, words
+    exchange = torch.empty(planes, batch, width, device=device, dtype=weight_dtype)
+    return exchange, torch.zeros(batch_tiles, device=device, dtype=torch.int32)
 
 
 def zero_words(*shape: int, device: torch.device) -> torch.Tensor:
@@ -77,3 +113,33 @@ def _await_state(words_ptr, offsets, mask, tag, COMPILED: tl.constexpr):
         while tl.min(tl.where(mask, (words >> 32).to(tl.int32), tag)) < tag:
             words = tl.load(words_ptr + offsets, mask=mask, other=0, volatile=True)
     return (words & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
+
+
+# The low bits of a float32 that are zero in every bfloat16, float16 and TF32 value (10 or fewer
+# mantissa bits): the tag of a packed word. Tags wrap modulo 2^13; a reader compares for
+# equality, and the double buffer keeps a word at its step or the one two before (never two
+# after), which differ modulo 2^13.
+TAG_BITS = 13
+
+
+@triton.jit
+def _publish_packed(words_ptr, offsets, mask, value, tag):
+    """Store float32 ``value`` (exactly a bfloat16, float16 or TF32 value: its low TAG_BITS
+    zero) at ``offsets`` of the int32 words, its low bits holding ``tag`` modulo 2^13."""
+    bits = value.to(tl.int32, bitcast=True)
+    tl.store(words_ptr + offsets, (bits & -8192) | (tag & 8191), mask=mask)
+
+
+@triton.jit
+def _await_packed(words_ptr, offsets, mask, tag, COMPILED: tl.constexpr):
+    """The float32 values at ``offsets`` of the int32 words once every word there carries
+    ``tag`` (modulo 2^13; masked-out places read 0), as ``_await_state`` waits for its words."""
+    current = tag & 8191
+    words = tl.load(words_ptr + offsets, mask=mask, other=0, volatile=True)
+    if COMPILED:
+        while tl.min(_every_thread(~mask | ((words & 8191) == current))) == 0:
+            words = tl.load(words_ptr + offsets, mask=mask, other=0, volatile=True)
+    else:
+        while tl.max((mask & ((words & 8191) != current)).to(tl.int32)) != 0:
+            words = tl.load(words_ptr + offsets, mask=mask, other=0, volatile=True)
+    return (words & -8192).to(tl.float32, bitcast=True)
