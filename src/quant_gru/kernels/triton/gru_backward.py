@@ -39,6 +39,7 @@ from quant_gru.kernels.triton.plans import (
 )
 from quant_gru.kernels.triton.products import TF32, _product, dot_precision, rounded_to_tf32
 from quant_gru.kernels.triton.sync import (
+    _await_packed_rows,
     _await_state,
     _publish,
     exchange_buffers,
@@ -235,6 +236,8 @@ def _gru_backward_tile_kernel(
         _exchange_store(buffer + hidden, mine, own, da_z, step + 1, dtype, PACKED)
         _exchange_store(buffer + 2 * hidden, mine, own, dghn, step + 1, dtype, PACKED)
         _exchange_barrier(counter, hidden_tiles * (step + 1), PACKED)
+        if PACKED:  # every gate's chunks, so that their loads go out together below
+            _await_packed_rows(buffer, rows, row_ok, 3 * hidden, 0, 3 * hidden, step + 1, COMPILED)
 
         acc = tl.zeros((BB, BH), dtype=tl.float32)
         if RESIDENT:
@@ -243,7 +246,7 @@ def _gru_backward_tile_kernel(
                     k0 = chunk * BK
                     d_k = _exchanged_chunk(
                         buffer, rows, row_ok, 3 * hidden, gate * hidden + k0, hidden - k0,
-                        step + 1, BK, PACKED, COMPILED,
+                        step + 1, BK, PACKED, PACKED, COMPILED,
                     )  # fmt: skip
                     acc = _product(d_k.to(dtype), columns[gate * CHUNKS + chunk], acc, PRECISION)
         else:
@@ -251,7 +254,7 @@ def _gru_backward_tile_kernel(
                 for k0 in range(0, hidden, BK):
                     d_k = _exchanged_chunk(
                         buffer, rows, row_ok, 3 * hidden, gate * hidden + k0, hidden - k0,
-                        step + 1, BK, PACKED, COMPILED,
+                        step + 1, BK, PACKED, PACKED, COMPILED,
                     )  # fmt: skip
                     w_k = _column_chunk(w_ptr, gate, units, unit_ok, k0, hidden, BK)
                     acc = _product(d_k.to(dtype), w_k, acc, PRECISION)

@@ -42,6 +42,11 @@ def _barrier(counter_ptr, target):
 PACKED_EXCHANGE = True
 
 
+# Tile kernels whose resident state is one chunk wait on the words they use (True), or first
+# on all words and then load them, as for several chunks (False).
+SPIN_ON_OWN_WORDS = False
+
+
 def packs_exchange(weight_dtype: torch.dtype, precision: str) -> bool:
     """Whether a tile kernel whose products take ``precision`` (products.dot_precision, or the
     forward's TF32 variant) over weights of ``weight_dtype`` exchanges packed words: where every
@@ -142,4 +147,42 @@ def _await_packed(words_ptr, offsets, mask, tag, COMPILED: tl.constexpr):
     else:
         while tl.max((mask & ((words & 8191) != current)).to(tl.int32)) != 0:
             words = tl.load(words_ptr + offsets, mask=mask, other=0, volatile=True)
+    return (words & -8192).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _await_packed_rows(
+    words_ptr, rows, row_ok, row_length, start, width, tag, COMPILED: tl.constexpr
+):  # fmt: skip
+    """Wait until every word of columns [start, start + width) of ``rows`` of the int32 words
+    (rows ``row_length`` long) carries ``tag`` (modulo 2^13), checking them in chunks of 64
+    (few registers).
+    For states read in several chunks: their loads are then issued together afterwards
+    (``_packed_rows_chunk``), where waiting on each chunk in turn would make a round trip to
+    L2 of each. The words cannot move on before this program publishes its next step."""
+    current = tag & 8191
+    stale = tl.full((), 1, dtype=tl.int32)
+    while stale != 0:
+        bad = tl.zeros((rows.shape[0], 64), dtype=tl.int1)
+        for k0 in range(0, width, 64):
+            ks = k0 + tl.arange(0, 64)
+            mask = row_ok[:, None] & (ks < width)[None, :]
+            offsets = rows[:, None] * row_length + start + ks[None, :]
+            words = tl.load(words_ptr + offsets, mask=mask, other=0, volatile=True)
+            bad = bad | (mask & ((words & 8191) != current))
+        # Under the interpreter (one thread a program, no inline assembly) a plain reduction.
+        stale = 1 - tl.min(_every_thread(~bad)) if COMPILED else tl.max(bad.to(tl.int32))
+
+
+@triton.jit
+def _packed_rows_chunk(words_ptr, rows, row_ok, row_length, start, valid, BK: tl.constexpr):
+    """Columns [start, start + BK) of ``rows`` of the int32 words as float32 values (zeros past
+    ``valid`` columns and past the batch), read from L2 (.cg) after ``_await_packed_rows``."""
+    ks = tl.arange(0, BK)
+    words = tl.load(
+        words_ptr + rows[:, None] * row_length + start + ks[None, :],
+        mask=row_ok[:, None] & (ks < valid)[None, :],
+        other=0,
+        cache_modifier=".cg",
+    )
     return (words & -8192).to(tl.float32, bitcast=True)
