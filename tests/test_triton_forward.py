@@ -386,6 +386,7 @@ def test_packed_exchange_equals_the_barrier(
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
     monkeypatch.setattr(products, "SPLIT_BELOW_HIDDEN", 0)
     plan = TILE_PLANS[layout]
+    monkeypatch.setattr(sync, "PACKED_EXCHANGE", True)
     assert sync.packs_exchange(dtype, products.dot_precision(dtype))
     assert sync.packs_exchange(dtype, products.forward_tf32(24) if tf32 else "ieee")
     torch.manual_seed(3)
@@ -418,7 +419,7 @@ def test_packed_exchange_equals_the_barrier(
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="several programs exchange on a GPU only")
-def test_packed_tags_wrap_around() -> None:
+def test_packed_tags_wrap_around(monkeypatch: pytest.MonkeyPatch) -> None:
     """Packed words carry the step modulo 2^13: past 8192 steps the tile kernels still wait
     for the right step (against the barrier's result, bit for bit, bfloat16 and TF32)."""
     from quant_gru.kernels.triton import sync
@@ -427,21 +428,14 @@ def test_packed_tags_wrap_around() -> None:
     steps, batch, hidden = 2**13 + 300, 32, 512
     plan = Plan(False, 16, 16, 64, 4, resident=False)
     for dtype, tf32 in ((torch.bfloat16, False), (torch.float32, True)):
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
         torch.manual_seed(4)
         gates_x = torch.randn(steps, batch, 3 * hidden, device=DEVICE).to(dtype)
         w_hh = (torch.randn(3 * hidden, hidden, device=DEVICE) / hidden**0.5).to(dtype)
-        tf32_before = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        try:
-            results = []
-            for packed in (True, False):
-                sync.PACKED_EXCHANGE = packed
-                results.append(
-                    gru_direction_forward(gates_x, None, w_hh, None, None, False, plan=plan)
-                )
-        finally:
-            sync.PACKED_EXCHANGE = True
-            torch.backends.cuda.matmul.allow_tf32 = tf32_before
+        results = []
+        for packed in (True, False):
+            monkeypatch.setattr(sync, "PACKED_EXCHANGE", packed)
+            results.append(gru_direction_forward(gates_x, None, w_hh, None, None, False, plan=plan))
         assert torch.equal(results[0][0], results[1][0]), str(dtype)
         assert torch.equal(results[0][1], results[1][1]), str(dtype)
 
