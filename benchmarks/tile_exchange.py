@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from gpu_float_speed import event_ms, graphed  # run as a script: benchmarks/ is on the path
 
 from quant_gru import QuantGRU
 from quant_gru.kernels.triton import sync
@@ -30,28 +31,10 @@ PRECISIONS = {"tf32": (torch.float32, True), "bf16": (torch.bfloat16, False)}
 MODES = {"barrier": False, "packed": True}
 
 
-def event_ms(fn: Callable[[], object], repeats: int = 10) -> float:
+def median_ms(fn: Callable[[], object], repeats: int = 10) -> float:
     for _ in range(3):
         fn()
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def graphed(fn: Callable[[], object]) -> Callable[[], object]:
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
+    return statistics.median(event_ms(fn) for _ in range(repeats))
 
 
 def in_mode(packed: bool, fn: Callable[[], object]) -> Callable[[], object]:
@@ -68,7 +51,7 @@ def best_in_alternation(
     times: dict[str, list[float]] = {mode: [] for mode in fns}
     for _ in range(rounds):
         for mode, fn in fns.items():
-            times[mode].append(event_ms(graphed(fn) if graph else fn))
+            times[mode].append(median_ms(graphed(fn) if graph else fn))
     return {mode: min(values) for mode, values in times.items()}
 
 
