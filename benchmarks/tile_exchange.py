@@ -26,7 +26,7 @@ from quant_gru.kernels.triton.gru_forward import gru_direction_forward
 from quant_gru.kernels.triton.plans import backward_plan, forward_plan
 
 RESULTS = Path(__file__).resolve().parent / "results" / "tile_exchange.json"
-SHAPES = [(64, 100, 256, 256), (64, 512, 512, 512), (256, 200, 1024, 1024)]  # (B, T, I, H)
+SHAPES = [(64, 512, 512, 512), (256, 200, 1024, 1024), (64, 100, 256, 256)]  # (B, T, I, H)
 PRECISIONS = {"tf32": (torch.float32, True), "bf16": (torch.bfloat16, False)}
 MODES = {"barrier": False, "packed": True}
 
