@@ -400,11 +400,8 @@ def test_packed_exchange_equals_the_barrier(
     grad_h_n = torch.randn(batch, hidden, device=DEVICE).to(dtype)
     for reverse in (False, True):
         results = []
-        # Packed, a resident state in one chunk waiting on its own words or on all first;
-        # then the barrier.
-        for packed, own_words in ((True, True), (True, False), (False, False)):
+        for packed in (True, False):
             monkeypatch.setattr(sync, "PACKED_EXCHANGE", packed)
-            monkeypatch.setattr(sync, "SPIN_ON_OWN_WORDS", own_words)
             saved = torch.empty(steps, batch, 4 * hidden, device=DEVICE, dtype=dtype)
             out, h_n = gru_direction_forward(gates_x, h0, w_hh, b_hh, lengths, reverse, saved, plan)
             grads = gru_direction_backward(
@@ -412,10 +409,9 @@ def test_packed_exchange_equals_the_barrier(
             )
             results.append((out, h_n, saved, *grads))
         names = ("output", "h_n", "saved gates", "grad gx", "grad h0", "grad ghn")
-        for name, own_words, all_first, with_barrier in zip(names, *results, strict=True):
+        for name, with_tags, with_barrier in zip(names, *results, strict=True):
             assert torch.isfinite(with_barrier).all(), f"{name}, reverse={reverse}"
-            assert torch.equal(own_words, with_barrier), f"{name} differs, reverse={reverse}"
-            assert torch.equal(all_first, with_barrier), f"{name} differs, reverse={reverse}"
+            assert torch.equal(with_tags, with_barrier), f"{name} differs, reverse={reverse}"
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="several programs exchange on a GPU only")

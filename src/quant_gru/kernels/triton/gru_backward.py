@@ -246,7 +246,7 @@ def _gru_backward_tile_kernel(
                     k0 = chunk * BK
                     d_k = _exchanged_chunk(
                         buffer, rows, row_ok, 3 * hidden, gate * hidden + k0, hidden - k0,
-                        step + 1, BK, PACKED, PACKED, COMPILED,
+                        BK, PACKED,
                     )  # fmt: skip
                     acc = _product(d_k.to(dtype), columns[gate * CHUNKS + chunk], acc, PRECISION)
         else:
@@ -254,7 +254,7 @@ def _gru_backward_tile_kernel(
                 for k0 in range(0, hidden, BK):
                     d_k = _exchanged_chunk(
                         buffer, rows, row_ok, 3 * hidden, gate * hidden + k0, hidden - k0,
-                        step + 1, BK, PACKED, PACKED, COMPILED,
+                        BK, PACKED,
                     )  # fmt: skip
                     w_k = _column_chunk(w_ptr, gate, units, unit_ok, k0, hidden, BK)
                     acc = _product(d_k.to(dtype), w_k, acc, PRECISION)

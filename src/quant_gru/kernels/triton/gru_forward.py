@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from quant_gru.kernels.triton import sync, tuning
+from quant_gru.kernels.triton import tuning
 from quant_gru.kernels.triton.plans import (
     Plan,
     forward_plan,
@@ -42,7 +42,6 @@ from quant_gru.kernels.triton.products import (
     rounded_to_tf32,
 )
 from quant_gru.kernels.triton.sync import (
-    _await_packed,
     _await_packed_rows,
     _await_state,
     _barrier,
@@ -140,22 +139,15 @@ def _exchange_barrier(counter, target, PACKED: tl.constexpr):
 
 @triton.jit
 def _exchanged_chunk(
-    buffer, rows, row_ok, row_length, start, valid, tag, BK: tl.constexpr,
-    PACKED: tl.constexpr, WAITED: tl.constexpr, COMPILED: tl.constexpr,
+    buffer, rows, row_ok, row_length, start, valid, BK: tl.constexpr, PACKED: tl.constexpr
 ):  # fmt: skip
-    """``_rows_chunk`` of an exchange buffer that ``_exchange_store`` filled: after the
-    barrier, as it stands; packed, once every word carries ``tag``: waiting on this chunk's
-    own words, or read as they stand where ``_await_packed_rows`` has WAITED for them all."""
+    """``_rows_chunk`` of an exchange buffer that ``_exchange_store`` filled, read after the
+    barrier, or when PACKED after ``_await_packed_rows``: the words' values."""
     # Each branch whole (Triton compiles what follows a constexpr branch's return as well).
-    if not PACKED:
-        chunk = _rows_chunk(buffer, rows, row_ok, row_length, start, valid, BK)
-    elif WAITED:
+    if PACKED:
         chunk = _packed_rows_chunk(buffer, rows, row_ok, row_length, start, valid, BK)
     else:
-        ks = tl.arange(0, BK)
-        offsets = rows[:, None] * row_length + start + ks[None, :]
-        mask = row_ok[:, None] & (ks < valid)[None, :]
-        chunk = _await_packed(buffer, offsets, mask, tag, COMPILED)
+        chunk = _rows_chunk(buffer, rows, row_ok, row_length, start, valid, BK)
     return chunk
 
 
@@ -254,7 +246,6 @@ def _gru_forward_tile_kernel(
     REVERSE: tl.constexpr,
     PRECISION: tl.constexpr,  # products.dot_precision (float32); ignored for 16-bit types
     PACKED: tl.constexpr,  # the state goes in packed tagged words (sync.py), no barrier
-    WAIT_FIRST: tl.constexpr,  # PACKED: wait for all of a step's words, then load the chunks
     BB: tl.constexpr,
     BH: tl.constexpr,
     BK: tl.constexpr,
@@ -300,25 +291,23 @@ def _gru_forward_tile_kernel(
             acc_z = _product(h_all, w_z_all[0], acc_z, PRECISION)
             acc_n = _product(h_all, w_n_all[0], acc_n, PRECISION)
         elif RESIDENT:
-            if WAIT_FIRST:
+            if PACKED:  # all of the step's words, so that the chunks' loads go out together
                 _await_packed_rows(source, rows, row_ok, hidden, 0, hidden, step + 1, COMPILED)
             for chunk in tl.static_range(CHUNKS):
                 k0 = chunk * BK
                 h_k = _exchanged_chunk(
-                    source, rows, row_ok, hidden, k0, hidden - k0, step + 1, BK,
-                    PACKED, WAIT_FIRST, COMPILED,
-                ).to(dtype)  # fmt: skip
+                    source, rows, row_ok, hidden, k0, hidden - k0, BK, PACKED
+                ).to(dtype)
                 acc_r = _product(h_k, w_r_all[chunk], acc_r, PRECISION)
                 acc_z = _product(h_k, w_z_all[chunk], acc_z, PRECISION)
                 acc_n = _product(h_k, w_n_all[chunk], acc_n, PRECISION)
         else:
-            if WAIT_FIRST:
+            if PACKED:
                 _await_packed_rows(source, rows, row_ok, hidden, 0, hidden, step + 1, COMPILED)
             for k0 in range(0, hidden, BK):
                 h_k = _exchanged_chunk(
-                    source, rows, row_ok, hidden, k0, hidden - k0, step + 1, BK,
-                    PACKED, WAIT_FIRST, COMPILED,
-                ).to(dtype)  # fmt: skip
+                    source, rows, row_ok, hidden, k0, hidden - k0, BK, PACKED
+                ).to(dtype)
                 w_r, w_z, w_n = _weight_chunk(w_ptr, units, unit_ok, k0, hidden, BK)
                 acc_r = _product(h_k, w_r, acc_r, PRECISION)
                 acc_z = _product(h_k, w_z, acc_z, PRECISION)
@@ -480,16 +469,12 @@ def gru_direction_forward(
         rounded_to_tf32(w_hh, rounded)
     packed = packs_exchange(w_hh.dtype, precision)
     exchange, counters = exchange_buffers(2, batch, hidden, grid[0], w_hh.dtype, packed, device)
-    # A resident state in one chunk may wait on its own words (one round trip to L2, the
-    # words all in registers at once); in several chunks the program waits for all of them
-    # first, so that the chunks' loads go out together.
-    own_words = plan.resident and plan.resident_chunks(hidden) == 1 and sync.SPIN_ON_OWN_WORDS
     if plan.single and plan.block_k != padded(hidden):
         raise ValueError(f"a single-tile plan holds the whole state in one chunk, got {plan}")
     _gru_forward_tile_kernel[grid](
         *operands, lengths32, out, h_n, exchange, exchange if saved is None else saved,
         counters, steps, batch, hidden,
-        REVERSE=reverse, PRECISION=precision, PACKED=packed, WAIT_FIRST=packed and not own_words,
+        REVERSE=reverse, PRECISION=precision, PACKED=packed,
         BB=plan.block_b, BH=plan.block_h, BK=plan.block_k,
         RESIDENT=plan.resident, CHUNKS=plan.resident_chunks(hidden),
         SINGLE=plan.single, SAVE=saved is not None, **given, COMPILED=not interpreted(),

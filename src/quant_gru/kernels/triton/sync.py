@@ -10,7 +10,7 @@ to at most one program per SM):
   whole, so a reader that sees the step it waits for also sees that step's value. Readers
   re-read until every word is current: one round trip when the writers are ahead. Words are
   8 bytes, so this suits small batch tiles, where the latency matters most.
-- ``_publish_packed`` / ``_await_packed``: the same in 4-byte words, for states that are
+- ``_publish_packed`` / ``_await_packed_rows``: the same in 4-byte words, for states that are
   exactly a bfloat16, float16 or TF32 value (what the tile kernels' products read): as a
   float32 such a value has its low 13 bits zero, which carry the step instead (modulo 2^13).
 """
@@ -41,11 +41,6 @@ def _barrier(counter_ptr, target):
 # 16-bit or TF32 values (``packs_exchange``); False: every tile kernel meets at the barrier.
 # Off until timed on a GPU (benchmarks/tile_exchange.py); the tests run both.
 PACKED_EXCHANGE = False
-
-
-# Tile kernels whose resident state is one chunk wait on the words they use (True), or first
-# on all words and then load them, as for several chunks (False).
-SPIN_ON_OWN_WORDS = False
 
 
 def packs_exchange(weight_dtype: torch.dtype, precision: str) -> bool:
@@ -134,21 +129,6 @@ def _publish_packed(words_ptr, offsets, mask, value, tag):
     zero) at ``offsets`` of the int32 words, its low bits holding ``tag`` modulo 2^13."""
     bits = value.to(tl.int32, bitcast=True)
     tl.store(words_ptr + offsets, (bits & -8192) | (tag & 8191), mask=mask)
-
-
-@triton.jit
-def _await_packed(words_ptr, offsets, mask, tag, COMPILED: tl.constexpr):
-    """The float32 values at ``offsets`` of the int32 words once every word there carries
-    ``tag`` (modulo 2^13; masked-out places read 0), as ``_await_state`` waits for its words."""
-    current = tag & 8191
-    words = tl.load(words_ptr + offsets, mask=mask, other=0, volatile=True)
-    if COMPILED:
-        while tl.min(_every_thread(~mask | ((words & 8191) == current))) == 0:
-            words = tl.load(words_ptr + offsets, mask=mask, other=0, volatile=True)
-    else:
-        while tl.max((mask & ((words & 8191) != current)).to(tl.int32)) != 0:
-            words = tl.load(words_ptr + offsets, mask=mask, other=0, volatile=True)
-    return (words & -8192).to(tl.float32, bitcast=True)
 
 
 @triton.jit
