@@ -45,7 +45,7 @@ from quant_gru.kernels.triton.sync import (
     _await_packed_rows,
     _await_state,
     _barrier,
-    _packed_rows_chunk,
+    _packed_values,
     _publish,
     _publish_packed,
     exchange_buffers,
@@ -143,12 +143,8 @@ def _exchanged_chunk(
 ):  # fmt: skip
     """``_rows_chunk`` of an exchange buffer that ``_exchange_store`` filled, read after the
     barrier, or when PACKED after ``_await_packed_rows``: the words' values."""
-    # Each branch whole (Triton compiles what follows a constexpr branch's return as well).
-    if PACKED:
-        chunk = _packed_rows_chunk(buffer, rows, row_ok, row_length, start, valid, BK)
-    else:
-        chunk = _rows_chunk(buffer, rows, row_ok, row_length, start, valid, BK)
-    return chunk
+    chunk = _rows_chunk(buffer, rows, row_ok, row_length, start, valid, BK)
+    return _packed_values(chunk) if PACKED else chunk
 
 
 @triton.jit

@@ -116,16 +116,15 @@ def _await_state(words_ptr, offsets, mask, tag, COMPILED: tl.constexpr):
     return (words & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
 
 
-# The low bits of a float32 that are zero in every bfloat16, float16 and TF32 value (10 or fewer
-# mantissa bits): the tag of a packed word. Tags wrap modulo 2^13; a reader compares for
-# equality, and the double buffer keeps a word at its step or the one two before (never two
+# Packed words: the low 13 bits of a float32 are zero in every bfloat16, float16 and TF32 value
+# (10 or fewer mantissa bits) and carry the tag there. Tags wrap modulo 2^13; a reader compares
+# for equality, and the double buffer keeps a word at its step or the one two before (never two
 # after), which differ modulo 2^13.
-TAG_BITS = 13
 
 
 @triton.jit
 def _publish_packed(words_ptr, offsets, mask, value, tag):
-    """Store float32 ``value`` (exactly a bfloat16, float16 or TF32 value: its low TAG_BITS
+    """Store float32 ``value`` (exactly a bfloat16, float16 or TF32 value: its low 13 bits
     zero) at ``offsets`` of the int32 words, its low bits holding ``tag`` modulo 2^13."""
     bits = value.to(tl.int32, bitcast=True)
     tl.store(words_ptr + offsets, (bits & -8192) | (tag & 8191), mask=mask)
@@ -136,11 +135,10 @@ def _await_packed_rows(
     words_ptr, rows, row_ok, row_length, start, width, tag, COMPILED: tl.constexpr
 ):  # fmt: skip
     """Wait until every word of columns [start, start + width) of ``rows`` of the int32 words
-    (rows ``row_length`` long) carries ``tag`` (modulo 2^13), checking them in chunks of 64
-    (few registers).
-    For states read in several chunks: their loads are then issued together afterwards
-    (``_packed_rows_chunk``), where waiting on each chunk in turn would make a round trip to
-    L2 of each. The words cannot move on before this program publishes its next step."""
+    (rows ``row_length`` long) carries ``tag`` (modulo 2^13), checking 64 columns at a time
+    (few registers). The chunks the products take are loaded afterwards, all together, where
+    waiting on each in turn would make a round trip to L2 of each; the words cannot move on
+    before this program publishes its next step."""
     current = tag & 8191
     stale = tl.full((), 1, dtype=tl.int32)
     while stale != 0:
@@ -156,14 +154,6 @@ def _await_packed_rows(
 
 
 @triton.jit
-def _packed_rows_chunk(words_ptr, rows, row_ok, row_length, start, valid, BK: tl.constexpr):
-    """Columns [start, start + BK) of ``rows`` of the int32 words as float32 values (zeros past
-    ``valid`` columns and past the batch), read from L2 (.cg) after ``_await_packed_rows``."""
-    ks = tl.arange(0, BK)
-    words = tl.load(
-        words_ptr + rows[:, None] * row_length + start + ks[None, :],
-        mask=row_ok[:, None] & (ks < valid)[None, :],
-        other=0,
-        cache_modifier=".cg",
-    )
+def _packed_values(words):
+    """The float32 values of packed words (their tags cleared)."""
     return (words & -8192).to(tl.float32, bitcast=True)
