@@ -22,12 +22,10 @@ from torch import Tensor
 
 from quant_gru.kernels.triton import tuning
 from quant_gru.kernels.triton.gru_forward import (
-    _exchange_barrier,
-    _exchange_store,
-    _exchanged_chunk,
     _initial,
     _lengths,
     _program_tile,
+    _rows_chunk,
     _step_time,
 )
 from quant_gru.kernels.triton.ops import recurrent_grad_type
@@ -38,14 +36,7 @@ from quant_gru.kernels.triton.plans import (
     tile_candidates,
 )
 from quant_gru.kernels.triton.products import TF32, _product, dot_precision, rounded_to_tf32
-from quant_gru.kernels.triton.sync import (
-    _await_packed_rows,
-    _await_state,
-    _publish,
-    exchange_buffers,
-    packs_exchange,
-    zero_words,
-)
+from quant_gru.kernels.triton.sync import _await_state, _barrier, _publish, zero_words
 
 # The tile backward loads a step's six input tiles a step ahead up to this many elements a
 # tile: measured on an H100, 16 x 8 to 32 x 8 tiles took 22-31 % less time a step (7.65 to 5.98
@@ -168,8 +159,8 @@ def _gru_backward_tile_kernel(
     grad_ghn_ptr,  # (T, B, H) out: grad of R_n h + b_n (ops.recurrent_grad_type)
     grad_gx_ptr,  # (T, B, 3H) out
     grad_h0_ptr,  # (B, H) float32 out
-    exchange_ptr,  # (2, B, 3H): packed int32 words, zeros (PACKED); else float32 or 16-bit
-    counter_ptr,  # (batch tiles,) int32, zeros (unused when PACKED)
+    exchange_ptr,  # (2, B, 3H): float32, or the weights' type when 16-bit (what tl.dot reads)
+    counter_ptr,  # (batch tiles,) int32, zeros
     steps,
     batch,
     hidden,
@@ -178,7 +169,6 @@ def _gru_backward_tile_kernel(
     grad_out_unit,
     REVERSE: tl.constexpr,
     PRECISION: tl.constexpr,  # products.dot_precision (float32); ignored for 16-bit types
-    PACKED: tl.constexpr,  # dgh goes in packed tagged words (sync.py), no barrier
     BB: tl.constexpr,
     BH: tl.constexpr,
     BK: tl.constexpr,
@@ -189,12 +179,12 @@ def _gru_backward_tile_kernel(
     HAS_H0: tl.constexpr,  # else the state started at zeros (h0_ptr unused)
     HAS_GRAD_H_N: tl.constexpr,  # else h_n's gradient is zeros (grad_h_n_ptr unused)
     GRAD_OUT_CONTIGUOUS: tl.constexpr,  # grad_out's strides are (B * H, H, 1)
-    COMPILED: tl.constexpr,  # False under TRITON_INTERPRET=1
 ):
     rows, units, row_ok, unit_ok, own, own_offsets = _program_tile(batch, hidden, BB, BH)
     hidden_tiles = tl.num_programs(1)
     counter = counter_ptr + tl.program_id(0)
     dtype = w_ptr.dtype.element_ty
+    exchange_type = exchange_ptr.dtype.element_ty
 
     length = _lengths(lengths_ptr, rows, row_ok, steps, BB, HAS_LENGTHS)
     grad_out_offsets = _grad_out_offsets(
@@ -232,30 +222,26 @@ def _gru_backward_tile_kernel(
         )  # fmt: skip
         buffer = exchange_ptr + (step % 2) * batch * 3 * hidden
         mine = rows[:, None] * (3 * hidden) + units[None, :]
-        _exchange_store(buffer, mine, own, da_r, step + 1, dtype, PACKED)
-        _exchange_store(buffer + hidden, mine, own, da_z, step + 1, dtype, PACKED)
-        _exchange_store(buffer + 2 * hidden, mine, own, dghn, step + 1, dtype, PACKED)
-        _exchange_barrier(counter, hidden_tiles * (step + 1), PACKED)
-        if PACKED:  # every gate's chunks, so that their loads go out together below
-            _await_packed_rows(buffer, rows, row_ok, 3 * hidden, 0, 3 * hidden, step + 1, COMPILED)
+        tl.store(buffer + mine, da_r.to(exchange_type), mask=own)
+        tl.store(buffer + mine + hidden, da_z.to(exchange_type), mask=own)
+        tl.store(buffer + mine + 2 * hidden, dghn.to(exchange_type), mask=own)
+        _barrier(counter, hidden_tiles * (step + 1))
 
         acc = tl.zeros((BB, BH), dtype=tl.float32)
         if RESIDENT:
             for gate in tl.static_range(3):
                 for chunk in tl.static_range(CHUNKS):
                     k0 = chunk * BK
-                    d_k = _exchanged_chunk(
-                        buffer, rows, row_ok, 3 * hidden, gate * hidden + k0, hidden - k0,
-                        BK, PACKED,
-                    )  # fmt: skip
+                    d_k = _rows_chunk(
+                        buffer, rows, row_ok, 3 * hidden, gate * hidden + k0, hidden - k0, BK
+                    )
                     acc = _product(d_k.to(dtype), columns[gate * CHUNKS + chunk], acc, PRECISION)
         else:
             for gate in tl.static_range(3):
                 for k0 in range(0, hidden, BK):
-                    d_k = _exchanged_chunk(
-                        buffer, rows, row_ok, 3 * hidden, gate * hidden + k0, hidden - k0,
-                        BK, PACKED,
-                    )  # fmt: skip
+                    d_k = _rows_chunk(
+                        buffer, rows, row_ok, 3 * hidden, gate * hidden + k0, hidden - k0, BK
+                    )
                     w_k = _column_chunk(w_ptr, gate, units, unit_ok, k0, hidden, BK)
                     acc = _product(d_k.to(dtype), w_k, acc, PRECISION)
         carry = tl.where(active, dh * z + acc, dh)
@@ -415,17 +401,17 @@ def gru_direction_backward(
             SINGLE=plan.single, **given, COMPILED=not interpreted(), num_warps=plan.warps,
         )  # fmt: skip
         return grad_gx, grad_h0, grad_ghn
+    exchange = torch.empty(2, batch, 3 * hidden, device=device, dtype=grad_ghn.dtype)
+    counters = torch.zeros(grid[0], device=device, dtype=torch.int32)
     precision = dot_precision(w_hh.dtype)
     if precision == TF32:
         outputs = (rounded_to_tf32(w_hh) if rounded is None else rounded, *outputs[1:])
-    packed = packs_exchange(w_hh.dtype, precision)
-    exchange, counters = exchange_buffers(2, batch, 3 * hidden, grid[0], w_hh.dtype, packed, device)
     _gru_backward_tile_kernel[grid](
         *operands, *outputs, exchange, counters, steps, batch, hidden, *grad_out.stride(),
-        REVERSE=reverse, PRECISION=precision, PACKED=packed, BB=plan.block_b, BH=plan.block_h,
+        REVERSE=reverse, PRECISION=precision, BB=plan.block_b, BH=plan.block_h,
         BK=plan.block_k, RESIDENT=plan.resident,
         CHUNKS=plan.resident_chunks(hidden),
         PREFETCH=plan.block_b * plan.block_h <= PREFETCH_ELEMENTS, **given,
-        COMPILED=not interpreted(), num_warps=plan.warps,
+        num_warps=plan.warps,
     )  # fmt: skip
     return grad_gx, grad_h0, grad_ghn

@@ -41,17 +41,7 @@ from quant_gru.kernels.triton.products import (
     forward_tf32,
     rounded_to_tf32,
 )
-from quant_gru.kernels.triton.sync import (
-    _await_packed_rows,
-    _await_state,
-    _barrier,
-    _packed_values,
-    _publish,
-    _publish_packed,
-    exchange_buffers,
-    packs_exchange,
-    zero_words,
-)
+from quant_gru.kernels.triton.sync import _await_state, _barrier, _publish, zero_words
 
 
 @triton.jit
@@ -114,37 +104,6 @@ def _rows_chunk(buffer, rows, row_ok, row_length, start, valid, BK: tl.constexpr
         other=0.0,
         cache_modifier=".cg",
     )
-
-
-@triton.jit
-def _exchange_store(buffer, offsets, mask, value, tag, dtype, PACKED: tl.constexpr):
-    """Store this program's block of a state (or gradient) for the other programs of its
-    batch tile, as of the ``tag``-th exchange: in packed tagged words (``value`` as the products
-    read it: in ``dtype`` when 16-bit, else rounded to TF32), or in the buffer's type for the
-    barrier that ``_exchange_barrier`` then passes."""
-    if PACKED:
-        exact = _round_tf32(value) if dtype == tl.float32 else value.to(dtype).to(tl.float32)
-        _publish_packed(buffer, offsets, mask, exact, tag)
-    else:
-        tl.store(buffer + offsets, value.to(buffer.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _exchange_barrier(counter, target, PACKED: tl.constexpr):
-    """After the stores of an exchange: the batch tile's barrier, up to ``target`` arrivals in
-    all; nothing for packed words, whose readers wait for the tags."""
-    if not PACKED:
-        _barrier(counter, target)
-
-
-@triton.jit
-def _exchanged_chunk(
-    buffer, rows, row_ok, row_length, start, valid, BK: tl.constexpr, PACKED: tl.constexpr
-):  # fmt: skip
-    """``_rows_chunk`` of an exchange buffer that ``_exchange_store`` filled, read after the
-    barrier, or when PACKED after ``_await_packed_rows``: the words' values."""
-    chunk = _rows_chunk(buffer, rows, row_ok, row_length, start, valid, BK)
-    return _packed_values(chunk) if PACKED else chunk
 
 
 @triton.jit
@@ -233,15 +192,14 @@ def _gru_forward_tile_kernel(
     lengths_ptr,  # (B,) int32
     out_ptr,  # (T, B, H)
     h_n_ptr,  # (B, H)
-    exchange_ptr,  # (2, B, H): packed int32 words, zeros (PACKED); else float32 or 16-bit
+    exchange_ptr,  # (2, B, H): float32, or the weights' type when 16-bit (what tl.dot reads)
     saved_ptr,  # (T, B, 4H): r, z, n and R_n h + b_n of every step (SAVE only)
-    counter_ptr,  # (number of batch tiles,) int32, zeros (unused when PACKED)
+    counter_ptr,  # (number of batch tiles,) int32, zeros
     steps,
     batch,
     hidden,
     REVERSE: tl.constexpr,
     PRECISION: tl.constexpr,  # products.dot_precision (float32); ignored for 16-bit types
-    PACKED: tl.constexpr,  # the state goes in packed tagged words (sync.py), no barrier
     BB: tl.constexpr,
     BH: tl.constexpr,
     BK: tl.constexpr,
@@ -251,20 +209,20 @@ def _gru_forward_tile_kernel(
     SAVE: tl.constexpr,  # training: keep what the backward needs
     HAS_LENGTHS: tl.constexpr,  # else every row runs all steps (lengths_ptr unused)
     HAS_H0: tl.constexpr,  # else the state starts at zeros (h0_ptr unused)
-    COMPILED: tl.constexpr,  # False under TRITON_INTERPRET=1
 ):
     rows, units, row_ok, unit_ok, own, own_offsets = _program_tile(batch, hidden, BB, BH)
     hidden_tiles = tl.num_programs(1)
     counter = counter_ptr + tl.program_id(0)
     plane = batch * hidden
-    dtype = w_ptr.dtype.element_ty
+    exchange_type = exchange_ptr.dtype.element_ty
 
     length = _lengths(lengths_ptr, rows, row_ok, steps, BB, HAS_LENGTHS)
     h = _initial(h0_ptr, own_offsets, own, BB, BH, HAS_H0)
     if not SINGLE:
-        _exchange_store(exchange_ptr, own_offsets, own, h, 1, dtype, PACKED)
-        _exchange_barrier(counter, hidden_tiles, PACKED)
+        tl.store(exchange_ptr + own_offsets, h.to(exchange_type), mask=own)
+        _barrier(counter, hidden_tiles)
     bias_r, bias_z, bias_n = _gate_biases(bias_ptr, units, unit_ok, hidden)
+    dtype = w_ptr.dtype.element_ty
     if RESIDENT:
         w_r_all, w_z_all, w_n_all = _resident_slice(w_ptr, units, unit_ok, hidden, BK, CHUNKS)
 
@@ -287,23 +245,15 @@ def _gru_forward_tile_kernel(
             acc_z = _product(h_all, w_z_all[0], acc_z, PRECISION)
             acc_n = _product(h_all, w_n_all[0], acc_n, PRECISION)
         elif RESIDENT:
-            if PACKED:  # all of the step's words, so that the chunks' loads go out together
-                _await_packed_rows(source, rows, row_ok, hidden, 0, hidden, step + 1, COMPILED)
             for chunk in tl.static_range(CHUNKS):
                 k0 = chunk * BK
-                h_k = _exchanged_chunk(
-                    source, rows, row_ok, hidden, k0, hidden - k0, BK, PACKED
-                ).to(dtype)
+                h_k = _rows_chunk(source, rows, row_ok, hidden, k0, hidden - k0, BK).to(dtype)
                 acc_r = _product(h_k, w_r_all[chunk], acc_r, PRECISION)
                 acc_z = _product(h_k, w_z_all[chunk], acc_z, PRECISION)
                 acc_n = _product(h_k, w_n_all[chunk], acc_n, PRECISION)
         else:
-            if PACKED:
-                _await_packed_rows(source, rows, row_ok, hidden, 0, hidden, step + 1, COMPILED)
             for k0 in range(0, hidden, BK):
-                h_k = _exchanged_chunk(
-                    source, rows, row_ok, hidden, k0, hidden - k0, BK, PACKED
-                ).to(dtype)
+                h_k = _rows_chunk(source, rows, row_ok, hidden, k0, hidden - k0, BK).to(dtype)
                 w_r, w_z, w_n = _weight_chunk(w_ptr, units, unit_ok, k0, hidden, BK)
                 acc_r = _product(h_k, w_r, acc_r, PRECISION)
                 acc_z = _product(h_k, w_z, acc_z, PRECISION)
@@ -315,9 +265,9 @@ def _gru_forward_tile_kernel(
         )  # fmt: skip
         gx_r, gx_z, gx_n = next_r, next_z, next_n
         if not SINGLE:
-            target = exchange_ptr + ((step + 1) % 2) * plane
-            _exchange_store(target, own_offsets, own, h, step + 2, dtype, PACKED)
-            _exchange_barrier(counter, hidden_tiles * (step + 2), PACKED)
+            target = exchange_ptr + ((step + 1) % 2) * plane + own_offsets
+            tl.store(target, h.to(exchange_type), mask=own)
+            _barrier(counter, hidden_tiles * (step + 2))
 
     tl.store(h_n_ptr + own_offsets, h.to(h_n_ptr.dtype.element_ty), mask=own)
 
@@ -457,23 +407,25 @@ def gru_direction_forward(
             COMPILED=not interpreted(), num_warps=plan.warps,
         )  # fmt: skip
         return out, h_n
+    # 16-bit states are exchanged in their own type: tl.dot reads nothing finer.
+    exchange_type = torch.float32 if dtype == torch.float32 else w_hh.dtype
+    exchange = torch.empty(2, batch, hidden, device=device, dtype=exchange_type)
+    counters = torch.zeros(grid[0], device=device, dtype=torch.int32)
     precision = dot_precision(dtype)
     if precision == TF32:
         operands = (operands[0], rounded_to_tf32(w_hh, rounded), *operands[2:])
         precision = forward_tf32(hidden)
     elif rounded is not None:
         rounded_to_tf32(w_hh, rounded)
-    packed = packs_exchange(w_hh.dtype, precision)
-    exchange, counters = exchange_buffers(2, batch, hidden, grid[0], w_hh.dtype, packed, device)
     if plan.single and plan.block_k != padded(hidden):
         raise ValueError(f"a single-tile plan holds the whole state in one chunk, got {plan}")
     _gru_forward_tile_kernel[grid](
         *operands, lengths32, out, h_n, exchange, exchange if saved is None else saved,
         counters, steps, batch, hidden,
-        REVERSE=reverse, PRECISION=precision, PACKED=packed,
+        REVERSE=reverse, PRECISION=precision,
         BB=plan.block_b, BH=plan.block_h, BK=plan.block_k,
         RESIDENT=plan.resident, CHUNKS=plan.resident_chunks(hidden),
-        SINGLE=plan.single, SAVE=saved is not None, **given, COMPILED=not interpreted(),
+        SINGLE=plan.single, SAVE=saved is not None, **given,
         num_warps=plan.warps,
     )  # fmt: skip
     return out, h_n

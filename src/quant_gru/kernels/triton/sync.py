@@ -10,9 +10,6 @@ to at most one program per SM):
   whole, so a reader that sees the step it waits for also sees that step's value. Readers
   re-read until every word is current: one round trip when the writers are ahead. Words are
   8 bytes, so this suits small batch tiles, where the latency matters most.
-- ``_publish_packed`` / ``_await_packed_rows``: the same in 4-byte words, for states that are
-  exactly a bfloat16, float16 or TF32 value (what the tile kernels' products read): as a
-  float32 such a value has its low 13 bits zero, which carry the step instead (modulo 2^13).
 """
 
 from __future__ import annotations
@@ -20,8 +17,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from quant_gru.kernels.triton.products import TF32
 
 
 @triton.jit
@@ -35,38 +30,6 @@ def _barrier(counter_ptr, target):
     while tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu") < target:
         pass
     tl.debug_barrier()
-
-
-# True: the tile kernels hand states over in packed words wherever the products read them as
-# 16-bit or TF32 values (``packs_exchange``); False: every tile kernel meets at the barrier.
-# Off until timed on a GPU (benchmarks/tile_exchange.py); the tests run both.
-PACKED_EXCHANGE = False
-
-
-def packs_exchange(weight_dtype: torch.dtype, precision: str) -> bool:
-    """Whether a tile kernel whose products take ``precision`` (products.dot_precision, or the
-    forward's TF32 variant) over weights of ``weight_dtype`` exchanges packed words: where every
-    exchanged value is exactly what its product reads, a 16-bit or TF32 value."""
-    return PACKED_EXCHANGE and (weight_dtype != torch.float32 or precision == TF32)
-
-
-def exchange_buffers(
-    planes: int,
-    batch: int,
-    width: int,
-    batch_tiles: int,
-    weight_dtype: torch.dtype,
-    packed: bool,
-    device: torch.device,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A tile kernel's (exchange buffer (planes, batch, width), barrier counters): packed words,
-    all tags 0, and the buffer in the counters' place (unused); or values in float32 (16-bit
-    weights: their type, which is what tl.dot reads) and a zero counter per batch tile."""
-    if packed:
-        words = torch.zeros(planes, batch, width, device=device, dtype=torch.int32)
-        return words, words
-    exchange = torch.empty(planes, batch, width, device=device, dtype=weight_dtype)
-    return exchange, torch.zeros(batch_tiles, device=device, dtype=torch.int32)
 
 
 def zero_words(*shape: int, device: torch.device) -> torch.Tensor:
@@ -114,46 +77,3 @@ def _await_state(words_ptr, offsets, mask, tag, COMPILED: tl.constexpr):
         while tl.min(tl.where(mask, (words >> 32).to(tl.int32), tag)) < tag:
             words = tl.load(words_ptr + offsets, mask=mask, other=0, volatile=True)
     return (words & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
-
-
-# Packed words: the low 13 bits of a float32 are zero in every bfloat16, float16 and TF32 value
-# (10 or fewer mantissa bits) and carry the tag there. Tags wrap modulo 2^13; a reader compares
-# for equality, and the double buffer keeps a word at its step or the one two before (never two
-# after), which differ modulo 2^13.
-
-
-@triton.jit
-def _publish_packed(words_ptr, offsets, mask, value, tag):
-    """Store float32 ``value`` (exactly a bfloat16, float16 or TF32 value: its low 13 bits
-    zero) at ``offsets`` of the int32 words, its low bits holding ``tag`` modulo 2^13."""
-    bits = value.to(tl.int32, bitcast=True)
-    tl.store(words_ptr + offsets, (bits & -8192) | (tag & 8191), mask=mask)
-
-
-@triton.jit
-def _await_packed_rows(
-    words_ptr, rows, row_ok, row_length, start, width, tag, COMPILED: tl.constexpr
-):  # fmt: skip
-    """Wait until every word of columns [start, start + width) of ``rows`` of the int32 words
-    (rows ``row_length`` long) carries ``tag`` (modulo 2^13), checking 64 columns at a time
-    (few registers). The chunks the products take are loaded afterwards, all together, where
-    waiting on each in turn would make a round trip to L2 of each; the words cannot move on
-    before this program publishes its next step."""
-    current = tag & 8191
-    stale = tl.full((), 1, dtype=tl.int32)
-    while stale != 0:
-        bad = tl.zeros((rows.shape[0], 64), dtype=tl.int1)
-        for k0 in range(0, width, 64):
-            ks = k0 + tl.arange(0, 64)
-            mask = row_ok[:, None] & (ks < width)[None, :]
-            offsets = rows[:, None] * row_length + start + ks[None, :]
-            words = tl.load(words_ptr + offsets, mask=mask, other=0, volatile=True)
-            bad = bad | (mask & ((words & 8191) != current))
-        # Under the interpreter (one thread a program, no inline assembly) a plain reduction.
-        stale = 1 - tl.min(_every_thread(~bad)) if COMPILED else tl.max(bad.to(tl.int32))
-
-
-@triton.jit
-def _packed_values(words):
-    """The float32 values of packed words (their tags cleared)."""
-    return (words & -8192).to(tl.float32, bitcast=True)
