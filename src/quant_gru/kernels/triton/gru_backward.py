@@ -28,6 +28,7 @@ from quant_gru.kernels.triton.gru_forward import (
     _rows_chunk,
     _step_time,
 )
+from quant_gru.kernels.triton.launch import Launcher
 from quant_gru.kernels.triton.ops import recurrent_grad_type
 from quant_gru.kernels.triton.plans import (
     Plan,
@@ -342,6 +343,10 @@ def _gru_backward_row_kernel(
     tl.store(grad_h0_ptr + own_offsets, carry, mask=own)
 
 
+_launch_tiles = Launcher(_gru_backward_tile_kernel)
+_launch_rows = Launcher(_gru_backward_row_kernel)
+
+
 def gru_direction_backward(
     grad_out: Tensor,
     grad_h_n: Tensor | None,
@@ -395,10 +400,14 @@ def gru_direction_backward(
     outputs = (w_hh.contiguous(), out if lengths is None else lengths, grad_ghn, grad_gx, grad_h0)
     if plan.rows:
         words = grad_gx if plan.single else zero_words(2, batch, 3 * hidden, device=device)
-        _gru_backward_row_kernel[grid](
-            *operands, *outputs, words, steps, batch, hidden, *grad_out.stride(),
-            REVERSE=reverse, BB=plan.block_b, BH=plan.block_h, BK=plan.block_k,
-            SINGLE=plan.single, **given, COMPILED=not interpreted(), num_warps=plan.warps,
+        _launch_rows(
+            grid,
+            (*operands, *outputs, words, steps, batch, hidden, *grad_out.stride()),
+            dict(
+                REVERSE=reverse, BB=plan.block_b, BH=plan.block_h, BK=plan.block_k,
+                SINGLE=plan.single, **given, COMPILED=not interpreted(),
+            ),
+            plan.warps,
         )  # fmt: skip
         return grad_gx, grad_h0, grad_ghn
     exchange = torch.empty(2, batch, 3 * hidden, device=device, dtype=grad_ghn.dtype)
@@ -406,12 +415,15 @@ def gru_direction_backward(
     precision = dot_precision(w_hh.dtype)
     if precision == TF32:
         outputs = (rounded_to_tf32(w_hh) if rounded is None else rounded, *outputs[1:])
-    _gru_backward_tile_kernel[grid](
-        *operands, *outputs, exchange, counters, steps, batch, hidden, *grad_out.stride(),
-        REVERSE=reverse, PRECISION=precision, BB=plan.block_b, BH=plan.block_h,
-        BK=plan.block_k, RESIDENT=plan.resident,
-        CHUNKS=plan.resident_chunks(hidden),
-        PREFETCH=plan.block_b * plan.block_h <= PREFETCH_ELEMENTS, **given,
-        num_warps=plan.warps,
+    _launch_tiles(
+        grid,
+        (*operands, *outputs, exchange, counters, steps, batch, hidden, *grad_out.stride()),
+        dict(
+            REVERSE=reverse, PRECISION=precision, BB=plan.block_b, BH=plan.block_h,
+            BK=plan.block_k, RESIDENT=plan.resident,
+            CHUNKS=plan.resident_chunks(hidden),
+            PREFETCH=plan.block_b * plan.block_h <= PREFETCH_ELEMENTS, **given,
+        ),
+        plan.warps,
     )  # fmt: skip
     return grad_gx, grad_h0, grad_ghn

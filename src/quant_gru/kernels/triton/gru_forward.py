@@ -26,6 +26,7 @@ import triton.language as tl
 from torch import Tensor
 
 from quant_gru.kernels.triton import tuning
+from quant_gru.kernels.triton.launch import Launcher
 from quant_gru.kernels.triton.plans import (
     Plan,
     forward_plan,
@@ -350,6 +351,10 @@ def _gru_forward_row_kernel(
     tl.store(h_n_ptr + own_offsets, h.to(h_n_ptr.dtype.element_ty), mask=own)
 
 
+_launch_tiles = Launcher(_gru_forward_tile_kernel)
+_launch_rows = Launcher(_gru_forward_row_kernel)
+
+
 def gru_direction_forward(
     gates_x: Tensor,
     h0: Tensor | None,
@@ -399,12 +404,18 @@ def gru_direction_forward(
     grid = plan.grid(batch, hidden)
     if plan.rows:
         words = out if plan.single else zero_words(2, batch, hidden, device=device)
-        _gru_forward_row_kernel[grid](
-            *operands, lengths32, out, h_n, words, words if saved is None else saved,
-            words if rounded is None else rounded, steps, batch, hidden,
-            REVERSE=reverse, BB=plan.block_b, BH=plan.block_h, BK=plan.block_k,
-            SINGLE=plan.single, SAVE=saved is not None, ROUND_R=rounded is not None, **given,
-            COMPILED=not interpreted(), num_warps=plan.warps,
+        _launch_rows(
+            grid,
+            (
+                *operands, lengths32, out, h_n, words, words if saved is None else saved,
+                words if rounded is None else rounded, steps, batch, hidden,
+            ),
+            dict(
+                REVERSE=reverse, BB=plan.block_b, BH=plan.block_h, BK=plan.block_k,
+                SINGLE=plan.single, SAVE=saved is not None, ROUND_R=rounded is not None,
+                **given, COMPILED=not interpreted(),
+            ),
+            plan.warps,
         )  # fmt: skip
         return out, h_n
     # 16-bit states are exchanged in their own type: tl.dot reads nothing finer.
@@ -419,13 +430,18 @@ def gru_direction_forward(
         rounded_to_tf32(w_hh, rounded)
     if plan.single and plan.block_k != padded(hidden):
         raise ValueError(f"a single-tile plan holds the whole state in one chunk, got {plan}")
-    _gru_forward_tile_kernel[grid](
-        *operands, lengths32, out, h_n, exchange, exchange if saved is None else saved,
-        counters, steps, batch, hidden,
-        REVERSE=reverse, PRECISION=precision,
-        BB=plan.block_b, BH=plan.block_h, BK=plan.block_k,
-        RESIDENT=plan.resident, CHUNKS=plan.resident_chunks(hidden),
-        SINGLE=plan.single, SAVE=saved is not None, **given,
-        num_warps=plan.warps,
+    _launch_tiles(
+        grid,
+        (
+            *operands, lengths32, out, h_n, exchange, exchange if saved is None else saved,
+            counters, steps, batch, hidden,
+        ),
+        dict(
+            REVERSE=reverse, PRECISION=precision,
+            BB=plan.block_b, BH=plan.block_h, BK=plan.block_k,
+            RESIDENT=plan.resident, CHUNKS=plan.resident_chunks(hidden),
+            SINGLE=plan.single, SAVE=saved is not None, **given,
+        ),
+        plan.warps,
     )  # fmt: skip
     return out, h_n

@@ -1,0 +1,131 @@
+"""The kernels' launcher (kernels/triton/launch.py): its key tells apart everything Triton
+specializes on, a known key launches the remembered kernel with the arguments in the kernel's
+parameter order, and on a GPU its launches compute what Triton's own launch computes."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from quant_gru.kernels.triton import launch
+from quant_gru.kernels.triton.launch import Launcher, argument_key
+
+
+def test_key_tells_apart_what_triton_specializes_on():
+    storage = torch.zeros(64)
+    aligned, shifted = storage[:8], storage[1:9]  # 4 bytes past a 16-byte boundary
+    assert argument_key(aligned) != argument_key(shifted)
+    assert argument_key(aligned) != argument_key(aligned.to(torch.float16))
+    assert argument_key(storage[4:12]) == argument_key(aligned)  # 16 bytes on: aligned
+    keys = {argument_key(n) for n in (1, 16, 17, 2**31)}
+    assert len(keys) == 4  # one, a multiple of 16, neither, past int32
+    assert argument_key(3) == argument_key(5)
+    assert argument_key(True) != argument_key(1)
+    assert argument_key(1.5) is None  # unknown: Triton's own launch path
+
+
+class _FakeCompiled:
+    function, packed_metadata = "function", "metadata"
+
+    def __init__(self):
+        self.launches = []
+
+    def launch_metadata(self, grid, stream, *values):
+        return ("metadata", grid)
+
+    def run(self, *values):
+        self.launches.append(values)
+
+
+class _FakeKernel:
+    """A jit function of parameters (x, n, A, B): Triton's launch through __getitem__."""
+
+    arg_names = ("x", "n", "A", "B")
+
+    def __init__(self):
+        self.jit_launches = []
+        self.compiled = []
+
+    def __getitem__(self, grid):
+        def run(*arguments, num_warps, **constants):
+            self.jit_launches.append((grid, arguments, constants, num_warps))
+            self.compiled.append(_FakeCompiled())
+            return self.compiled[-1]
+
+        return run
+
+
+@pytest.fixture
+def compiled_mode(monkeypatch):
+    """The launcher as on a GPU: not interpreted, with a stand-in driver and device."""
+    monkeypatch.setattr(launch, "interpreted", lambda: False)
+    active = types.SimpleNamespace(get_current_device=lambda: 0, get_current_stream=lambda d: 7)
+    monkeypatch.setattr(launch, "driver", types.SimpleNamespace(active=active))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+
+
+def test_a_known_key_launches_the_remembered_kernel(compiled_mode):
+    kernel = _FakeKernel()
+    launcher = Launcher(kernel)
+    x = torch.zeros(32)
+    # constants given in another order than the kernel's parameters
+    launcher((2, 3), (x, 5), {"B": False, "A": 4}, 2)
+    launcher((2, 3), (x, 7), {"B": False, "A": 4}, 2)
+    assert len(kernel.jit_launches) == 1
+    (values,) = kernel.compiled[0].launches
+    assert values[:4] == (2, 3, 1, 7)  # grid, then the stream
+    assert values[-4:] == (x, 7, 4, False)  # arguments, then constants in parameter order
+    assert values[6] == ("metadata", (2, 3, 1))
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda x, n, c, w: (x[1:], n, c, w),  # a pointer off its 16-byte alignment
+        lambda x, n, c, w: (x.half(), n, c, w),
+        lambda x, n, c, w: (x, 1, c, w),  # an integer Triton specializes as a constant
+        lambda x, n, c, w: (x, 32, c, w),  # a multiple of 16
+        lambda x, n, c, w: (x, n, {**c, "A": 8}, w),
+        lambda x, n, c, w: (x, n, c, 4),
+    ],
+)
+def test_anything_triton_specializes_on_compiles_again(compiled_mode, change):
+    kernel = _FakeKernel()
+    launcher = Launcher(kernel)
+    x, constants = torch.zeros(32), {"A": 4, "B": False}
+    launcher((1, 1), (x, 5), constants, 2)
+    x2, n2, constants2, warps2 = change(x, 5, constants, 2)
+    launcher((1, 1), (x2, n2), constants2, warps2)
+    assert len(kernel.jit_launches) == 2
+    assert not kernel.compiled[0].launches
+
+
+def test_unknown_arguments_take_tritons_path_every_time(compiled_mode):
+    kernel = _FakeKernel()
+    launcher = Launcher(kernel)
+    for _ in range(2):
+        launcher((1, 1), (torch.zeros(4), 0.5), {"A": 1, "B": True}, 2)
+    assert len(kernel.jit_launches) == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="launches on a GPU")
+def test_remembered_launches_compute_what_tritons_launch_computes():
+    from quant_gru.kernels.triton.gru_forward import gru_direction_forward
+
+    torch.manual_seed(0)
+    hidden, batch, steps = 96, 5, 7
+    w_hh = torch.randn(3 * hidden, hidden, device="cuda") * 0.1
+    b_hh = torch.randn(3 * hidden, device="cuda") * 0.1
+    storage = torch.randn(steps * batch * 3 * hidden + 1, device="cuda")
+    results = []
+    # Aligned, aligned again (the remembered kernel), then 4 bytes off (compiled again).
+    for offset in (0, 0, 1):
+        gates_x = storage[offset : offset + steps * batch * 3 * hidden].view(steps, batch, -1)
+        results.append(gru_direction_forward(gates_x.clone(), None, w_hh, b_hh, None, False))
+        shifted = gru_direction_forward(gates_x, None, w_hh, b_hh, None, False)
+        assert all(torch.equal(a, b) for a, b in zip(results[-1], shifted, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(results[0], results[1], strict=True))
