@@ -32,7 +32,7 @@ def argument_key(argument: object) -> Hashable | None:
     if isinstance(argument, torch.Tensor):
         return argument.dtype, argument.data_ptr() % 16 == 0
     if isinstance(argument, bool) or argument is None:
-        return argument
+        return "constant", argument
     if isinstance(argument, int):
         return argument == 1, argument % 16 == 0, argument in _INT32
     return None
@@ -58,7 +58,8 @@ class Launcher:
         if interpreted():
             self._kernel[grid](*arguments, **constants, num_warps=warps)
             return
-        key = self._key(arguments, constants, warps)
+        device = driver.active.get_current_device()
+        key = self._key(device, arguments, constants, warps)
         entry = None if key is None else self._compiled.get(key)
         if entry is None:
             compiled = self._kernel[grid](*arguments, **constants, num_warps=warps)
@@ -70,23 +71,23 @@ class Launcher:
             return
         compiled, constexprs = entry
         full_grid = (grid[0], grid[1], 1)
-        stream = driver.active.get_current_stream(driver.active.get_current_device())
+        stream = driver.active.get_current_stream(device)
         values = (*arguments, *constexprs)
         runtime = knobs.runtime
         compiled.run(
-            grid[0], grid[1], 1, stream, compiled.function, compiled.packed_metadata,
+            *full_grid, stream, compiled.function, compiled.packed_metadata,
             compiled.launch_metadata(full_grid, stream, *values),
             runtime.launch_enter_hook, runtime.launch_exit_hook, *values,
         )  # fmt: skip
 
     @staticmethod
     def _key(
-        arguments: Sequence[object], constants: dict[str, object], warps: int
+        device: int, arguments: Sequence[object], constants: dict[str, object], warps: int
     ) -> Hashable | None:
-        parts: list[Hashable] = [torch.cuda.current_device(), warps, *constants.items()]
+        parts: list[Hashable] = [device, warps, *constants.items()]
         for argument in arguments:
             part = argument_key(argument)
-            if part is None and argument is not None:
+            if part is None:
                 return None
             parts.append(part)
         return tuple(parts)
