@@ -137,7 +137,13 @@ def test_candidates_fit_on_the_gpu(
         (256, 512, True, 4, (32, 32), 64, 4),
         (64, 512, False, 4, (32, 8), 64, 4),
         (64, 512, True, 4, (16, 16), 64, 2),
-        (64, 256, False, 2, (16, 8), 256, 2),
+        (64, 256, True, 4, (16, 16), 64, 2),
+        (64, 192, True, 4, (16, 16), 64, 2),
+        (64, 256, False, 2, (16, 32), 256, 4),
+        (128, 256, False, 2, (16, 32), 256, 4),
+        (64, 256, True, 2, (16, 32), 256, 4),
+        (32, 256, True, 2, (16, 32), 256, 4),
+        (64, 512, False, 2, (16, 16), 512, 2),
         (64, 512, True, 2, (16, 16), 512, 2),
         (256, 1024, True, 2, (64, 32), 64, 4),
     ],
@@ -154,9 +160,10 @@ def test_rule_tiles(
 ) -> None:
     """The tile rule's plans on 132 SMs (an H100) where plans.py documents its measurements
     (for the forward, the tile kernel's plan: at (64, 256) the forward takes the row kernel):
-    the float32 backward takes its own least-read tiles, 16-bit types the forward's; large
-    float32 tiles run on 8 warps, small 16-bit ones and small float32 backward ones on 2;
-    every grid fits on the SMs at once."""
+    the float32 backward takes its own least-read tiles of 16 units or more, 16-bit types the
+    forward's, which are the widest whose R slice stays on chip; large float32 tiles run on 8
+    warps, small 16-bit ones and small float32 backward ones on 2; every grid fits on the SMs
+    at once."""
     monkeypatch.setattr(plans, "_programs", lambda _device: 132)
     make = plans.backward_plan if backward else plans.tile_plan
     plan = make(batch, hidden, element_size, DEVICE)
@@ -195,9 +202,9 @@ def test_rule_rows(
     """On 132 SMs: one row a program holding all of R wherever R fits (H up to 128) and the
     rows fill at most two waves of the SMs (those programs never wait for each other); the
     handover between programs of a row for other small
-    batches; in the forward, programs of up to 2 rows holding 64 units of R at H=256 (the
-    backward takes the tile kernel there); the tile kernels otherwise. Any float type: the row
-    kernels compute in float32."""
+    batches; in the forward, programs of up to 2 rows (16-bit types: 1) holding 64 units of R
+    at H=256 (the backward takes the tile kernel there); the tile kernels otherwise. The row
+    kernels compute in float32 whatever the type."""
     monkeypatch.setattr(plans, "_programs", lambda _device: 132)
     make = plans.backward_plan if backward else plans.forward_plan
     if backward and expected != "tile" and expected[0] == "wide":
@@ -208,6 +215,9 @@ def test_rule_rows(
             assert not plan.rows
             continue
         kind, warps, block_b = expected
+        if kind == "wide" and element_size == 2 and block_b > plans.ROW_WIDE_MAX_ROWS_16_BIT:
+            assert not plan.rows
+            continue
         full = plans.padded(hidden)
         assert plan.rows and plan.single == (kind == "single") and plan.warps == warps
         rows, units = plan.grid(batch, hidden)

@@ -47,6 +47,11 @@ ROW_KERNEL_MAX_BATCH = 16
 #   keeps 4.
 LARGE_TILE = 2048
 SMALL_TILE = 256
+# The float32 backward's hidden tiles have at least this many units: fewer programs meet at
+# each barrier. Measured on an H100 (TF32, us a step, 2 warps), 16 x 16 tiles against 16 x 8:
+# (32, H=256) 4.86 against 5.56, (64, H=256) 4.84 against 5.51, (64, H=192) 4.26 against 4.77;
+# (128, H=256) and (64, H=384) took 16 x 16 already (4.85, 6.24; 16 x 8: 6.34, 7.60).
+FLOAT32_BACKWARD_UNITS = 16
 # One row a program with a slice of R keeps it in float32 registers: at most 96 a thread, for
 # 4 warps (fastest where it fits) or 8.
 ROW_SLICE_ELEMENTS_4_WARPS = 96 * 32 * 4
@@ -62,7 +67,10 @@ ROW_SLICE_ELEMENTS = 96 * 32 * 8
 #   4.4 for the TF32 tile kernel and 15.6 for the IEEE one; (32, H=256) 1 x 64 2.2 against 4.9
 #   (TF32). bfloat16 2.7 against 2.7, and 2.0 against 2.7. With 4 rows a program, at
 #   (128, H=256): float32 5.5 against 5.8-7.3 (TF32), bfloat16 4.9 against 3.3; so 2 at most.
-#   Several rows in the backward row kernel spill registers (ptxas, sm_90a).
+#   Several rows in the backward row kernel spill registers (ptxas, sm_90a). Measured again
+#   with the 16-bit tiles of ``_resident_tiles``, bfloat16 a step: (64, H=256) 2 rows a program
+#   2.19 us against 2.07 for 16 x 32 tiles (saving: 2.29 against 2.16); (32, H=256) one row
+#   1.55 against 2.03-2.14. So 16-bit types take wide rows of one row a program only.
 # - all of R, past one program per SM (132 on the H100), TF32 / bf16 against the tile
 #   kernels, forward / backward: H=128 at 264 rows (2 waves) 2.1 / 3.4 against 4.5 / 5.1,
 #   bf16 2.0 / 2.8 against 2.4 / 6.0; at 528 rows mixed (TF32 3.2 / 5.4 against 3.7 / 5.1,
@@ -70,6 +78,7 @@ ROW_SLICE_ELEMENTS = 96 * 32 * 8
 #   Hence ROW_SINGLE_WAVES.
 ROW_REGISTER_ELEMENTS = 192 * 32 * 8
 ROW_WIDE_MAX_ROWS = 2
+ROW_WIDE_MAX_ROWS_16_BIT = 1
 ROW_SINGLE_WAVES = 2
 
 
@@ -149,11 +158,15 @@ def _fewest_units(row_tiles: int, hidden: int, smallest: int, programs: int) -> 
     return None if row_tiles * _ceil_div(hidden, block_h) > programs else block_h
 
 
-def row_plan(batch: int, hidden: int, device: torch.device, backward: bool = False) -> Plan | None:
-    return _row_plan(batch, hidden, _programs(device), backward)
+def row_plan(
+    batch: int, hidden: int, device: torch.device, backward: bool = False, element_size: int = 4
+) -> Plan | None:
+    return _row_plan(batch, hidden, _programs(device), backward, element_size)
 
 
-def _row_plan(batch: int, hidden: int, programs: int | None, backward: bool) -> Plan | None:
+def _row_plan(
+    batch: int, hidden: int, programs: int | None, backward: bool, element_size: int
+) -> Plan | None:
     """Row programs, R's slice in float32 registers. Where all of R fits one program
     (``_single_row_plan``), one row a program holding every hidden unit; else, up to
     ROW_KERNEL_MAX_BATCH rows, one row a program with the fewest hidden units that fill the
@@ -164,7 +177,10 @@ def _row_plan(batch: int, hidden: int, programs: int | None, backward: bool) -> 
     if single is not None:
         return single
     if batch > ROW_KERNEL_MAX_BATCH:
-        return None if backward else _wide_row_plan(batch, hidden, programs)
+        if backward:
+            return None
+        wide_rows = ROW_WIDE_MAX_ROWS if element_size == 4 else ROW_WIDE_MAX_ROWS_16_BIT
+        return _wide_row_plan(batch, hidden, programs, wide_rows)
     full = padded(hidden)
     block_k = max(16, _power_of_two(3 * hidden)) if backward else full
     per_unit = block_k if backward else 3 * full
@@ -195,8 +211,8 @@ def _single_row_plan(batch: int, hidden: int, programs: int | None) -> Plan | No
     return Plan(rows=True, block_b=1, block_h=full, block_k=full, warps=warps, single=True)
 
 
-def _wide_row_plan(batch: int, hidden: int, programs: int | None) -> Plan | None:
-    """The forward for batches over ROW_KERNEL_MAX_BATCH: programs of up to ROW_WIDE_MAX_ROWS
+def _wide_row_plan(batch: int, hidden: int, programs: int | None, max_rows: int) -> Plan | None:
+    """The forward for batches over ROW_KERNEL_MAX_BATCH: programs of up to ``max_rows``
     rows on 8 warps, each holding R's rows of the most units (a power of two below padded H)
     that fit ROW_REGISTER_ELEMENTS, handing the state over in tagged words; None where the
     grid would not fit on the SMs at once, and under the interpreter."""
@@ -208,7 +224,7 @@ def _wide_row_plan(batch: int, hidden: int, programs: int | None) -> Plan | None
         block_h //= 2
     if 3 * block_h * full > ROW_REGISTER_ELEMENTS:
         return None
-    for block_b in range(1, ROW_WIDE_MAX_ROWS + 1):
+    for block_b in range(1, max_rows + 1):
         if _ceil_div(batch, block_b) * _ceil_div(hidden, block_h) <= programs:
             return Plan(rows=True, block_b=block_b, block_h=block_h, block_k=full, warps=8)
     return None
@@ -223,7 +239,8 @@ def _tile_tiles(
 ) -> tuple[int, int]:
     """(block_b, block_h) of the forward tile kernel. When all of R fits in one program's
     registers, one program per batch tile of 16 rows holds every hidden unit and needs no
-    barrier. Otherwise the tiles of ``_least_reads``, where a program reads the state of its
+    barrier. 16-bit types take ``_resident_tiles`` where they fit. Otherwise the tiles of
+    ``_least_reads``, where a program reads the state of its
     rows a step, and its R slice unless that stays on chip. Measured on an H100 with the TF32
     forward: 8-unit tiles of 16 rows at (64, H=256), 4.4 against 6.1 us a step with 16 units;
     at (64, H=512) 32 rows of 8 units, whose R stays on chip, 7.0 against 8.7 with 16 rows of
@@ -231,6 +248,10 @@ def _tile_tiles(
     full = padded(hidden)
     if 3 * full * full * element_size <= SINGLE_BYTES:
         return 16, full
+    if element_size < 4 and programs is not None:
+        tiles = _resident_tiles(batch, hidden, element_size, programs)
+        if tiles is not None:
+            return tiles
 
     def reads(block_b: int, block_h: int) -> int:
         weight_bytes = 3 * block_h * full * element_size
@@ -241,6 +262,31 @@ def _tile_tiles(
     return _least_reads(batch, hidden, programs, reads)
 
 
+def _resident_tiles(
+    batch: int, hidden: int, element_size: int, programs: int
+) -> tuple[int, int] | None:
+    """16-bit types: the widest hidden tile (at least 8 units, less than padded H) whose R
+    slice stays on chip (RESIDENT_BYTES), with the fewest batch rows (16, 32 or 64) that fit
+    the grid on the SMs; None where none does. Measured on an H100 (bfloat16, us a step,
+    against the fewest units with 16 rows): (64, H=256) 16 x 32 tiles, forward 2.07 against
+    2.06, saving 2.16 against 2.20, backward 2.76 against 2.92; (128, H=256) forward 2.14
+    against 2.57, saving 2.34 against 2.70, backward 2.84 against 3.19; (64, H=512) 16 x 16,
+    3.21, the same tiles (32 x 8 took 3.20)."""
+    full = padded(hidden)
+    block_h = full // 2
+    while block_h > 8 and 3 * block_h * full * element_size > RESIDENT_BYTES:
+        block_h //= 2
+    if 3 * block_h * full * element_size > RESIDENT_BYTES:
+        return None
+    rows = max(16, _power_of_two(batch))
+    for block_b in (16, 32, 64):
+        if block_b > rows:
+            break
+        if _ceil_div(batch, block_b) * _ceil_div(hidden, block_h) <= programs:
+            return block_b, block_h
+    return None
+
+
 def _backward_tiles(
     batch: int, hidden: int, element_size: int, programs: int | None
 ) -> tuple[int, int]:
@@ -249,7 +295,8 @@ def _backward_tiles(
     the tiles of ``_least_reads`` where a program reads the three gates' gradients of its rows
     and R's columns of its units a step. Measured on an H100 (TF32, us a step, this rule
     against the forward's tiles, both on 4 warps): (256, H=1024) 32 x 64 tiles 35 against 44;
-    (128, H=1024) 32 x 32, 21 against 28; (256, H=512) 32 x 32, 13 against 18."""
+    (128, H=1024) 32 x 32, 21 against 28; (256, H=512) 32 x 32, 13 against 18. Hidden tiles
+    of 16 units at least (FLOAT32_BACKWARD_UNITS)."""
     if element_size < 4:
         return _tile_tiles(batch, hidden, element_size, programs)
     full = padded(hidden)
@@ -257,15 +304,20 @@ def _backward_tiles(
     def reads(block_b: int, block_h: int) -> int:
         return 3 * full * (block_b + block_h) * element_size
 
-    return _least_reads(batch, hidden, programs, reads)
+    return _least_reads(batch, hidden, programs, reads, FLOAT32_BACKWARD_UNITS)
 
 
 def _least_reads(
-    batch: int, hidden: int, programs: int | None, reads: Callable[[int, int], int]
+    batch: int,
+    hidden: int,
+    programs: int | None,
+    reads: Callable[[int, int], int],
+    smallest: int = 8,
 ) -> tuple[int, int]:
-    """Of batch tiles of 16, 32 or 64 rows, each with hidden tiles (8 units or more) as small
-    as fill the SMs once, the one whose program ``reads`` the fewest bytes from L2 a step (the
-    fewer rows on a tie). Under the interpreter: one program a batch tile of up to 64 rows."""
+    """Of batch tiles of 16, 32 or 64 rows, each with hidden tiles (``smallest`` units or
+    more) as small as fill the SMs once, the one whose program ``reads`` the fewest bytes
+    from L2 a step (the fewer rows on a tie). Under the interpreter: one program a batch tile
+    of up to 64 rows."""
     rows = max(16, _power_of_two(batch))
     if programs is None:
         return min(64, rows), padded(hidden)
@@ -273,7 +325,7 @@ def _least_reads(
     for block_b in (16, 32, 64):
         if block_b > rows:
             break
-        block_h = _fewest_units(_ceil_div(batch, block_b), hidden, 8, programs)
+        block_h = _fewest_units(_ceil_div(batch, block_b), hidden, smallest, programs)
         if block_h is None:
             continue
         cost = reads(block_b, block_h)
@@ -347,7 +399,7 @@ def _plan(batch: int, hidden: int, element_size: int, programs: int | None, back
     """The forward's kernel and tiles: the row kernel where a few programs hold R in
     registers (``_row_plan``), else the tile kernel. The backward's: the row kernel where R's
     columns fit likewise, else the tile kernel with ``_backward_tiles``."""
-    plan = _row_plan(batch, hidden, programs, backward)
+    plan = _row_plan(batch, hidden, programs, backward, element_size)
     if plan is not None:
         return plan
     if not backward:
