@@ -11,7 +11,7 @@ training), which costs a few hundred microseconds of host time a call.
 # No `from __future__ import annotations`: torch.library reads the annotations at definition.
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Optional
 
@@ -288,21 +288,26 @@ def _gradients(
     # the GRU calls this (the conversions guard a direct call of the operator with mixed types).
     hidden = out.shape[-1]
     grad_w = w_hh.new_empty(w_hh.shape)
-    grad_rz = grad_gx[..., : 2 * hidden].to(grad_w.dtype)
-    recurrent_weight_grad(grad_rz, out, h0, lengths, ctx.reverse, grad_w[:-hidden])
-    recurrent_weight_grad(grad_ghn, out, h0, lengths, ctx.reverse, grad_w[-hidden:])
+    grad_rz = _as(grad_gx[..., : 2 * hidden], grad_w.dtype)
+    pairs = ((grad_rz, grad_w[:-hidden]), (grad_ghn, grad_w[-hidden:]))
+    recurrent_weight_grad(pairs, out, h0, lengths, ctx.reverse)
     if grad_b_ih is not None:
-        _step_sum(grad_gx.to(grad_b_ih.dtype), grad_b_ih)
+        _step_sum(_as(grad_gx, grad_b_ih.dtype), grad_b_ih)
     grad_b = None
     if ctx.has_bias:  # summed whole: a sum over the r and z slice would copy it first
         grad_b = w_hh.new_empty(3 * hidden)
         if grad_b_ih is None:
-            _step_sum(grad_gx.to(grad_b.dtype), grad_b)
+            _step_sum(_as(grad_gx, grad_b.dtype), grad_b)
         else:
             grad_b[:-hidden].copy_(grad_b_ih[:-hidden])
         _step_sum(grad_ghn, grad_b[-hidden:])  # the n rows: R_n h + b_n's gradient
-    grad_start = None if h0 is None else grad_h0.to(h0.dtype)
+    grad_start = None if h0 is None else _as(grad_h0, h0.dtype)
     return grad_gx, grad_start, grad_w, grad_b, None, None, None
+
+
+def _as(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    """``tensor`` in ``dtype``, without a dispatch when it is already (host time a call)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 def _step_sum(grad: Tensor, into: Tensor) -> None:
@@ -411,30 +416,34 @@ class _EagerLayer(torch.autograd.Function):
 
 
 def recurrent_weight_grad(
-    grad: Tensor,
+    pairs: Sequence[tuple[Tensor, Tensor]],
     out: Tensor,
     h0: Tensor | None,
     lengths: Tensor | None,
     reverse: bool,
-    into: Tensor,
 ) -> None:
-    """Σ_t grad_tᵀ h_{t-1} (K, H) into ``into`` for ``grad`` (T, B, K) of ``into``'s type,
-    where h_{t-1} is the neighbouring output in the direction's order or h0 (None: zeros,
-    which add nothing), without building the (T, B, H) tensor of h_{t-1}: the outputs shifted
-    by one step, plus h0 at each sequence's first step. Padded steps have zero gradients and
-    zero outputs, so they add nothing."""
-    out = out.to(grad.dtype)
-    # Reverse: step t follows step t + 1.
-    rest, previous = (grad[:-1], out[1:]) if reverse else (grad[1:], out[:-1])
-    if h0 is None:
-        torch.mm(rest.flatten(0, 1).t(), previous.flatten(0, 1), out=into)
-        return
-    if not reverse:
-        first = grad[0]
-    elif lengths is None:
-        first = grad[-1]
-    else:  # a sequence's first step in reverse is its last valid one
-        last = (lengths.to(grad.device).long() - 1).clamp(min=0)
-        first = grad.gather(0, last.view(1, -1, 1).expand(1, *grad.shape[1:]))[0]
-    torch.mm(first.t(), h0.to(grad.dtype), out=into)
-    into.addmm_(rest.flatten(0, 1).t(), previous.flatten(0, 1))
+    """For each (``grad`` (T, B, K), ``into`` (K, H) of grad's type) of ``pairs``:
+    Σ_t grad_tᵀ h_{t-1} into ``into``, where h_{t-1} is the neighbouring output in the
+    direction's order or h0 (None: zeros, which add nothing), without building the (T, B, H)
+    tensor of h_{t-1}: the outputs shifted by one step (taken once for every pair), plus h0 at
+    each sequence's first step. Padded steps have zero gradients and zero outputs, so they add
+    nothing."""
+    previous_rows: Tensor | None = None
+    for grad, into in pairs:
+        if previous_rows is None or previous_rows.dtype != grad.dtype:
+            # Reverse: step t follows step t + 1.
+            shifted = out[1:] if reverse else out[:-1]
+            previous_rows = _as(shifted, grad.dtype).flatten(0, 1)
+        rest = grad[:-1] if reverse else grad[1:]
+        if h0 is None:
+            torch.mm(rest.flatten(0, 1).t(), previous_rows, out=into)
+            continue
+        if not reverse:
+            first = grad[0]
+        elif lengths is None:
+            first = grad[-1]
+        else:  # a sequence's first step in reverse is its last valid one
+            last = (lengths.to(grad.device).long() - 1).clamp(min=0)
+            first = grad.gather(0, last.view(1, -1, 1).expand(1, *grad.shape[1:]))[0]
+        torch.mm(first.t(), _as(h0, grad.dtype), out=into)
+        into.addmm_(rest.flatten(0, 1).t(), previous_rows)
