@@ -429,6 +429,10 @@ def recurrent_weight_grad(
     each sequence's first step. Padded steps have zero gradients and zero outputs, so they add
     nothing."""
     previous_rows: Tensor | None = None
+    # A sequence's first step in reverse is its last valid one: the same rows for every pair.
+    last = None
+    if h0 is not None and reverse and lengths is not None:
+        last = (lengths.to(out.device).long() - 1).clamp(min=0).view(1, -1, 1)
     for grad, into in pairs:
         if previous_rows is None or previous_rows.dtype != grad.dtype:
             # Reverse: step t follows step t + 1.
@@ -440,10 +444,9 @@ def recurrent_weight_grad(
             continue
         if not reverse:
             first = grad[0]
-        elif lengths is None:
+        elif last is None:
             first = grad[-1]
-        else:  # a sequence's first step in reverse is its last valid one
-            last = (lengths.to(grad.device).long() - 1).clamp(min=0)
-            first = grad.gather(0, last.view(1, -1, 1).expand(1, *grad.shape[1:]))[0]
+        else:
+            first = grad.gather(0, last.expand(1, *grad.shape[1:]))[0]
         torch.mm(first.t(), _as(h0, grad.dtype), out=into)
         into.addmm_(rest.flatten(0, 1).t(), previous_rows)
