@@ -43,7 +43,8 @@ def cases(draw: st.DrawFn) -> dict:
     }
 
 
-def run_both(case: dict, device: torch.device):
+def run_both(case: dict, device: torch.device, realization=quantized_gru):
+    """The reference's codes and traces, and those of ``realization`` on ``device``."""
     torch.manual_seed(case["seed"])
     model = QuantGRU(
         case["input_size"],
@@ -72,7 +73,7 @@ def run_both(case: dict, device: torch.device):
     h0_codes = initial_codes(hx, programs, x)
     args = (case["num_layers"], case["bidirectional"])
     expected = integer_gru(programs, x_codes, h0_codes, lengths, *args, trace=True)
-    actual = quantized_gru(
+    actual = realization(
         programs,
         x_codes.to(device),
         h0_codes.to(device),
@@ -91,6 +92,11 @@ def run_both(case: dict, device: torch.device):
 @given(case=cases())
 def test_torch_path_codes_equal_reference(case: dict, device: torch.device) -> None:
     _, _, _, _, _, expected, actual = run_both(case, device)
+    assert_same_run(actual, expected)
+
+
+def assert_same_run(actual: tuple, expected: tuple) -> None:
+    """Output codes, h_n codes and every traced operator's codes identical."""
     assert_codes_equal(actual[0], expected[0], "output codes")
     assert_codes_equal(actual[1], expected[1], "h_n codes")
     for index, (want, got) in enumerate(zip(expected[2], actual[2], strict=True)):

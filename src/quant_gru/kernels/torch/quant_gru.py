@@ -27,6 +27,7 @@ from quant_gru.quantize.tables import Table
 __all__ = [
     "TRACED_OPERATORS",
     "apply_term",
+    "check_programs",
     "exact_int_matmul",
     "quantized_gru",
     "rounding_right_shift",
@@ -672,6 +673,25 @@ def _codes(values: Tensor, fmt: ActivationFormat, active: Tensor | None) -> Tens
     return torch.where(active, codes, fmt.zero_point)
 
 
+def check_programs(
+    programs: Sequence[DirectionProgram],
+    x_codes: Tensor,
+    h0_codes: Tensor,
+    num_layers: int,
+    num_dirs: int,
+) -> None:
+    """Raise ValueError unless the arguments of a realization of the integer GRU agree."""
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be at least 1, got {num_layers}")
+    if len(programs) != num_layers * num_dirs:
+        raise ValueError(
+            f"expected {num_layers * num_dirs} programs for {num_layers} layers and "
+            f"{num_dirs} directions, got {len(programs)}"
+        )
+    if x_codes.dim() != 3 or h0_codes.dim() != 3:
+        raise ValueError("x_codes must be (T, B, I) and h0_codes (L*D, B, H)")
+
+
 def quantized_gru(
     programs: Sequence[DirectionProgram],
     x_codes: Tensor,
@@ -693,15 +713,7 @@ def quantized_gru(
     (T, B, C) (each operator's zero point at padded steps), else None.
     """
     num_dirs = 2 if bidirectional else 1
-    if num_layers < 1:
-        raise ValueError(f"num_layers must be at least 1, got {num_layers}")
-    if len(programs) != num_layers * num_dirs:
-        raise ValueError(
-            f"expected {num_layers * num_dirs} programs for {num_layers} layers and "
-            f"{num_dirs} directions, got {len(programs)}"
-        )
-    if x_codes.dim() != 3 or h0_codes.dim() != 3:
-        raise ValueError("x_codes must be (T, B, I) and h0_codes (L*D, B, H)")
+    check_programs(programs, x_codes, h0_codes, num_layers, num_dirs)
     device = x_codes.device
     steps = x_codes.shape[0]
     active = None

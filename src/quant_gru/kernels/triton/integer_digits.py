@@ -1,0 +1,78 @@
+"""Exact integer matrix products on the int8 matrix cores: operands written in balanced
+base-256 digits.
+
+A value y is written y = Σ_i d_i 256^i with digits d_i in [-128, 127], one int8 each. A product
+of two digit tensors summed over K terms is exact in int32 while K * 2^14 < 2^31; the kernel
+sums the digit products of equal weight 256^s and combines them in int64. That combination is
+exact modulo 2^64, and the true result is below 2^62 in magnitude (reference/README.md §4), so
+it comes out exact.
+
+An operand known to lie in [lo, hi] is moved by an offset o first, y = x - o, so that it needs
+no more digits than the span hi - lo asks for: any 8-bit code range takes one digit, whatever
+its zero point. Then R x = R y + o * rowsum(R) for every output channel.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+DIGIT_BITS = 8
+_HALF = 1 << (DIGIT_BITS - 1)  # 128
+# One int32 sum of digit products takes at most this many terms: 2^14 each, below 2^31.
+MAX_PRODUCT_TERMS = (2**31 - 1) // (_HALF * _HALF)
+
+
+def _digit_range(digits: int) -> tuple[int, int]:
+    """The values that ``digits`` balanced digits can write: [-128 * u, 127 * u] with
+    u = (256^digits - 1) / 255."""
+    unit = ((1 << (DIGIT_BITS * digits)) - 1) // ((1 << DIGIT_BITS) - 1)
+    return -_HALF * unit, (_HALF - 1) * unit
+
+
+def digits_for_span(low: int, high: int) -> int:
+    """The fewest digits (at least 1) that write every value of [low, high] once offset by
+    ``digit_offset(low, digits)``: those with high - low < 256^digits."""
+    if high < low:
+        raise ValueError(f"an empty range [{low}, {high}]")
+    digits = 1
+    while high - low >= 1 << (DIGIT_BITS * digits):
+        digits += 1
+    return digits
+
+
+def digit_offset(low: int, digits: int) -> int:
+    """The offset o that moves [low, ...] to the bottom of the digits' range."""
+    return low - _digit_range(digits)[0]
+
+
+def digits_for_values(low: int, high: int) -> int:
+    """The fewest digits (at least 1) that write every value of [low, high] without an
+    offset (weights: their products need no correction)."""
+    digits = 1
+    while True:
+        bottom, top = _digit_range(digits)
+        if bottom <= low and high <= top:
+            return digits
+        digits += 1
+
+
+def split_digits(values: Tensor, digits: int) -> Tensor:
+    """int64 ``values`` as ``digits`` balanced digits, lowest first: int8 (digits, *shape).
+    Every value must lie in the digits' range (the caller chose ``digits`` for it)."""
+    bottom, top = _digit_range(digits)
+    if values.numel() and (int(values.min()) < bottom or int(values.max()) > top):
+        raise ValueError(f"values outside [{bottom}, {top}] need more than {digits} digits")
+    parts = []
+    rest = values.to(torch.int64)
+    for _ in range(digits):
+        digit = ((rest + _HALF) & ((1 << DIGIT_BITS) - 1)) - _HALF
+        parts.append(digit.to(torch.int8))
+        rest = (rest - digit) >> DIGIT_BITS
+    return torch.stack(parts)
+
+
+def wrap_int64(value: int) -> int:
+    """``value`` modulo 2^64 as a signed 64-bit integer (the kernel's arithmetic)."""
+    value &= (1 << 64) - 1
+    return value - (1 << 64) if value >= 1 << 63 else value

@@ -1,0 +1,348 @@
+"""A persistent Triton kernel for the recurrence of the integer GRU (reference/README.md §7),
+one layer and one direction, every time step in one launch.
+
+Program (i, j) owns batch rows [i*BB, (i+1)*BB) and hidden units [j*BH, (j+1)*BH) of all three
+gates. Each step it multiplies the whole previous state of its rows by its rows of R on the int8
+matrix cores (integer_digits.py: both in balanced base-256 digits, exact int32 sums combined in
+int64), then evaluates every operator of §7 for its units in int64, exactly as §3 to §6 define
+them, and hands its part of the new state to the other programs of its batch tile as digits
+through a global double buffer and a barrier (sync.py).
+
+Values are carried zero-corrected (q - zp): §5 then reads clamp(t_1 + ... + t_J, qmin - zp,
+qmax - zp). The input projection's terms of every step come from the host (integer_gru.py).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from quant_gru.kernels.triton.integer_layout import (
+    H_DIGIT_OFFSET,
+    H_OPERAND_SHIFT,
+    RANGE_G_PRE,
+    RANGE_H,
+    RANGE_NEW,
+    RANGE_OLD,
+    RANGE_R_PRE,
+    RANGE_RB,
+    RANGE_RH,
+    RANGE_RRH,
+    RANGE_Z_PRE,
+    RH_PRE_SHIFT,
+    SHIFTS_OLD,
+    SHIFTS_RRH,
+    SHIFTS_ZG,
+    TABLE_G,
+    TABLE_R,
+    TABLE_Z,
+    TERM_G_FROM_RRH,
+    TERM_H_FROM_NEW,
+    TERM_H_FROM_OLD,
+    TERM_NEW_FROM_G,
+    TERM_NEW_FROM_ZG,
+    TERM_OLD,
+    TERM_R_FROM_RB,
+    TERM_RB_FROM_RH,
+    TERM_RRH,
+    TERM_Z_FROM_RB,
+)
+from quant_gru.kernels.triton.sync import _barrier
+
+_TERM_BITS = tl.constexpr(60)  # §4: every term saturates to [-2^60, 2^60]
+_LONGEST_SHIFT = tl.constexpr(62)  # §3: shifts of 63 or more give 0
+_SEGMENTS = tl.constexpr(512)  # §6: N
+
+
+@triton.jit
+def _rshr(v, n):
+    """§3: floor((v + 2^(n-1)) / 2^n) for n >= 1, v for n = 0, 0 for n >= 63 (|v| < 2^62)."""
+    n = n.to(tl.int64)
+    shift = tl.minimum(tl.maximum(n, 1), _LONGEST_SHIFT)
+    one = tl.full(shift.shape, 1, tl.int64)
+    rounded = (v + (one << (shift - 1))) >> shift
+    result = tl.where(n == 0, v, rounded)
+    return tl.where(n > _LONGEST_SHIFT, 0, result)
+
+
+@triton.jit
+def _term(v, m, n, p):
+    """§4: v' = rshr(v, p); t = clamp(rshr(v' * m, n), -2^60, 2^60), where n <= 0 is the
+    saturated left shift clamp(v' * m * 2^-n, -2^60, 2^60) (computed without overflow)."""
+    x = _rshr(v, p) * m
+    right = _rshr(x, tl.maximum(n, 0))
+    left = tl.minimum(tl.maximum(-n, 0), _TERM_BITS).to(tl.int64)
+    bound = tl.full(left.shape, 1, tl.int64) << _TERM_BITS
+    limit = bound >> left  # 2^(60 - left)
+    saturated = tl.minimum(tl.maximum(x, -limit), limit) << left
+    t = tl.where(n >= 0, right, saturated)
+    return tl.minimum(tl.maximum(t, -bound), bound)
+
+
+@triton.jit
+def _scalar_term(v, scalars, TERM: tl.constexpr):
+    """The term of v with the single-channel constants stored at ``TERM``."""
+    m = tl.load(scalars + TERM)
+    n = tl.load(scalars + TERM + 1)
+    p = tl.load(scalars + TERM + 2)
+    return _term(v, m, n, p)
+
+
+@triton.jit
+def _clamp(v, scalars, RANGE: tl.constexpr):
+    """§5's clamp to the operator's zero-corrected code range stored at ``RANGE``."""
+    low = tl.load(scalars + RANGE)
+    high = tl.load(scalars + RANGE + 1)
+    return tl.minimum(tl.maximum(v, low), high)
+
+
+@triton.jit
+def _activation(pre, scalars, tables, TABLE: tl.constexpr, INDEX: tl.constexpr):
+    """§6: the table at ``TABLE`` (its knots: row INDEX of ``tables``) on zero-corrected
+    pre-activations; returns zero-corrected outputs."""
+    c_lo = tl.load(scalars + TABLE)
+    k = tl.load(scalars + TABLE + 1)
+    zp_in = tl.load(scalars + TABLE + 2)
+    zp_out = tl.load(scalars + TABLE + 3)
+    knots = tables + INDEX * (_SEGMENTS + 1)
+    span = tl.full(k.shape, _SEGMENTS, tl.int64) << k
+    d = tl.minimum(tl.maximum(pre + zp_in - c_lo, 0), span)
+    j = d >> k
+    r = d - (j << k)
+    low = tl.load(knots + j)
+    high = tl.load(knots + tl.minimum(j + 1, _SEGMENTS))
+    return low + _rshr((high - low) * r, k) - zp_out
+
+
+@triton.jit
+def _product(a, c, scalars, SHIFTS: tl.constexpr):
+    """The integer a * c of a product term, from operands pre-shifted by (e_a, e_c) (§4)."""
+    shift_a = tl.load(scalars + SHIFTS)
+    shift_c = tl.load(scalars + SHIFTS + 1)
+    return _rshr(a, shift_a) * _rshr(c, shift_c)
+
+
+@triton.jit
+def _channel(ptr, gate, units, unit_ok, hidden):
+    """Gate ``gate``'s per-channel int64 constants for this program's units, as a (1, BH) row."""
+    return tl.load(ptr + gate * hidden + units, mask=unit_ok, other=0)[None, :]
+
+
+@triton.jit
+def _digit_chunk(planes, digit, rows, row_ok, k0, batch, hidden, BK: tl.constexpr):
+    """Columns [k0, k0 + BK) of this program's rows of one digit plane (B, H) of the state
+    (zeros past the batch and past H), read from L2 where the other programs stored them."""
+    ks = k0 + tl.arange(0, BK)
+    return tl.load(
+        planes + digit * batch * hidden + rows[:, None] * hidden + ks[None, :],
+        mask=row_ok[:, None] & (ks < hidden)[None, :],
+        other=0,
+        cache_modifier=".cg",
+    )
+
+
+@triton.jit
+def _weight_digits(digits_ptr, digit, gate, units, unit_ok, k0, hidden, BK: tl.constexpr):
+    """Rows [k0, k0 + BK) of one digit of R_gate^T for this program's units: (BK, BH) int8."""
+    ks = k0 + tl.arange(0, BK)
+    offsets = (digit * 3 + gate) * hidden * hidden + units[None, :] * hidden + ks[:, None]
+    return tl.load(digits_ptr + offsets, mask=(ks < hidden)[:, None] & unit_ok[None, :], other=0)
+
+
+@triton.jit
+def _recurrent_sums(
+    planes, digits_ptr, rows, row_ok, units, unit_ok, batch, hidden,
+    BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
+    H_DIGITS: tl.constexpr, R_DIGITS: tl.constexpr,
+):  # fmt: skip
+    """Σ_k R[g*H + i, k] y[b, k] for the three gates g, in int64 (modulo 2^64), from the digit
+    planes of y (the offset state) and the digits of R."""
+    if H_DIGITS * R_DIGITS == 1:
+        # One digit each: int32 sums over all of K are exact (integer_digits.MAX_PRODUCT_TERMS).
+        acc_r = tl.zeros((BB, BH), dtype=tl.int32)
+        acc_z = tl.zeros((BB, BH), dtype=tl.int32)
+        acc_n = tl.zeros((BB, BH), dtype=tl.int32)
+        for k0 in range(0, hidden, BK):
+            y = _digit_chunk(planes, 0, rows, row_ok, k0, batch, hidden, BK)
+            w_r = _weight_digits(digits_ptr, 0, 0, units, unit_ok, k0, hidden, BK)
+            w_z = _weight_digits(digits_ptr, 0, 1, units, unit_ok, k0, hidden, BK)
+            w_n = _weight_digits(digits_ptr, 0, 2, units, unit_ok, k0, hidden, BK)
+            acc_r = tl.dot(y, w_r, acc_r)
+            acc_z = tl.dot(y, w_z, acc_z)
+            acc_n = tl.dot(y, w_n, acc_n)
+        sum_r = acc_r.to(tl.int64)
+        sum_z = acc_z.to(tl.int64)
+        sum_n = acc_n.to(tl.int64)
+    else:
+        # Several digits: each chunk's digit products are exact in int32 and weighted by
+        # 256^(i + j) in int64.
+        sum_r = tl.zeros((BB, BH), dtype=tl.int64)
+        sum_z = tl.zeros((BB, BH), dtype=tl.int64)
+        sum_n = tl.zeros((BB, BH), dtype=tl.int64)
+        for k0 in range(0, hidden, BK):
+            for i in tl.static_range(H_DIGITS):
+                y = _digit_chunk(planes, i, rows, row_ok, k0, batch, hidden, BK)
+                for j in tl.static_range(R_DIGITS):
+                    w_r = _weight_digits(digits_ptr, j, 0, units, unit_ok, k0, hidden, BK)
+                    w_z = _weight_digits(digits_ptr, j, 1, units, unit_ok, k0, hidden, BK)
+                    w_n = _weight_digits(digits_ptr, j, 2, units, unit_ok, k0, hidden, BK)
+                    sum_r += tl.dot(y, w_r, out_dtype=tl.int32).to(tl.int64) << (8 * (i + j))
+                    sum_z += tl.dot(y, w_z, out_dtype=tl.int32).to(tl.int64) << (8 * (i + j))
+                    sum_n += tl.dot(y, w_n, out_dtype=tl.int32).to(tl.int64) << (8 * (i + j))
+    return sum_r, sum_z, sum_n
+
+
+@triton.jit
+def _store_digits(planes, own_offsets, own, h, scalars, batch, hidden, H_DIGITS: tl.constexpr):
+    """Store this program's part of the state as the digits of rshr(h, e_c) - o (§4's operand
+    shift of matmul.Rh, then integer_digits' offset), one (B, H) int8 plane each."""
+    y = _rshr(h, tl.load(scalars + H_OPERAND_SHIFT)) - tl.load(scalars + H_DIGIT_OFFSET)
+    for i in tl.static_range(H_DIGITS):
+        digit = ((y + 128) & 255) - 128
+        tl.store(planes + i * batch * hidden + own_offsets, digit.to(tl.int8), mask=own)
+        y = (y - digit) >> 8
+
+
+@triton.jit
+def _integer_gru_kernel(
+    wx_ptr,  # (T, B, 3H) int64: the terms of gate.{r,z,g}_pre that come from matmul.Wx
+    digits_ptr,  # (R_DIGITS, 3H, H) int8: R (operand-shifted) in digits
+    correction_ptr,  # (3H,) int64: o * rowsum(R) modulo 2^64 (integer_digits)
+    rh_m_ptr,  # (3H,) int64: matmul.Rh's multiplier per channel
+    rh_n_ptr,  # (3H,) int64: and its shift
+    rb_bias_ptr,  # (3H,) int64: op.Rh_add_br's term of weight.br
+    scalars,  # (integer_layout.SCALARS,) int64
+    tables,  # (3, 513) int64: the knots of gate.r_out, gate.z_out, gate.g_out
+    h0_ptr,  # (B, H) int64, zero-corrected
+    lengths_ptr,  # (B,) int32
+    out_ptr,  # (T, B, H) int64: zero-corrected outputs, 0 at padded steps
+    h_n_ptr,  # (B, H) int64
+    trace_ptr,  # (T, B, 15H) int64 (TRACE only; integer_layout.TRACE_BLOCKS)
+    exchange_ptr,  # (2, H_DIGITS, B, H) int8: the state's digits, double-buffered
+    counter_ptr,  # (number of batch tiles,) int32, zeros
+    steps,
+    batch,
+    hidden,
+    row_start,  # this launch's rows: [row_start, row_end)
+    row_end,
+    REVERSE: tl.constexpr,
+    BB: tl.constexpr,
+    BH: tl.constexpr,
+    BK: tl.constexpr,
+    H_DIGITS: tl.constexpr,
+    R_DIGITS: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr,
+    TRACE: tl.constexpr,
+):
+    rows = row_start + tl.program_id(0) * BB + tl.arange(0, BB)
+    units = tl.program_id(1) * BH + tl.arange(0, BH)
+    row_ok = rows < row_end
+    unit_ok = units < hidden
+    own = row_ok[:, None] & unit_ok[None, :]
+    own_offsets = rows[:, None] * hidden + units[None, :]
+    hidden_tiles = tl.num_programs(1)
+    counter = counter_ptr + tl.program_id(0)
+    plane_set = H_DIGITS * batch * hidden
+
+    if HAS_LENGTHS:
+        length = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
+    else:
+        length = tl.zeros((BB,), dtype=tl.int32) + steps
+    h = tl.load(h0_ptr + own_offsets, mask=own, other=0)
+    _store_digits(exchange_ptr, own_offsets, own, h, scalars, batch, hidden, H_DIGITS)
+    _barrier(counter, hidden_tiles)
+
+    correction_r = _channel(correction_ptr, 0, units, unit_ok, hidden)
+    correction_z = _channel(correction_ptr, 1, units, unit_ok, hidden)
+    correction_n = _channel(correction_ptr, 2, units, unit_ok, hidden)
+    rh_p = tl.load(scalars + RH_PRE_SHIFT)
+
+    for step in range(steps):
+        t = steps - 1 - step if REVERSE else step
+        planes = exchange_ptr + (step % 2) * plane_set
+        sum_r, sum_z, sum_n = _recurrent_sums(
+            planes, digits_ptr, rows, row_ok, units, unit_ok, batch, hidden,
+            BB, BH, BK, H_DIGITS, R_DIGITS,
+        )  # fmt: skip
+
+        # matmul.Rh and op.Rh_add_br, per gate (per-channel constants).
+        rh_r = _term(
+            sum_r + correction_r,
+            _channel(rh_m_ptr, 0, units, unit_ok, hidden),
+            _channel(rh_n_ptr, 0, units, unit_ok, hidden),
+            rh_p,
+        )
+        rh_z = _term(
+            sum_z + correction_z,
+            _channel(rh_m_ptr, 1, units, unit_ok, hidden),
+            _channel(rh_n_ptr, 1, units, unit_ok, hidden),
+            rh_p,
+        )
+        rh_n = _term(
+            sum_n + correction_n,
+            _channel(rh_m_ptr, 2, units, unit_ok, hidden),
+            _channel(rh_n_ptr, 2, units, unit_ok, hidden),
+            rh_p,
+        )
+        rh_r = _clamp(rh_r, scalars, RANGE_RH)
+        rh_z = _clamp(rh_z, scalars, RANGE_RH)
+        rh_n = _clamp(rh_n, scalars, RANGE_RH)
+        rb_r = _scalar_term(rh_r, scalars, TERM_RB_FROM_RH)
+        rb_z = _scalar_term(rh_z, scalars, TERM_RB_FROM_RH)
+        rb_n = _scalar_term(rh_n, scalars, TERM_RB_FROM_RH)
+        rb_r = _clamp(rb_r + _channel(rb_bias_ptr, 0, units, unit_ok, hidden), scalars, RANGE_RB)
+        rb_z = _clamp(rb_z + _channel(rb_bias_ptr, 1, units, unit_ok, hidden), scalars, RANGE_RB)
+        rb_n = _clamp(rb_n + _channel(rb_bias_ptr, 2, units, unit_ok, hidden), scalars, RANGE_RB)
+
+        # The gates.
+        wx = wx_ptr + t * batch * 3 * hidden + rows[:, None] * (3 * hidden) + units[None, :]
+        r_pre = tl.load(wx, mask=own, other=0) + _scalar_term(rb_r, scalars, TERM_R_FROM_RB)
+        z_pre = tl.load(wx + hidden, mask=own, other=0)
+        z_pre += _scalar_term(rb_z, scalars, TERM_Z_FROM_RB)
+        r_pre = _clamp(r_pre, scalars, RANGE_R_PRE)
+        z_pre = _clamp(z_pre, scalars, RANGE_Z_PRE)
+        r = _activation(r_pre, scalars, tables, TABLE_R, 0)
+        z = _activation(z_pre, scalars, tables, TABLE_Z, 1)
+        rrh = _scalar_term(_product(r, rb_n, scalars, SHIFTS_RRH), scalars, TERM_RRH)
+        rrh = _clamp(rrh, scalars, RANGE_RRH)
+        g_pre = tl.load(wx + 2 * hidden, mask=own, other=0)
+        g_pre = _clamp(g_pre + _scalar_term(rrh, scalars, TERM_G_FROM_RRH), scalars, RANGE_G_PRE)
+        g = _activation(g_pre, scalars, tables, TABLE_G, 2)
+
+        # The new state: old = z * h, new = g - z * g, h' = old + new.
+        old = _scalar_term(_product(z, h, scalars, SHIFTS_OLD), scalars, TERM_OLD)
+        old = _clamp(old, scalars, RANGE_OLD)
+        new = _scalar_term(g, scalars, TERM_NEW_FROM_G)
+        new += _scalar_term(-_product(z, g, scalars, SHIFTS_ZG), scalars, TERM_NEW_FROM_ZG)
+        new = _clamp(new, scalars, RANGE_NEW)
+        h_new = _scalar_term(old, scalars, TERM_H_FROM_OLD)
+        h_new = _clamp(h_new + _scalar_term(new, scalars, TERM_H_FROM_NEW), scalars, RANGE_H)
+
+        active = (t < length)[:, None]
+        out = out_ptr + t * batch * hidden + own_offsets
+        tl.store(out, tl.where(active, h_new, 0), mask=own)
+        if TRACE:
+            row = trace_ptr + t * batch * 15 * hidden + rows[:, None] * (15 * hidden)
+            row += units[None, :]
+            tl.store(row, rh_r, mask=own)
+            tl.store(row + hidden, rh_z, mask=own)
+            tl.store(row + 2 * hidden, rh_n, mask=own)
+            tl.store(row + 3 * hidden, rb_r, mask=own)
+            tl.store(row + 4 * hidden, rb_z, mask=own)
+            tl.store(row + 5 * hidden, rb_n, mask=own)
+            tl.store(row + 6 * hidden, r_pre, mask=own)
+            tl.store(row + 7 * hidden, z_pre, mask=own)
+            tl.store(row + 8 * hidden, r, mask=own)
+            tl.store(row + 9 * hidden, z, mask=own)
+            tl.store(row + 10 * hidden, rrh, mask=own)
+            tl.store(row + 11 * hidden, g_pre, mask=own)
+            tl.store(row + 12 * hidden, g, mask=own)
+            tl.store(row + 13 * hidden, old, mask=own)
+            tl.store(row + 14 * hidden, new, mask=own)
+        h = tl.where(active, h_new, h)
+
+        next_planes = exchange_ptr + ((step + 1) % 2) * plane_set
+        _store_digits(next_planes, own_offsets, own, h, scalars, batch, hidden, H_DIGITS)
+        _barrier(counter, hidden_tiles * (step + 2))
+
+    tl.store(h_n_ptr + own_offsets, h, mask=own)

@@ -1,0 +1,164 @@
+"""The Triton kernel of the integer GRU (kernels/triton/integer_kernel.py) against the integer
+reference: every code of every operator at every step identical (the bit-exact rung).
+
+Without a GPU the kernel runs under TRITON_INTERPRET=1 (one hidden tile a batch tile:
+interpreted programs run one after another, so they cannot meet at a barrier); on a GPU the
+grid of several hidden tiles with its barrier runs too.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from quant_gru.config import OPERATORS, WEIGHT_OPERATORS, GRUQuantConfig
+from quant_gru.kernels.torch.quantized_forward import initial_codes, input_codes
+from quant_gru.reference import integer_gru
+from test_bit_exact import assert_same_run, cases, run_both
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # read when the kernel module is first imported
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+from quant_gru.kernels.triton import integer_gru as integer_host  # noqa: E402
+from quant_gru.kernels.triton.integer_digits import (  # noqa: E402
+    MAX_PRODUCT_TERMS,
+    digit_offset,
+    digits_for_span,
+    digits_for_values,
+    split_digits,
+    wrap_int64,
+)
+from quant_gru.kernels.triton.integer_gru import triton_integer_gru  # noqa: E402
+
+
+def uniform_config(width: int, symmetric: bool, unsigned: bool, scale_type: str) -> GRUQuantConfig:
+    operators = {}
+    for name in OPERATORS:
+        entry: dict = {"bitwidth": width}
+        if name in WEIGHT_OPERATORS:
+            entry.update(is_symmetric=True, is_unsigned=False, granularity="per_channel")
+        else:
+            entry.update(is_symmetric=symmetric, is_unsigned=unsigned)
+        operators[name] = entry
+    return GRUQuantConfig.from_dict(
+        {"GRU_config": {"default_config": {"scale_type": scale_type}, "operator_config": operators}}
+    )
+
+
+def case_with(config: GRUQuantConfig, **overrides: object) -> dict:
+    case = {
+        "config": config,
+        "input_size": 5,
+        "hidden_size": 6,
+        "num_layers": 1,
+        "bidirectional": False,
+        "bias": True,
+        "batch": 3,
+        "steps": 4,
+        "lengths": None,
+        "with_hx": True,
+        "input_scale": 1.0,
+        "seed": 0,
+    }
+    case.update(overrides)
+    return case
+
+
+@settings(
+    max_examples=int(os.environ.get("INTEGER_KERNEL_EXAMPLES", "25")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(case=cases())
+def test_kernel_codes_equal_reference(case: dict) -> None:
+    """Widths 1..32, symmetry, signedness, granularity, scale type, layers, directions,
+    lengths and initial states drawn at random."""
+    _, _, _, _, _, expected, actual = run_both(case, DEVICE, triton_integer_gru)
+    assert_same_run(actual, expected)
+
+
+@pytest.mark.parametrize(
+    ("width", "symmetric", "unsigned", "scale_type"),
+    [(8, False, False, "float"), (8, True, True, "pot"), (16, False, True, "float"),
+     (32, False, False, "float"), (4, True, False, "pot")],
+)  # fmt: skip
+def test_uniform_widths(width: int, symmetric: bool, unsigned: bool, scale_type: str) -> None:
+    """Every operator at one width: 8 bits (one digit a value: one int8 product a gate), 16
+    and 32 (several digits), 4; both directions of two layers with lengths."""
+    config = uniform_config(width, symmetric, unsigned, scale_type)
+    case = case_with(
+        config, num_layers=2, bidirectional=True, lengths=[4, 1, 3], input_scale=30.0, seed=width
+    )
+    _, _, _, _, _, expected, actual = run_both(case, DEVICE, triton_integer_gru)
+    assert_same_run(actual, expected)
+
+
+def test_chunks_of_the_state_and_several_batch_tiles() -> None:
+    """H = 70: the recurrent product over two chunks of K (and padding past H); 20 rows: two
+    batch tiles, one of them partly past the batch."""
+    case = case_with(uniform_config(8, False, False, "float"), hidden_size=70, batch=20, steps=3)
+    _, _, _, _, _, expected, actual = run_both(case, DEVICE, triton_integer_gru)
+    assert_same_run(actual, expected)
+
+
+def test_batch_split_over_launches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """More batch rows than one launch takes: each launch its own rows, same codes."""
+    real = integer_host._tiles
+
+    def small_launches(batch: int, hidden: int, device: torch.device) -> tuple[int, int, int]:
+        rows, units, _ = real(batch, hidden, device)
+        return rows, units, rows
+
+    monkeypatch.setattr(integer_host, "_tiles", small_launches)
+    case = case_with(uniform_config(8, False, True, "float"), batch=35, lengths=None, steps=3)
+    case["lengths"] = [1 + i % 3 for i in range(35)]
+    _, _, _, _, _, expected, actual = run_both(case, DEVICE, triton_integer_gru)
+    assert_same_run(actual, expected)
+
+
+def test_no_steps_or_no_rows() -> None:
+    """Empty outputs, and h_n = h0 (no step) or empty (no rows), as the reference gives."""
+    case = case_with(uniform_config(8, False, False, "float"), num_layers=2, bidirectional=True)
+    _, x, hx, _, programs, _, _ = run_both(case, DEVICE, triton_integer_gru)
+    x_codes, h0_codes = input_codes(x, programs), initial_codes(hx, programs, x)
+    for xs, hs in ((x_codes[:0], h0_codes), (x_codes[:, :0], h0_codes[:, :0])):
+        expected = integer_gru(programs, xs, hs, None, 2, True, trace=True)
+        actual = triton_integer_gru(programs, xs.to(DEVICE), hs.to(DEVICE), None, 2, True, True)
+        assert_same_run(actual, expected)
+
+
+@given(low=st.integers(-(2**40), 2**40), span=st.integers(0, 2**33))
+def test_offset_digits_write_every_value_of_the_range(low: int, span: int) -> None:
+    high = low + span
+    digits = digits_for_span(low, high)
+    offset = digit_offset(low, digits)
+    values = torch.tensor([low, high, low + span // 2], dtype=torch.int64)
+    parts = split_digits(values - offset, digits)
+    assert parts.dtype == torch.int8
+    rebuilt = sum(parts[i].to(torch.int64) << (8 * i) for i in range(digits))
+    assert torch.equal(rebuilt + offset, values)
+    assert digits == 1 or span >= 256 ** (digits - 1)  # the fewest
+
+
+def test_digit_counts() -> None:
+    assert digits_for_span(-128, 127) == 1  # any 8-bit code range
+    assert digits_for_span(0, 255) == 1
+    assert digits_for_span(-255, 255) == 2  # an 8-bit zero-corrected range
+    assert digits_for_values(-128, 127) == 1
+    assert digits_for_values(0, 128) == 2
+    # Without an offset four digits reach 127 * (2^32 - 1) / 255 < 2^31 - 1: a fifth.
+    assert digits_for_values(-(2**31), 2**31 - 1) == 5
+    assert digits_for_values(-(2**30), 2**30) == 4
+    with pytest.raises(ValueError, match="more than 1 digits"):
+        split_digits(torch.tensor([128]), 1)
+    assert wrap_int64(2**63) == -(2**63)
+    assert wrap_int64(-1 - 2**64) == -1
+    assert MAX_PRODUCT_TERMS * 2**14 < 2**31 <= (MAX_PRODUCT_TERMS + 1) * 2**14
