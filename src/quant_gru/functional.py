@@ -7,6 +7,7 @@ came, so code written against nn.GRU catches the same exceptions.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 
 import torch
@@ -83,11 +84,17 @@ def quantized_gru(
     model: QuantizedModel,
     dropout: float = 0.0,
     training: bool = False,
+    backend: str = "auto",
 ) -> tuple[Tensor | PackedSequence, Tensor]:
     """The integer GRU of reference/README.md, dequantized; differentiable (straight-through)
-    when autograd records."""
+    when autograd records. `backend` picks the realization of the integer recurrence: the
+    Triton kernel or plain PyTorch (kernels/backend.py); both give the same codes."""
     _check_weight_count(weights, shape)
     x, h0, lengths, layout = _validated_time_major(input, hx, weights[0][0], shape)
+    if backend_choice(backend, x) == "triton":
+        from quant_gru.kernels.triton.integer_gru import triton_integer_gru
+
+        model = dataclasses.replace(model, realization=triton_integer_gru)
     out, h_n = quantized_forward(x, h0, lengths, weights, shape, model, dropout, training)
     return (
         sequence.output_from_time_major(out, layout),

@@ -248,7 +248,7 @@ class QuantGRU(nn.Module):
         if self.use_quantization and not self.quant_config.disable_quantization:
             model = self._quantized_model()
             return functional.quantized_gru(
-                input, hx, weights, shape, model, self.dropout, self.training
+                input, hx, weights, shape, model, self.dropout, self.training, self._backend
             )
         return functional.gru(
             input, hx, weights, shape, self.dropout, self.training, backend=self._backend
@@ -256,10 +256,10 @@ class QuantGRU(nn.Module):
 
     @property
     def backend(self) -> str:
-        """Which realization runs the float forward: 'auto' (default: the persistent Triton
-        kernels on CUDA where they apply, plain PyTorch otherwise; the environment variable
-        QUANT_GRU_BACKEND overrides 'auto'), 'triton' (insist; RuntimeError saying why not)
-        or 'torch'."""
+        """Which realization runs the float forward and the integer model's recurrence:
+        'auto' (default: the persistent Triton kernels on CUDA where they apply, plain PyTorch
+        otherwise; the environment variable QUANT_GRU_BACKEND overrides 'auto'), 'triton'
+        (insist; RuntimeError saying why not) or 'torch'. Both give the same integer codes."""
         return self._backend
 
     @backend.setter

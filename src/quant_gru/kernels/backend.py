@@ -1,4 +1,4 @@
-"""Which realization runs a float forward: the persistent Triton kernels or plain PyTorch.
+"""Which realization runs a float forward and the integer recurrence: Triton kernels or PyTorch.
 
 ``'auto'`` takes Triton for float32, bfloat16 and float16 inputs on a CUDA device when triton
 is installed, PyTorch otherwise. ``'triton'`` insists and raises ``RuntimeError`` saying why
