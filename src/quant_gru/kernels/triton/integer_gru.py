@@ -1,17 +1,14 @@
 """The integer GRU of reference/README.md with its recurrence on the Triton kernel
 (integer_kernel.py): the contract of kernels/torch/quant_gru.quantized_gru.
 
-Outside the time loop, in plain PyTorch on the inputs' device: the layer input (§8), the input
-projection matmul.Wx and the terms of the gate pre-activations that come from it (§7), for
-every step at once. The kernel runs the recurrence; this module also derives its constants
-from each DirectionProgram (the layout of integer_layout.py, R in the digits of
-integer_digits.py).
+Outside the time loop, in plain PyTorch on the inputs' device: the layer input (§8) and the
+input projection matmul.Wx (§7) of every step at once. The kernel runs the recurrence, with the
+constants integer_constants.py derives from each DirectionProgram.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import triton
@@ -24,156 +21,51 @@ from quant_gru.kernels.torch.quant_gru import (
     rounding_right_shift,
 )
 from quant_gru.kernels.triton import integer_layout as layout
-from quant_gru.kernels.triton.integer_digits import (
-    MAX_PRODUCT_TERMS,
-    digit_offset,
-    digits_for_span,
-    digits_for_values,
-    split_digits,
-    wrap_int64,
+from quant_gru.kernels.triton.integer_constants import (
+    KernelConstants,
+    kernel_constants,
+    shifted,
+    zero_corrected_range,
 )
 from quant_gru.kernels.triton.integer_kernel import _integer_gru_kernel
 from quant_gru.kernels.triton.plans import interpreted
 from quant_gru.quantize.program import ACTIVATION_OPERATORS, ActivationFormat, DirectionProgram
-from quant_gru.quantize.requant import Term, ceil_log2
+from quant_gru.quantize.requant import ceil_log2
 
 __all__ = ["triton_integer_gru"]
 
 _TILE_ROWS = 16  # tl.dot's smallest tile
 _TILE_UNITS = 16
 _CHUNK = 64  # K chunk of the recurrent product
+# Codes of matmul.Wx go to the kernel in the narrowest of these that holds their range.
+_CODE_TYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 
 
-@dataclass(frozen=True)
-class _KernelConstants:
-    """What the kernel reads besides the step inputs, for one (layer, direction)."""
-
-    digits: Tensor  # (r_digits, 3H, H) int8: R, operand-shifted, in digits
-    correction: Tensor  # (3H,) int64: o * rowsum(R) modulo 2^64
-    rh_m: Tensor  # (3H,) int64
-    rh_n: Tensor  # (3H,) int64
-    rb_bias: Tensor  # (3H,) int64: op.Rh_add_br's term of weight.br
-    scalars: Tensor  # (layout.SCALARS,) int64
-    tables: Tensor  # (3, 513) int64
-    h_digits: int
-    r_digits: int
+def _code_type(fmt: ActivationFormat) -> torch.dtype:
+    for dtype in _CODE_TYPES:
+        info = torch.iinfo(dtype)
+        if info.min <= fmt.qmin and fmt.qmax <= info.max:
+            return dtype
+    raise ValueError(f"codes in [{fmt.qmin}, {fmt.qmax}] do not fit 64 bits")
 
 
-def _range(fmt: ActivationFormat) -> tuple[int, int]:
-    """§5's clamp bounds on zero-corrected values."""
-    return fmt.qmin - fmt.zero_point, fmt.qmax - fmt.zero_point
-
-
-def _shifted(value: int, shift: int) -> int:
-    """rshr of §3 on one integer (monotone: bounds shift to bounds)."""
-    return value if shift == 0 else (value + (1 << (shift - 1))) >> shift
-
-
-def _channels(values: Tensor, width: int) -> Tensor:
-    """A term's per-channel constant (1 or ``width`` values) as ``width`` int64 values."""
-    return values.to(torch.int64).cpu().expand(width).contiguous()
-
-
-def kernel_constants(program: DirectionProgram, device: torch.device) -> _KernelConstants:
-    """The kernel's constants for ``program`` (integer_layout.py), on ``device``."""
-    fmt, terms, hidden = program.formats, program.terms, program.hidden_size
-    rows = 3 * hidden
-    scalars = [0] * layout.SCALARS
-
-    def put(where: object, *values: int) -> None:
-        start = int(where.value)  # type: ignore[attr-defined]  # a tl.constexpr
-        scalars[start : start + len(values)] = values
-
-    def put_term(where: object, term: Term) -> None:
-        if term.m.numel() != 1:
-            raise ValueError(f"a single-channel term was expected, got {term.m.numel()} channels")
-        put(where, int(term.m.item()), int(term.n.item()), term.pre_shift)
-
-    (rh_dot,) = terms["matmul.Rh"]
-    weight_shift, h_shift = rh_dot.operand_shifts
-    weight = rounding_right_shift(program.weight_R.cpu().to(torch.int64), weight_shift)
-    r_digits = digits_for_values(int(weight.min()), int(weight.max())) if weight.numel() else 1
-    h_low, h_high = (_shifted(v, h_shift) for v in _range(fmt["output.h"]))
-    h_digits = digits_for_span(h_low, h_high)
-    if hidden * min(h_digits, r_digits) > MAX_PRODUCT_TERMS:
-        raise ValueError(
-            f"hidden_size {hidden} is too large for exact int32 sums of "
-            f"{min(h_digits, r_digits)}-digit products (at most {MAX_PRODUCT_TERMS})"
-        )
-    offset = digit_offset(h_low, h_digits)
-    correction = [wrap_int64(offset * int(s)) for s in weight.sum(dim=1).tolist()]
-    put(layout.RH_PRE_SHIFT, rh_dot.pre_shift)
-    put(layout.H_OPERAND_SHIFT, h_shift)
-    put(layout.H_DIGIT_OFFSET, offset)
-
-    rb_term, br_term = terms["op.Rh_add_br"]
-    put_term(layout.TERM_RB_FROM_RH, rb_term)
-    rb_bias = apply_term(program.bias_r.cpu().to(torch.int64), br_term)
-    put_term(layout.TERM_R_FROM_RB, terms["gate.r_pre"][1])
-    put_term(layout.TERM_Z_FROM_RB, terms["gate.z_pre"][1])
-    (rrh_term,) = terms["op.rRh"]
-    put_term(layout.TERM_RRH, rrh_term)
-    put_term(layout.TERM_G_FROM_RRH, terms["gate.g_pre"][1])
-    (old_term,) = terms["op.old_contrib"]
-    put_term(layout.TERM_OLD, old_term)
-    new_g, new_zg = terms["op.new_contrib"]
-    put_term(layout.TERM_NEW_FROM_G, new_g)
-    put_term(layout.TERM_NEW_FROM_ZG, new_zg)
-    h_old, h_new = terms["output.h"]
-    put_term(layout.TERM_H_FROM_OLD, h_old)
-    put_term(layout.TERM_H_FROM_NEW, h_new)
-    for name, where in layout.RANGES.items():
-        put(where, *_range(fmt[name]))
-    for name, term in (("op.rRh", rrh_term), ("op.old_contrib", old_term)):
-        put(layout.PRODUCT_SHIFTS[name], *term.operand_shifts)
-    put(layout.PRODUCT_SHIFTS["op.new_contrib"], *new_zg.operand_shifts)
-    sources = {"gate.r_out": "gate.r_pre", "gate.z_out": "gate.z_pre", "gate.g_out": "gate.g_pre"}
-    for name, where in layout.TABLES.items():
-        table = program.tables[name]
-        put(where, table.c_lo, table.k, fmt[sources[name]].zero_point, fmt[name].zero_point)
-
-    def on_device(values: Tensor | list[int]) -> Tensor:
-        return torch.as_tensor(values, dtype=torch.int64).to(device).contiguous()
-
-    return _KernelConstants(
-        digits=split_digits(weight, r_digits).view(r_digits, rows, hidden).to(device),
-        correction=on_device(correction),
-        rh_m=on_device(_channels(rh_dot.m, rows)),
-        rh_n=on_device(_channels(rh_dot.n, rows)),
-        rb_bias=on_device(rb_bias.expand(rows)),
-        scalars=on_device(scalars),
-        tables=on_device(torch.stack([program.tables[name].y.cpu() for name in layout.TABLES])),
-        h_digits=h_digits,
-        r_digits=r_digits,
-    )
-
-
-def _magnitude_bits(low: int, high: int) -> int:
-    """B with |v| <= 2^B for every v in [low, high]."""
-    return max(abs(low), abs(high)).bit_length()
-
-
-def gate_inputs(program: DirectionProgram, x: Tensor) -> tuple[Tensor, Tensor]:
-    """matmul.Wx (zero-corrected, (T, B, 3H)) of zero-corrected input.x values ``x``, and the
-    terms of gate.r_pre, gate.z_pre and gate.g_pre that come from it, side by side (§7)."""
-    fmt, terms, hidden = program.formats, program.terms, program.hidden_size
-    dot, bias = terms["matmul.Wx"]
+def input_projection(program: DirectionProgram, x: Tensor) -> Tensor:
+    """matmul.Wx's codes (T, B, 3H) of zero-corrected input.x values ``x`` (§7), in the
+    narrowest integer type that holds them."""
+    fmt = program.formats
+    dot, bias = program.terms["matmul.Wx"]
     weight_shift, x_shift = dot.operand_shifts
     weight = rounding_right_shift(program.weight_W.to(x.device, torch.int64), weight_shift)
     operand = rounding_right_shift(x, x_shift)
-    x_bits = _magnitude_bits(*(_shifted(v, x_shift) for v in _range(fmt["input.x"])))
+    x_bits = max(abs(shifted(v, x_shift)) for v in zero_corrected_range(fmt["input.x"]))
+    x_bits = x_bits.bit_length()
     weight_bits = int(weight.abs().max()).bit_length() if weight.numel() else 0
     bound = x_bits + weight_bits + ceil_log2(program.input_size)
     products = exact_int_matmul(operand, weight.t(), bound, (x_bits, weight_bits))
     biases = apply_term(program.bias_w.to(x.device, torch.int64), bias)
-    low, high = _range(fmt["matmul.Wx"])
-    wx = (apply_term(products, dot) + biases).clamp(low, high)
-    gates = [("gate.r_pre", 0), ("gate.z_pre", 1), ("gate.g_pre", 2)]
-    terms_from_wx = [
-        apply_term(wx[..., g * hidden : (g + 1) * hidden].contiguous(), terms[name][0])
-        for name, g in gates
-    ]
-    return wx, torch.cat(terms_from_wx, dim=-1).contiguous()
+    wx = fmt["matmul.Wx"]
+    codes = (apply_term(products, dot) + biases + wx.zero_point).clamp(wx.qmin, wx.qmax)
+    return codes.to(_code_type(wx))
 
 
 def _programs_on_device(device: torch.device) -> int | None:
@@ -200,19 +92,20 @@ def _tiles(batch: int, hidden: int, device: torch.device) -> tuple[int, int, int
 
 def run_direction(
     program: DirectionProgram,
-    constants: _KernelConstants,
-    gate_terms: Tensor,
+    constants: KernelConstants,
+    wx_codes: Tensor,
     h0: Tensor,
     lengths: Tensor | None,
     reverse: bool,
     trace: bool,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """The recurrence over ``gate_terms`` (T, B, 3H, contiguous) from the zero-corrected
-    state ``h0`` (B, H): zero-corrected outputs (T, B, H; 0 at padded steps), the final
-    state and, with ``trace``, the kernel's trace (T, B, 15H; integer_layout.TRACE_BLOCKS)."""
-    steps, batch, _ = gate_terms.shape
+    """The recurrence over matmul.Wx's codes ``wx_codes`` (T, B, 3H, contiguous) from the
+    zero-corrected state ``h0`` (B, H): zero-corrected outputs (T, B, H; 0 at padded steps),
+    the final state and, with ``trace``, the kernel's trace (T, B, 15H;
+    integer_layout.TRACE_BLOCKS)."""
+    steps, batch, _ = wx_codes.shape
     hidden = program.hidden_size
-    device = gate_terms.device
+    device = wx_codes.device
     out = torch.zeros(steps, batch, hidden, dtype=torch.int64, device=device)
     traced = (
         torch.zeros(steps, batch, layout.TRACE_WIDTH * hidden, dtype=torch.int64, device=device)
@@ -230,13 +123,13 @@ def run_direction(
         grid = (triton.cdiv(end - start, rows), triton.cdiv(hidden, units))
         counters = torch.zeros(grid[0], dtype=torch.int32, device=device)
         _integer_gru_kernel[grid](
-            gate_terms, constants.digits, constants.correction, constants.rh_m, constants.rh_n,
-            constants.rb_bias, constants.scalars, constants.tables, h_n, lengths32, out, h_n,
+            wx_codes, constants.digits, constants.rh, constants.rb_bias, constants.scalars,
+            constants.tables, h_n, lengths32, out, h_n,
             out if traced is None else traced, exchange, counters, steps, batch, hidden,
             start, end,
             REVERSE=reverse, BB=rows, BH=units, BK=min(_CHUNK, units),
             H_DIGITS=constants.h_digits, R_DIGITS=constants.r_digits,
-            HAS_LENGTHS=lengths is not None, TRACE=traced is not None,
+            HAS_LENGTHS=lengths is not None, TRACE=traced is not None, NARROW=constants.narrow,
         )  # fmt: skip
     return out, h_n, traced
 
@@ -249,10 +142,11 @@ def _trace_codes(
     out: Tensor,
     active: Tensor | None,
 ) -> dict[str, Tensor]:
-    """Every operator's codes by step (the zero point at padded steps), from zero-corrected
-    values: the layer input, matmul.Wx, the kernel's trace and the outputs."""
+    """Every operator's codes by step (the zero point at padded steps): from the layer input
+    ``x`` (zero-corrected), matmul.Wx's codes, the kernel's trace and the outputs."""
     fmt, hidden = program.formats, program.hidden_size
-    values = {"input.x": x, "matmul.Wx": wx, "output.h": out}
+    values = {"input.x": x, "matmul.Wx": wx.to(torch.int64) - fmt["matmul.Wx"].zero_point}
+    values["output.h"] = out
     start = 0
     for name, width in layout.TRACE_BLOCKS:
         values[name] = traced[..., start * hidden : (start + width) * hidden]
@@ -301,9 +195,9 @@ def triton_integer_gru(
             else:
                 x = _layer_input(program, below)
             h_zero = program.formats["output.h"].zero_point
-            wx, gate_terms = gate_inputs(program, x)
+            wx = input_projection(program, x)
             out, h_n, traced = run_direction(
-                program, constants[index], gate_terms, h0_codes[index] - h_zero, lengths,
+                program, constants[index], wx, h0_codes[index] - h_zero, lengths,
                 direction == 1, trace,
             )  # fmt: skip
             outputs.append(out)
@@ -322,7 +216,7 @@ def triton_integer_gru(
 def _layer_input(program: DirectionProgram, below: Sequence[Tensor]) -> Tensor:
     """Zero-corrected input.x values of a layer above the first from the zero-corrected
     outputs of each direction of the layer below (§8: one term each)."""
-    low, high = _range(program.formats["input.x"])
+    low, high = zero_corrected_range(program.formats["input.x"])
     blocks = [
         apply_term(out, term).clamp(low, high)
         for term, out in zip(program.terms["input.x"], below, strict=True)

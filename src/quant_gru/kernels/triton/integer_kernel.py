@@ -37,15 +37,19 @@ from quant_gru.kernels.triton.integer_layout import (
     TABLE_R,
     TABLE_Z,
     TERM_G_FROM_RRH,
+    TERM_G_FROM_WX,
     TERM_H_FROM_NEW,
     TERM_H_FROM_OLD,
     TERM_NEW_FROM_G,
     TERM_NEW_FROM_ZG,
     TERM_OLD,
     TERM_R_FROM_RB,
+    TERM_R_FROM_WX,
     TERM_RB_FROM_RH,
     TERM_RRH,
     TERM_Z_FROM_RB,
+    TERM_Z_FROM_WX,
+    WX_ZERO_POINT,
 )
 from quant_gru.kernels.triton.sync import _barrier
 
@@ -66,38 +70,55 @@ def _rshr(v, n):
 
 
 @triton.jit
-def _term(v, m, n, p):
+def _term(v, m, n, p, NARROW: tl.constexpr):
     """§4: v' = rshr(v, p); t = clamp(rshr(v' * m, n), -2^60, 2^60), where n <= 0 is the
-    saturated left shift clamp(v' * m * 2^-n, -2^60, 2^60) (computed without overflow)."""
-    x = _rshr(v, p) * m
-    right = _rshr(x, tl.maximum(n, 0))
-    left = tl.minimum(tl.maximum(-n, 0), _TERM_BITS).to(tl.int64)
-    bound = tl.full(left.shape, 1, tl.int64) << _TERM_BITS
-    limit = bound >> left  # 2^(60 - left)
-    saturated = tl.minimum(tl.maximum(x, -limit), limit) << left
-    t = tl.where(n >= 0, right, saturated)
-    return tl.minimum(tl.maximum(t, -bound), bound)
+    saturated left shift clamp(v' * m * 2^-n, -2^60, 2^60) (computed without overflow).
+    NARROW: v is int32, p = 0, 1 <= n <= 62 and |t| < 2^60 (integer_gru.narrow), so the term
+    is one widening multiply and a rounding shift. Returns int64."""
+    if NARROW:
+        x = v.to(tl.int64) * m.to(tl.int32).to(tl.int64)  # 32 x 32 -> 64 bits
+        one = tl.full(n.shape, 1, tl.int64)
+        t = (x + (one << (n - 1))) >> n
+    else:
+        x = _rshr(v, p) * m
+        right = _rshr(x, tl.maximum(n, 0))
+        left = tl.minimum(tl.maximum(-n, 0), _TERM_BITS).to(tl.int64)
+        bound = tl.full(left.shape, 1, tl.int64) << _TERM_BITS
+        limit = bound >> left  # 2^(60 - left)
+        saturated = tl.minimum(tl.maximum(x, -limit), limit) << left
+        t = tl.where(n >= 0, right, saturated)
+        t = tl.minimum(tl.maximum(t, -bound), bound)
+    return t
 
 
 @triton.jit
-def _scalar_term(v, scalars, TERM: tl.constexpr):
+def _scalar_term(v, scalars, TERM: tl.constexpr, NARROW: tl.constexpr):
     """The term of v with the single-channel constants stored at ``TERM``."""
     m = tl.load(scalars + TERM)
     n = tl.load(scalars + TERM + 1)
     p = tl.load(scalars + TERM + 2)
-    return _term(v, m, n, p)
+    return _term(v, m, n, p, NARROW)
 
 
 @triton.jit
-def _clamp(v, scalars, RANGE: tl.constexpr):
-    """§5's clamp to the operator's zero-corrected code range stored at ``RANGE``."""
+def _clamp(v, scalars, RANGE: tl.constexpr, NARROW: tl.constexpr):
+    """§5's clamp of an int64 sum of terms to the operator's zero-corrected code range stored
+    at ``RANGE``; int32 when NARROW."""
     low = tl.load(scalars + RANGE)
     high = tl.load(scalars + RANGE + 1)
-    return tl.minimum(tl.maximum(v, low), high)
+    return _value(tl.minimum(tl.maximum(v, low), high), NARROW)
 
 
 @triton.jit
-def _activation(pre, scalars, tables, TABLE: tl.constexpr, INDEX: tl.constexpr):
+def _value(v, NARROW: tl.constexpr):
+    """A zero-corrected code in the type values are carried in: int32 when NARROW."""
+    if NARROW:
+        v = v.to(tl.int32)
+    return v
+
+
+@triton.jit
+def _activation(pre, scalars, tables, TABLE: tl.constexpr, INDEX: tl.constexpr, NARROW):
     """§6: the table at ``TABLE`` (its knots: row INDEX of ``tables``) on zero-corrected
     pre-activations; returns zero-corrected outputs."""
     c_lo = tl.load(scalars + TABLE)
@@ -106,26 +127,44 @@ def _activation(pre, scalars, tables, TABLE: tl.constexpr, INDEX: tl.constexpr):
     zp_out = tl.load(scalars + TABLE + 3)
     knots = tables + INDEX * (_SEGMENTS + 1)
     span = tl.full(k.shape, _SEGMENTS, tl.int64) << k
-    d = tl.minimum(tl.maximum(pre + zp_in - c_lo, 0), span)
+    d = tl.minimum(tl.maximum(pre.to(tl.int64) + zp_in - c_lo, 0), span)
     j = d >> k
     r = d - (j << k)
     low = tl.load(knots + j)
     high = tl.load(knots + tl.minimum(j + 1, _SEGMENTS))
-    return low + _rshr((high - low) * r, k) - zp_out
+    return _value(low + _rshr((high - low) * r, k) - zp_out, NARROW)
 
 
 @triton.jit
-def _product(a, c, scalars, SHIFTS: tl.constexpr):
-    """The integer a * c of a product term, from operands pre-shifted by (e_a, e_c) (§4)."""
-    shift_a = tl.load(scalars + SHIFTS)
-    shift_c = tl.load(scalars + SHIFTS + 1)
-    return _rshr(a, shift_a) * _rshr(c, shift_c)
+def _product(a, c, scalars, SHIFTS: tl.constexpr, NARROW: tl.constexpr):
+    """The integer a * c of a product term, from operands pre-shifted by (e_a, e_c) (§4);
+    NARROW: no shifts, and the product fits int32."""
+    if NARROW:
+        product = a * c
+    else:
+        shift_a = tl.load(scalars + SHIFTS)
+        shift_c = tl.load(scalars + SHIFTS + 1)
+        product = _rshr(a, shift_a) * _rshr(c, shift_c)
+    return product
 
 
 @triton.jit
 def _channel(ptr, gate, units, unit_ok, hidden):
     """Gate ``gate``'s per-channel int64 constants for this program's units, as a (1, BH) row."""
     return tl.load(ptr + gate * hidden + units, mask=unit_ok, other=0)[None, :]
+
+
+@triton.jit
+def _rh_term(sums, rh_ptr, gate, p, units, unit_ok, hidden, NARROW: tl.constexpr):
+    """matmul.Rh's term of one gate's recurrent product: the digit products' sums plus the
+    offset's correction (exact modulo 2^64, and the true value is below 2^62; below 2^31 when
+    NARROW), with the multiplier and shift of each channel."""
+    m = _channel(rh_ptr, gate, units, unit_ok, hidden)
+    n = _channel(rh_ptr + 3 * hidden, gate, units, unit_ok, hidden)
+    v = sums + _channel(rh_ptr + 6 * hidden, gate, units, unit_ok, hidden)
+    if NARROW:
+        v = v.to(tl.int32)
+    return _term(v, m, n, p, NARROW)
 
 
 @triton.jit
@@ -196,7 +235,8 @@ def _recurrent_sums(
 def _store_digits(planes, own_offsets, own, h, scalars, batch, hidden, H_DIGITS: tl.constexpr):
     """Store this program's part of the state as the digits of rshr(h, e_c) - o (§4's operand
     shift of matmul.Rh, then integer_digits' offset), one (B, H) int8 plane each."""
-    y = _rshr(h, tl.load(scalars + H_OPERAND_SHIFT)) - tl.load(scalars + H_DIGIT_OFFSET)
+    y = _rshr(h.to(tl.int64), tl.load(scalars + H_OPERAND_SHIFT))
+    y -= tl.load(scalars + H_DIGIT_OFFSET)
     for i in tl.static_range(H_DIGITS):
         digit = ((y + 128) & 255) - 128
         tl.store(planes + i * batch * hidden + own_offsets, digit.to(tl.int8), mask=own)
@@ -205,11 +245,9 @@ def _store_digits(planes, own_offsets, own, h, scalars, batch, hidden, H_DIGITS:
 
 @triton.jit
 def _integer_gru_kernel(
-    wx_ptr,  # (T, B, 3H) int64: the terms of gate.{r,z,g}_pre that come from matmul.Wx
+    wx_ptr,  # (T, B, 3H): matmul.Wx's codes, in the narrowest integer type that holds them
     digits_ptr,  # (R_DIGITS, 3H, H) int8: R (operand-shifted) in digits
-    correction_ptr,  # (3H,) int64: o * rowsum(R) modulo 2^64 (integer_digits)
-    rh_m_ptr,  # (3H,) int64: matmul.Rh's multiplier per channel
-    rh_n_ptr,  # (3H,) int64: and its shift
+    rh_ptr,  # (3, 3H) int64: matmul.Rh's m and n per channel, and o * rowsum(R) mod 2^64
     rb_bias_ptr,  # (3H,) int64: op.Rh_add_br's term of weight.br
     scalars,  # (integer_layout.SCALARS,) int64
     tables,  # (3, 513) int64: the knots of gate.r_out, gate.z_out, gate.g_out
@@ -233,6 +271,7 @@ def _integer_gru_kernel(
     R_DIGITS: tl.constexpr,
     HAS_LENGTHS: tl.constexpr,
     TRACE: tl.constexpr,
+    NARROW: tl.constexpr,  # integer_gru.narrow: int32 values, terms without pre-shift
 ):
     rows = row_start + tl.program_id(0) * BB + tl.arange(0, BB)
     units = tl.program_id(1) * BH + tl.arange(0, BH)
@@ -248,14 +287,12 @@ def _integer_gru_kernel(
         length = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
     else:
         length = tl.zeros((BB,), dtype=tl.int32) + steps
-    h = tl.load(h0_ptr + own_offsets, mask=own, other=0)
+    h = _value(tl.load(h0_ptr + own_offsets, mask=own, other=0), NARROW)
     _store_digits(exchange_ptr, own_offsets, own, h, scalars, batch, hidden, H_DIGITS)
     _barrier(counter, hidden_tiles)
 
-    correction_r = _channel(correction_ptr, 0, units, unit_ok, hidden)
-    correction_z = _channel(correction_ptr, 1, units, unit_ok, hidden)
-    correction_n = _channel(correction_ptr, 2, units, unit_ok, hidden)
     rh_p = tl.load(scalars + RH_PRE_SHIFT)
+    wx_zero = tl.load(scalars + WX_ZERO_POINT)
 
     for step in range(steps):
         t = steps - 1 - step if REVERSE else step
@@ -266,61 +303,56 @@ def _integer_gru_kernel(
         )  # fmt: skip
 
         # matmul.Rh and op.Rh_add_br, per gate (per-channel constants).
-        rh_r = _term(
-            sum_r + correction_r,
-            _channel(rh_m_ptr, 0, units, unit_ok, hidden),
-            _channel(rh_n_ptr, 0, units, unit_ok, hidden),
-            rh_p,
-        )
-        rh_z = _term(
-            sum_z + correction_z,
-            _channel(rh_m_ptr, 1, units, unit_ok, hidden),
-            _channel(rh_n_ptr, 1, units, unit_ok, hidden),
-            rh_p,
-        )
-        rh_n = _term(
-            sum_n + correction_n,
-            _channel(rh_m_ptr, 2, units, unit_ok, hidden),
-            _channel(rh_n_ptr, 2, units, unit_ok, hidden),
-            rh_p,
-        )
-        rh_r = _clamp(rh_r, scalars, RANGE_RH)
-        rh_z = _clamp(rh_z, scalars, RANGE_RH)
-        rh_n = _clamp(rh_n, scalars, RANGE_RH)
-        rb_r = _scalar_term(rh_r, scalars, TERM_RB_FROM_RH)
-        rb_z = _scalar_term(rh_z, scalars, TERM_RB_FROM_RH)
-        rb_n = _scalar_term(rh_n, scalars, TERM_RB_FROM_RH)
-        rb_r = _clamp(rb_r + _channel(rb_bias_ptr, 0, units, unit_ok, hidden), scalars, RANGE_RB)
-        rb_z = _clamp(rb_z + _channel(rb_bias_ptr, 1, units, unit_ok, hidden), scalars, RANGE_RB)
-        rb_n = _clamp(rb_n + _channel(rb_bias_ptr, 2, units, unit_ok, hidden), scalars, RANGE_RB)
+        rh_r = _rh_term(sum_r, rh_ptr, 0, rh_p, units, unit_ok, hidden, NARROW)
+        rh_z = _rh_term(sum_z, rh_ptr, 1, rh_p, units, unit_ok, hidden, NARROW)
+        rh_n = _rh_term(sum_n, rh_ptr, 2, rh_p, units, unit_ok, hidden, NARROW)
+        rh_r = _clamp(rh_r, scalars, RANGE_RH, NARROW)
+        rh_z = _clamp(rh_z, scalars, RANGE_RH, NARROW)
+        rh_n = _clamp(rh_n, scalars, RANGE_RH, NARROW)
+        rb_r = _scalar_term(rh_r, scalars, TERM_RB_FROM_RH, NARROW)
+        rb_z = _scalar_term(rh_z, scalars, TERM_RB_FROM_RH, NARROW)
+        rb_n = _scalar_term(rh_n, scalars, TERM_RB_FROM_RH, NARROW)
+        rb_r += _channel(rb_bias_ptr, 0, units, unit_ok, hidden)
+        rb_z += _channel(rb_bias_ptr, 1, units, unit_ok, hidden)
+        rb_n += _channel(rb_bias_ptr, 2, units, unit_ok, hidden)
+        rb_r = _clamp(rb_r, scalars, RANGE_RB, NARROW)
+        rb_z = _clamp(rb_z, scalars, RANGE_RB, NARROW)
+        rb_n = _clamp(rb_n, scalars, RANGE_RB, NARROW)
 
-        # The gates.
+        # The gates, with matmul.Wx's codes of this step.
         wx = wx_ptr + t * batch * 3 * hidden + rows[:, None] * (3 * hidden) + units[None, :]
-        r_pre = tl.load(wx, mask=own, other=0) + _scalar_term(rb_r, scalars, TERM_R_FROM_RB)
-        z_pre = tl.load(wx + hidden, mask=own, other=0)
-        z_pre += _scalar_term(rb_z, scalars, TERM_Z_FROM_RB)
-        r_pre = _clamp(r_pre, scalars, RANGE_R_PRE)
-        z_pre = _clamp(z_pre, scalars, RANGE_Z_PRE)
-        r = _activation(r_pre, scalars, tables, TABLE_R, 0)
-        z = _activation(z_pre, scalars, tables, TABLE_Z, 1)
-        rrh = _scalar_term(_product(r, rb_n, scalars, SHIFTS_RRH), scalars, TERM_RRH)
-        rrh = _clamp(rrh, scalars, RANGE_RRH)
-        g_pre = tl.load(wx + 2 * hidden, mask=own, other=0)
-        g_pre = _clamp(g_pre + _scalar_term(rrh, scalars, TERM_G_FROM_RRH), scalars, RANGE_G_PRE)
-        g = _activation(g_pre, scalars, tables, TABLE_G, 2)
+        wx_r = _value(tl.load(wx, mask=own, other=0).to(tl.int64) - wx_zero, NARROW)
+        wx_z = _value(tl.load(wx + hidden, mask=own, other=0).to(tl.int64) - wx_zero, NARROW)
+        wx_n = _value(tl.load(wx + 2 * hidden, mask=own, other=0).to(tl.int64) - wx_zero, NARROW)
+        r_pre = _scalar_term(wx_r, scalars, TERM_R_FROM_WX, NARROW)
+        r_pre += _scalar_term(rb_r, scalars, TERM_R_FROM_RB, NARROW)
+        r_pre = _clamp(r_pre, scalars, RANGE_R_PRE, NARROW)
+        z_pre = _scalar_term(wx_z, scalars, TERM_Z_FROM_WX, NARROW)
+        z_pre += _scalar_term(rb_z, scalars, TERM_Z_FROM_RB, NARROW)
+        z_pre = _clamp(z_pre, scalars, RANGE_Z_PRE, NARROW)
+        r = _activation(r_pre, scalars, tables, TABLE_R, 0, NARROW)
+        z = _activation(z_pre, scalars, tables, TABLE_Z, 1, NARROW)
+        rrh = _product(r, rb_n, scalars, SHIFTS_RRH, NARROW)
+        rrh = _clamp(_scalar_term(rrh, scalars, TERM_RRH, NARROW), scalars, RANGE_RRH, NARROW)
+        g_pre = _scalar_term(wx_n, scalars, TERM_G_FROM_WX, NARROW)
+        g_pre += _scalar_term(rrh, scalars, TERM_G_FROM_RRH, NARROW)
+        g_pre = _clamp(g_pre, scalars, RANGE_G_PRE, NARROW)
+        g = _activation(g_pre, scalars, tables, TABLE_G, 2, NARROW)
 
         # The new state: old = z * h, new = g - z * g, h' = old + new.
-        old = _scalar_term(_product(z, h, scalars, SHIFTS_OLD), scalars, TERM_OLD)
-        old = _clamp(old, scalars, RANGE_OLD)
-        new = _scalar_term(g, scalars, TERM_NEW_FROM_G)
-        new += _scalar_term(-_product(z, g, scalars, SHIFTS_ZG), scalars, TERM_NEW_FROM_ZG)
-        new = _clamp(new, scalars, RANGE_NEW)
-        h_new = _scalar_term(old, scalars, TERM_H_FROM_OLD)
-        h_new = _clamp(h_new + _scalar_term(new, scalars, TERM_H_FROM_NEW), scalars, RANGE_H)
+        old = _product(z, h, scalars, SHIFTS_OLD, NARROW)
+        old = _clamp(_scalar_term(old, scalars, TERM_OLD, NARROW), scalars, RANGE_OLD, NARROW)
+        zg = -_product(z, g, scalars, SHIFTS_ZG, NARROW)
+        new = _scalar_term(g, scalars, TERM_NEW_FROM_G, NARROW)
+        new += _scalar_term(zg, scalars, TERM_NEW_FROM_ZG, NARROW)
+        new = _clamp(new, scalars, RANGE_NEW, NARROW)
+        h_new = _scalar_term(old, scalars, TERM_H_FROM_OLD, NARROW)
+        h_new += _scalar_term(new, scalars, TERM_H_FROM_NEW, NARROW)
+        h_new = _clamp(h_new, scalars, RANGE_H, NARROW)
 
         active = (t < length)[:, None]
         out = out_ptr + t * batch * hidden + own_offsets
-        tl.store(out, tl.where(active, h_new, 0), mask=own)
+        tl.store(out, tl.where(active, h_new, 0).to(tl.int64), mask=own)
         if TRACE:
             row = trace_ptr + t * batch * 15 * hidden + rows[:, None] * (15 * hidden)
             row += units[None, :]
@@ -345,4 +377,4 @@ def _integer_gru_kernel(
         _store_digits(next_planes, own_offsets, own, h, scalars, batch, hidden, H_DIGITS)
         _barrier(counter, hidden_tiles * (step + 2))
 
-    tl.store(h_n_ptr + own_offsets, h, mask=own)
+    tl.store(h_n_ptr + own_offsets, h.to(tl.int64), mask=own)

@@ -4,58 +4,74 @@ The kernel (integer_kernel.py) and the host that fills the vector (integer_gru.p
 these names, so the layout has one definition. Per-channel constants (the recurrent product's
 multipliers and shifts, the recurrent bias term, the digit offset's correction) are tensors of
 their own.
+
+``NARROW`` kernels (every value of one step within 32 bits, every term a plain rounding right
+shift: integer_gru.narrow) read the same layout.
 """
 
 from __future__ import annotations
 
 import triton.language as tl
 
-# Terms of one channel each (§4): m at +0, n at +1, the pre-shift p at +2.
-TERM_RB_FROM_RH = tl.constexpr(0)  # op.Rh_add_br <- matmul.Rh
-TERM_R_FROM_RB = tl.constexpr(3)  # gate.r_pre <- op.Rh_add_br (gate r's rows)
-TERM_Z_FROM_RB = tl.constexpr(6)  # gate.z_pre <- op.Rh_add_br (gate z's rows)
-TERM_RRH = tl.constexpr(9)  # op.rRh <- r * Rb_n
-TERM_G_FROM_RRH = tl.constexpr(12)  # gate.g_pre <- op.rRh
-TERM_OLD = tl.constexpr(15)  # op.old_contrib <- z * h
-TERM_NEW_FROM_G = tl.constexpr(18)  # op.new_contrib <- g
-TERM_NEW_FROM_ZG = tl.constexpr(21)  # op.new_contrib <- -(z * g)
-TERM_H_FROM_OLD = tl.constexpr(24)  # output.h <- op.old_contrib
-TERM_H_FROM_NEW = tl.constexpr(27)  # output.h <- op.new_contrib
-# Clamp bounds of §5 on zero-corrected values: low at +0, high at +1.
-RANGE_RH = tl.constexpr(30)
-RANGE_RB = tl.constexpr(32)
-RANGE_R_PRE = tl.constexpr(34)
-RANGE_Z_PRE = tl.constexpr(36)
-RANGE_RRH = tl.constexpr(38)
-RANGE_G_PRE = tl.constexpr(40)
-RANGE_OLD = tl.constexpr(42)
-RANGE_NEW = tl.constexpr(44)
-RANGE_H = tl.constexpr(46)
-# Tables of §6: c_lo at +0, k at +1, the input's zero point at +2, the output's at +3.
-TABLE_R = tl.constexpr(48)
-TABLE_Z = tl.constexpr(52)
-TABLE_G = tl.constexpr(56)
-# matmul.Rh: the term's pre-shift p, the state's operand shift e_c, and the digit offset.
-RH_PRE_SHIFT = tl.constexpr(60)
-H_OPERAND_SHIFT = tl.constexpr(61)
-H_DIGIT_OFFSET = tl.constexpr(62)
-# Operand shifts (e_a, e_c) of the three product terms.
-SHIFTS_RRH = tl.constexpr(63)
-SHIFTS_OLD = tl.constexpr(65)
-SHIFTS_ZG = tl.constexpr(67)
-SCALARS = 69
+_size = 0
 
+
+def _field(width: int) -> tl.constexpr:
+    """The next ``width`` entries of the vector."""
+    global _size
+    start, _size = _size, _size + width
+    return tl.constexpr(start)
+
+
+# Terms of one channel each (§4): m at +0, n at +1, the pre-shift p at +2.
+TERM_RB_FROM_RH = _field(3)  # op.Rh_add_br <- matmul.Rh
+TERM_R_FROM_WX = _field(3)  # gate.r_pre <- matmul.Wx (gate r's rows)
+TERM_R_FROM_RB = _field(3)  # gate.r_pre <- op.Rh_add_br (gate r's rows)
+TERM_Z_FROM_WX = _field(3)  # gate.z_pre <- matmul.Wx (gate z's rows)
+TERM_Z_FROM_RB = _field(3)  # gate.z_pre <- op.Rh_add_br (gate z's rows)
+TERM_RRH = _field(3)  # op.rRh <- r * Rb_n
+TERM_G_FROM_WX = _field(3)  # gate.g_pre <- matmul.Wx (gate n's rows)
+TERM_G_FROM_RRH = _field(3)  # gate.g_pre <- op.rRh
+TERM_OLD = _field(3)  # op.old_contrib <- z * h
+TERM_NEW_FROM_G = _field(3)  # op.new_contrib <- g
+TERM_NEW_FROM_ZG = _field(3)  # op.new_contrib <- -(z * g)
+TERM_H_FROM_OLD = _field(3)  # output.h <- op.old_contrib
+TERM_H_FROM_NEW = _field(3)  # output.h <- op.new_contrib
+# Clamp bounds of §5 on zero-corrected values: low at +0, high at +1.
+RANGE_RH = _field(2)
+RANGE_RB = _field(2)
+RANGE_R_PRE = _field(2)
+RANGE_Z_PRE = _field(2)
+RANGE_RRH = _field(2)
+RANGE_G_PRE = _field(2)
+RANGE_OLD = _field(2)
+RANGE_NEW = _field(2)
+RANGE_H = _field(2)
+# Tables of §6: c_lo at +0, k at +1, the input's zero point at +2, the output's at +3.
+TABLE_R = _field(4)
+TABLE_Z = _field(4)
+TABLE_G = _field(4)
+# matmul.Rh: the term's pre-shift p, the state's operand shift e_c, and the digit offset.
+RH_PRE_SHIFT = _field(1)
+H_OPERAND_SHIFT = _field(1)
+H_DIGIT_OFFSET = _field(1)
+WX_ZERO_POINT = _field(1)  # matmul.Wx's (the kernel reads its codes)
+# Operand shifts (e_a, e_c) of the three product terms.
+SHIFTS_RRH = _field(2)
+SHIFTS_OLD = _field(2)
+SHIFTS_ZG = _field(2)
+SCALARS = _size
+
+# Each operator's single-channel terms, in §7's order.
 TERMS = {
-    "op.Rh_add_br": TERM_RB_FROM_RH,
-    "gate.r_pre": TERM_R_FROM_RB,
-    "gate.z_pre": TERM_Z_FROM_RB,
-    "op.rRh": TERM_RRH,
-    "gate.g_pre": TERM_G_FROM_RRH,
-    "op.old_contrib": TERM_OLD,
-    "op.new_contrib.g": TERM_NEW_FROM_G,
-    "op.new_contrib.zg": TERM_NEW_FROM_ZG,
-    "output.h.old": TERM_H_FROM_OLD,
-    "output.h.new": TERM_H_FROM_NEW,
+    "op.Rh_add_br": (TERM_RB_FROM_RH, None),  # the bias term is per channel
+    "gate.r_pre": (TERM_R_FROM_WX, TERM_R_FROM_RB),
+    "gate.z_pre": (TERM_Z_FROM_WX, TERM_Z_FROM_RB),
+    "op.rRh": (TERM_RRH,),
+    "gate.g_pre": (TERM_G_FROM_WX, TERM_G_FROM_RRH),
+    "op.old_contrib": (TERM_OLD,),
+    "op.new_contrib": (TERM_NEW_FROM_G, TERM_NEW_FROM_ZG),
+    "output.h": (TERM_H_FROM_OLD, TERM_H_FROM_NEW),
 }
 RANGES = {
     "matmul.Rh": RANGE_RH,

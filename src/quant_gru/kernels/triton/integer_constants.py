@@ -1,0 +1,173 @@
+"""The integer kernel's constants for one (layer, direction), derived from its DirectionProgram:
+the scalar vector of integer_layout.py, matmul.Rh's per-channel constants, R in the digits of
+integer_digits.py, the activation tables' knots; and whether the kernel may run NARROW.
+
+NARROW (``narrow``): every value the kernel carries and every term integer stays below 2^31 in
+magnitude, and every term is a plain rounding right shift of v * m (no pre-shift, no operand
+shift, 1 <= n <= 62, no saturation at 2^60). The bounds come from the operators' code ranges
+(|v| <= 2^B of §4, made exact), so the narrow kernel computes the very integers of §4. An
+8-bit configuration with float scales is narrow; wide widths and power-of-two scales whose
+ratios are left shifts are not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from quant_gru.kernels.torch.quant_gru import apply_term, rounding_right_shift
+from quant_gru.kernels.triton import integer_layout as layout
+from quant_gru.kernels.triton.integer_digits import (
+    MAX_PRODUCT_TERMS,
+    digit_offset,
+    digits_for_span,
+    digits_for_values,
+    split_digits,
+)
+from quant_gru.quantize.program import ActivationFormat, DirectionProgram
+from quant_gru.quantize.requant import Term
+
+_NARROW_LIMIT = 2**31  # int32 magnitudes
+_TERM_LIMIT_BITS = 60  # §4's saturation bound
+
+
+@dataclass(frozen=True)
+class KernelConstants:
+    """What the kernel reads besides the step inputs, for one (layer, direction)."""
+
+    digits: Tensor  # (r_digits, 3H, H) int8: R, operand-shifted, in digits
+    rh: Tensor  # (3, 3H) int64: matmul.Rh's m, n, and o * rowsum(R) modulo 2^64
+    rb_bias: Tensor  # (3H,) int64: op.Rh_add_br's term of weight.br
+    scalars: Tensor  # (layout.SCALARS,) int64
+    tables: Tensor  # (3, 513) int64
+    h_digits: int
+    r_digits: int
+    narrow: bool
+
+
+def zero_corrected_range(fmt: ActivationFormat) -> tuple[int, int]:
+    """§5's clamp bounds on zero-corrected values."""
+    return fmt.qmin - fmt.zero_point, fmt.qmax - fmt.zero_point
+
+
+def shifted(value: int, shift: int) -> int:
+    """rshr of §3 on one integer (monotone: bounds shift to bounds)."""
+    return value if shift == 0 else (value + (1 << (shift - 1))) >> shift
+
+
+def magnitude(fmt: ActivationFormat) -> int:
+    """The largest |q - zp| of the operator's codes."""
+    return max(abs(v) for v in zero_corrected_range(fmt))
+
+
+def kernel_constants(program: DirectionProgram, device: torch.device) -> KernelConstants:
+    """The kernel's constants for ``program``, on ``device``."""
+    fmt, terms, hidden = program.formats, program.terms, program.hidden_size
+    rows = 3 * hidden
+    scalars = [0] * layout.SCALARS
+
+    def put(where: object, *values: int) -> None:
+        start = int(where.value)  # type: ignore[attr-defined]  # a tl.constexpr
+        scalars[start : start + len(values)] = values
+
+    for name, places in layout.TERMS.items():
+        for where, term in zip(places, terms[name], strict=True):
+            if where is not None:
+                _check_single_channel(name, term)
+                put(where, int(term.m.item()), int(term.n.item()), term.pre_shift)
+    for name, where in layout.RANGES.items():
+        put(where, *zero_corrected_range(fmt[name]))
+    for name, where in layout.PRODUCT_SHIFTS.items():
+        put(where, *terms[name][-1].operand_shifts)  # op.new_contrib's product is its last
+    sources = {"gate.r_out": "gate.r_pre", "gate.z_out": "gate.z_pre", "gate.g_out": "gate.g_pre"}
+    for name, where in layout.TABLES.items():
+        table = program.tables[name]
+        put(where, table.c_lo, table.k, fmt[sources[name]].zero_point, fmt[name].zero_point)
+    put(layout.WX_ZERO_POINT, fmt["matmul.Wx"].zero_point)
+
+    (rh_dot,) = terms["matmul.Rh"]
+    weight_shift, h_shift = rh_dot.operand_shifts
+    weight = rounding_right_shift(program.weight_R.to(device, torch.int64), weight_shift)
+    largest = int(weight.abs().max()) if weight.numel() else 0  # one read of the device
+    r_digits = digits_for_values(-largest, largest)
+    h_low, h_high = (shifted(v, h_shift) for v in zero_corrected_range(fmt["output.h"]))
+    h_digits = digits_for_span(h_low, h_high)
+    if hidden * min(h_digits, r_digits) > MAX_PRODUCT_TERMS:
+        raise ValueError(
+            f"hidden_size {hidden} is too large for exact int32 sums of "
+            f"{min(h_digits, r_digits)}-digit products (at most {MAX_PRODUCT_TERMS})"
+        )
+    offset = digit_offset(h_low, h_digits)
+    put(layout.RH_PRE_SHIFT, rh_dot.pre_shift)
+    put(layout.H_OPERAND_SHIFT, h_shift)
+    put(layout.H_DIGIT_OFFSET, offset)
+    # o * rowsum(R) wraps modulo 2^64 like the kernel's sums (integer_digits).
+    correction = weight.sum(dim=1) * offset
+    rh = torch.stack([_channels(rh_dot.m, rows), _channels(rh_dot.n, rows)]).to(device)
+
+    br_term = terms["op.Rh_add_br"][1]
+    rb_bias = apply_term(program.bias_r.to(device, torch.int64), br_term)
+    recurrent_bound = largest * max(abs(h_low), abs(h_high)) * hidden
+    return KernelConstants(
+        digits=split_digits(weight, r_digits).view(r_digits, rows, hidden),
+        rh=torch.cat([rh, correction[None]]).contiguous(),
+        rb_bias=rb_bias.expand(rows).contiguous(),
+        scalars=torch.tensor(scalars, dtype=torch.int64).to(device),
+        tables=torch.stack([program.tables[name].y for name in layout.TABLES]).to(device),
+        h_digits=h_digits,
+        r_digits=r_digits,
+        narrow=narrow(program, recurrent_bound),
+    )
+
+
+def _check_single_channel(name: str, term: Term) -> None:
+    if term.m.numel() != 1:
+        raise ValueError(f"{name}: a single-channel term was expected, got {term.m.numel()}")
+
+
+def _channels(values: Tensor, width: int) -> Tensor:
+    """A term's per-channel constant (1 or ``width`` values) as ``width`` int64 values."""
+    return values.to(torch.int64).expand(width)
+
+
+def _plain_term(term: Term, bound: int) -> bool:
+    """Whether the term of integers |v| <= bound is rshr(v * m, n) with everything in range:
+    no pre-shifts, 1 <= n <= 62, v within int32 and |t| <= 2^60."""
+    n, m = term.n.to(torch.int64), term.m.to(torch.int64).abs()
+    if term.pre_shift or any(term.operand_shifts) or bound >= _NARROW_LIMIT:
+        return False
+    if int(n.min()) < 1 or int(n.max()) > 62 or int(m.max()) >= _NARROW_LIMIT:
+        return False
+    # |rshr(v * m, n)| <= (bound * m + 2^(n-1)) / 2^n <= 2^60 where bound * m < 2^(60 + n - 1).
+    return bound * int(m.max()) < 2 ** (_TERM_LIMIT_BITS + int(n.min()) - 1)
+
+
+def narrow(program: DirectionProgram, recurrent_bound: int) -> bool:
+    """Whether the NARROW kernel computes ``program`` exactly; ``recurrent_bound`` bounds
+    |Σ_k R[j, k] ĥ[k]| (the recurrent product's term integers)."""
+    fmt, terms = program.formats, program.terms
+    mag = {name: magnitude(f) for name, f in fmt.items()}
+    (rh_dot,) = terms["matmul.Rh"]
+    # Each term with the bound of its integer (products of two codes: the product's).
+    checks = [
+        (rh_dot, recurrent_bound),
+        (terms["op.Rh_add_br"][0], mag["matmul.Rh"]),
+        (terms["gate.r_pre"][0], mag["matmul.Wx"]),
+        (terms["gate.r_pre"][1], mag["op.Rh_add_br"]),
+        (terms["gate.z_pre"][0], mag["matmul.Wx"]),
+        (terms["gate.z_pre"][1], mag["op.Rh_add_br"]),
+        (terms["op.rRh"][0], mag["gate.r_out"] * mag["op.Rh_add_br"]),
+        (terms["gate.g_pre"][0], mag["matmul.Wx"]),
+        (terms["gate.g_pre"][1], mag["op.rRh"]),
+        (terms["op.old_contrib"][0], mag["gate.z_out"] * mag["output.h"]),
+        (terms["op.new_contrib"][0], mag["gate.g_out"]),
+        (terms["op.new_contrib"][1], mag["gate.z_out"] * mag["gate.g_out"]),
+        (terms["output.h"][0], mag["op.old_contrib"]),
+        (terms["output.h"][1], mag["op.new_contrib"]),
+    ]
+    # Every operator's values are carried in int32 too (the gate pre-activations are no term's
+    # integer: they index the tables).
+    fits = all(bound < _NARROW_LIMIT for bound in mag.values())
+    return fits and all(_plain_term(term, bound) for term, bound in checks)
