@@ -204,3 +204,18 @@ def test_narrow_kernel_where_every_value_fits_32_bits(
     case = case_with(uniform_config(width, False, False, scale_type))
     _, _, _, _, programs, _, _ = run_both(case, DEVICE, triton_integer_gru)
     assert kernel_constants(programs[0], DEVICE).narrow is expected
+
+
+@pytest.mark.parametrize(("low", "high"), [(-128, 127), (0, 255), (-250, 5), (-7, 7)])
+def test_one_digit_products_are_exact(low: int, high: int) -> None:
+    """The input projection's int8 product: any range of 256 values after its offset."""
+    from quant_gru.kernels.triton.integer_digits import one_digit_products
+
+    generator = torch.Generator().manual_seed(low)
+    x = torch.randint(low, high + 1, (3, 20, 24), generator=generator)
+    weight = torch.randint(-128, 128, (16, 24), generator=generator)
+    products = one_digit_products(x, low, high, weight, 128)
+    assert products is not None
+    assert torch.equal(products, x @ weight.t())
+    assert one_digit_products(x, low, high + 256, weight, 128) is None  # two digits
+    assert one_digit_products(x, low, high, weight, 129) is None

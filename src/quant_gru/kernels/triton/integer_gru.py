@@ -27,6 +27,7 @@ from quant_gru.kernels.triton.integer_constants import (
     shifted,
     zero_corrected_range,
 )
+from quant_gru.kernels.triton.integer_digits import one_digit_products
 from quant_gru.kernels.triton.integer_kernel import _integer_gru_kernel
 from quant_gru.kernels.triton.plans import interpreted
 from quant_gru.quantize.program import ACTIVATION_OPERATORS, ActivationFormat, DirectionProgram
@@ -57,11 +58,13 @@ def input_projection(program: DirectionProgram, x: Tensor) -> Tensor:
     weight_shift, x_shift = dot.operand_shifts
     weight = rounding_right_shift(program.weight_W.to(x.device, torch.int64), weight_shift)
     operand = rounding_right_shift(x, x_shift)
-    x_bits = max(abs(shifted(v, x_shift)) for v in zero_corrected_range(fmt["input.x"]))
-    x_bits = x_bits.bit_length()
-    weight_bits = int(weight.abs().max()).bit_length() if weight.numel() else 0
-    bound = x_bits + weight_bits + ceil_log2(program.input_size)
-    products = exact_int_matmul(operand, weight.t(), bound, (x_bits, weight_bits))
+    low, high = (shifted(v, x_shift) for v in zero_corrected_range(fmt["input.x"]))
+    largest = int(weight.abs().max()) if weight.numel() else 0  # one read of the device
+    products = one_digit_products(operand, low, high, weight, largest)
+    if products is None:
+        x_bits = max(abs(low), abs(high)).bit_length()
+        bound = x_bits + largest.bit_length() + ceil_log2(program.input_size)
+        products = exact_int_matmul(operand, weight.t(), bound, (x_bits, largest.bit_length()))
     biases = apply_term(program.bias_w.to(x.device, torch.int64), bias)
     wx = fmt["matmul.Wx"]
     codes = (apply_term(products, dot) + biases + wx.zero_point).clamp(wx.qmin, wx.qmax)
