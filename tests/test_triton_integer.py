@@ -102,9 +102,11 @@ def test_uniform_widths(width: int, symmetric: bool, unsigned: bool, scale_type:
 
 
 def test_chunks_of_the_state_and_several_batch_tiles() -> None:
-    """H = 70: the recurrent product over two chunks of K (and padding past H); 20 rows: two
-    batch tiles, one of them partly past the batch."""
-    case = case_with(uniform_config(8, False, False, "float"), hidden_size=70, batch=20, steps=3)
+    """H = 72: the recurrent product over two chunks of K (and padding past H); 20 rows: two
+    batch tiles, one of them partly past the batch. (16 inputs and 60 rows: the input
+    projection is one int8 product.)"""
+    config = uniform_config(8, False, False, "float")
+    case = case_with(config, input_size=16, hidden_size=72, batch=20, steps=3)
     _, _, _, _, _, expected, actual = run_both(case, DEVICE, triton_integer_gru)
     assert_same_run(actual, expected)
 
@@ -212,10 +214,11 @@ def test_one_digit_products_are_exact(low: int, high: int) -> None:
     from quant_gru.kernels.triton.integer_digits import one_digit_products
 
     generator = torch.Generator().manual_seed(low)
-    x = torch.randint(low, high + 1, (3, 20, 24), generator=generator)
+    x = torch.randint(low, high + 1, (3, 7, 24), generator=generator)
     weight = torch.randint(-128, 128, (16, 24), generator=generator)
-    products = one_digit_products(x, low, high, weight, 128)
+    products = one_digit_products(x, low, high, weight, (-128, 127))
     assert products is not None
     assert torch.equal(products, x @ weight.t())
-    assert one_digit_products(x, low, high + 256, weight, 128) is None  # two digits
-    assert one_digit_products(x, low, high, weight, 129) is None
+    assert one_digit_products(x, low, high + 256, weight, (-128, 127)) is None  # two digits
+    assert one_digit_products(x, low, high, weight, (-128, 128)) is None
+    assert one_digit_products(x[:, :5], low, high, weight, (-128, 127)) is None  # 15 rows

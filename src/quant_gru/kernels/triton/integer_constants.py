@@ -57,6 +57,14 @@ def shifted(value: int, shift: int) -> int:
     return value if shift == 0 else (value + (1 << (shift - 1))) >> shift
 
 
+def value_range(values: Tensor) -> tuple[int, int]:
+    """(min, max) of integer ``values`` ((0, 0) when empty), in one read of the device."""
+    if not values.numel():
+        return 0, 0
+    low, high = torch.aminmax(values)
+    return int(low), int(high)
+
+
 def magnitude(fmt: ActivationFormat) -> int:
     """The largest |q - zp| of the operator's codes."""
     return max(abs(v) for v in zero_corrected_range(fmt))
@@ -90,8 +98,8 @@ def kernel_constants(program: DirectionProgram, device: torch.device) -> KernelC
     (rh_dot,) = terms["matmul.Rh"]
     weight_shift, h_shift = rh_dot.operand_shifts
     weight = rounding_right_shift(program.weight_R.to(device, torch.int64), weight_shift)
-    largest = int(weight.abs().max()) if weight.numel() else 0  # one read of the device
-    r_digits = digits_for_values(-largest, largest)
+    weight_low, weight_high = value_range(weight)
+    r_digits = digits_for_values(weight_low, weight_high)
     h_low, h_high = (shifted(v, h_shift) for v in zero_corrected_range(fmt["output.h"]))
     h_digits = digits_for_span(h_low, h_high)
     if hidden * min(h_digits, r_digits) > MAX_PRODUCT_TERMS:
@@ -109,6 +117,7 @@ def kernel_constants(program: DirectionProgram, device: torch.device) -> KernelC
 
     br_term = terms["op.Rh_add_br"][1]
     rb_bias = apply_term(program.bias_r.to(device, torch.int64), br_term)
+    largest = max(abs(weight_low), abs(weight_high))
     recurrent_bound = largest * max(abs(h_low), abs(h_high)) * hidden
     return KernelConstants(
         digits=split_digits(weight, r_digits).view(r_digits, rows, hidden),

@@ -77,19 +77,20 @@ def wrap_int64(value: int) -> int:
 
 
 def one_digit_products(
-    x: Tensor, low: int, high: int, weight: Tensor, weight_bound: int
+    x: Tensor, low: int, high: int, weight: Tensor, weight_range: tuple[int, int]
 ) -> Tensor | None:
     """x (..., K) @ weight (N, K)^T exactly, for int64 x within [low, high] and weights within
-    +-weight_bound, as one int8 matrix product (torch._int_mm, int32 sums) when both take one
+    ``weight_range``, as one int8 matrix product (torch._int_mm, int32 sums) when both take one
     digit and the shapes suit it; None otherwise."""
     depth = x.shape[-1]
     rows = x.numel() // depth if depth else 0
-    if digits_for_span(low, high) > 1 or digits_for_values(-weight_bound, weight_bound) > 1:
+    if digits_for_span(low, high) > 1 or digits_for_values(*weight_range) > 1:
         return None
     if depth > MAX_PRODUCT_TERMS or rows == 0 or depth == 0:
         return None
-    # cuBLAS's int8 product wants more than 16 rows and K, N multiples of 8.
-    if x.is_cuda and (rows <= 16 or depth % 8 or weight.shape[0] % 8):
+    # cuBLAS's int8 product wants more than 16 rows and K, N multiples of 8 (and torch
+    # 2.13's CPU product is wrong for K = 1): the same rule on every device.
+    if rows <= 16 or depth % 8 or weight.shape[0] % 8:
         return None
     offset = digit_offset(low, 1)
     digits = (x - offset).to(torch.int8).reshape(rows, depth)

@@ -25,6 +25,7 @@ from quant_gru.kernels.triton.integer_constants import (
     KernelConstants,
     kernel_constants,
     shifted,
+    value_range,
     zero_corrected_range,
 )
 from quant_gru.kernels.triton.integer_digits import one_digit_products
@@ -59,12 +60,13 @@ def input_projection(program: DirectionProgram, x: Tensor) -> Tensor:
     weight = rounding_right_shift(program.weight_W.to(x.device, torch.int64), weight_shift)
     operand = rounding_right_shift(x, x_shift)
     low, high = (shifted(v, x_shift) for v in zero_corrected_range(fmt["input.x"]))
-    largest = int(weight.abs().max()) if weight.numel() else 0  # one read of the device
-    products = one_digit_products(operand, low, high, weight, largest)
+    weight_range = value_range(weight)
+    products = one_digit_products(operand, low, high, weight, weight_range)
     if products is None:
         x_bits = max(abs(low), abs(high)).bit_length()
-        bound = x_bits + largest.bit_length() + ceil_log2(program.input_size)
-        products = exact_int_matmul(operand, weight.t(), bound, (x_bits, largest.bit_length()))
+        weight_bits = max(abs(v) for v in weight_range).bit_length()
+        bound = x_bits + weight_bits + ceil_log2(program.input_size)
+        products = exact_int_matmul(operand, weight.t(), bound, (x_bits, weight_bits))
     biases = apply_term(program.bias_w.to(x.device, torch.int64), bias)
     wx = fmt["matmul.Wx"]
     codes = (apply_term(products, dot) + biases + wx.zero_point).clamp(wx.qmin, wx.qmax)
