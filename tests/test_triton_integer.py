@@ -222,3 +222,18 @@ def test_one_digit_products_are_exact(low: int, high: int) -> None:
     assert one_digit_products(x, low, high + 256, weight, (-128, 127)) is None  # two digits
     assert one_digit_products(x, low, high, weight, (-128, 128)) is None
     assert one_digit_products(x[:, :5], low, high, weight, (-128, 127)) is None  # 15 rows
+
+
+def test_constants_of_the_quantization_parameters_are_made_once() -> None:
+    """Calls with the same calibration share them; a new calibration (new terms) makes its
+    own, and the kernel follows it (test_kernel_codes_equal_reference runs many in a row)."""
+    import dataclasses
+
+    from quant_gru.kernels.triton.integer_constants import kernel_constants
+
+    case = case_with(uniform_config(8, False, False, "float"))
+    _, _, _, _, programs, _, _ = run_both(case, DEVICE, triton_integer_gru)
+    first = kernel_constants(programs[0], DEVICE)
+    assert kernel_constants(programs[0], DEVICE).scalars is first.scalars
+    copied = dataclasses.replace(programs[0], terms=dict(programs[0].terms))
+    assert kernel_constants(copied, DEVICE).scalars is not first.scalars

@@ -2,12 +2,16 @@
 the scalar vector of integer_layout.py, matmul.Rh's per-channel constants, R in the digits of
 integer_digits.py, the activation tables' knots; and whether the kernel may run NARROW.
 
-NARROW (``narrow``): every value the kernel carries and every term integer stays below 2^31 in
-magnitude, and every term is a plain rounding right shift of v * m (no pre-shift, no operand
-shift, 1 <= n <= 62, no saturation at 2^60). The bounds come from the operators' code ranges
-(|v| <= 2^B of §4, made exact), so the narrow kernel computes the very integers of §4. An
-8-bit configuration with float scales is narrow; wide widths and power-of-two scales whose
-ratios are left shifts are not.
+NARROW (``KernelConstants.narrow``): every value the kernel carries and every term integer
+stays below 2^31 in magnitude, and every term is a plain rounding right shift of v * m (no
+pre-shift, no operand shift, 1 <= n <= 62, no saturation at 2^60). The bounds come from the
+operators' code ranges (|v| <= 2^B of §4, made exact), so the narrow kernel computes the very
+integers of §4. An 8-bit configuration with float scales is narrow; wide widths and
+power-of-two scales whose ratios are left shifts are not.
+
+The constants of the quantization parameters are made once per calibration (``_STATIC``);
+those of the weights (R's digits, its row sums, the recurrent bias term) on every call, since
+training changes the weights.
 """
 
 from __future__ import annotations
@@ -70,10 +74,40 @@ def magnitude(fmt: ActivationFormat) -> int:
     return max(abs(v) for v in zero_corrected_range(fmt))
 
 
-def kernel_constants(program: DirectionProgram, device: torch.device) -> KernelConstants:
-    """The kernel's constants for ``program``, on ``device``."""
-    fmt, terms, hidden = program.formats, program.terms, program.hidden_size
-    rows = 3 * hidden
+@dataclass(frozen=True)
+class _Static:
+    """The part of the constants that depends on the quantization parameters alone."""
+
+    scalars: Tensor
+    tables: Tensor
+    rh_multipliers: Tensor  # (2, 3H): m and n of matmul.Rh
+    h_digits: int
+    h_offset: int
+    h_magnitude: int  # the largest |rshr(q - zp, e_c)| of the state
+    narrow_terms: bool  # every term but matmul.Rh's passes the NARROW test
+
+
+# Static parts by (id of the program's terms, device). A DirectionProgram shares its terms
+# with the DirectionConstants it was made from, which live as long as a calibration, so
+# every forward between two calibrations finds them here.
+_STATIC: dict[tuple[int, str], tuple[object, _Static]] = {}
+_STATIC_ENTRIES = 64
+
+
+def _static(program: DirectionProgram, device: torch.device) -> _Static:
+    key = (id(program.terms), str(device))
+    cached = _STATIC.get(key)
+    if cached is not None and cached[0] is program.terms:
+        return cached[1]
+    if len(_STATIC) >= _STATIC_ENTRIES:
+        _STATIC.clear()
+    static = _make_static(program, device)
+    _STATIC[key] = (program.terms, static)
+    return static
+
+
+def _make_static(program: DirectionProgram, device: torch.device) -> _Static:
+    fmt, terms, rows = program.formats, program.terms, 3 * program.hidden_size
     scalars = [0] * layout.SCALARS
 
     def put(where: object, *values: int) -> None:
@@ -96,38 +130,55 @@ def kernel_constants(program: DirectionProgram, device: torch.device) -> KernelC
     put(layout.WX_ZERO_POINT, fmt["matmul.Wx"].zero_point)
 
     (rh_dot,) = terms["matmul.Rh"]
-    weight_shift, h_shift = rh_dot.operand_shifts
-    weight = rounding_right_shift(program.weight_R.to(device, torch.int64), weight_shift)
-    weight_low, weight_high = value_range(weight)
-    r_digits = digits_for_values(weight_low, weight_high)
+    h_shift = rh_dot.operand_shifts[1]
     h_low, h_high = (shifted(v, h_shift) for v in zero_corrected_range(fmt["output.h"]))
     h_digits = digits_for_span(h_low, h_high)
-    if hidden * min(h_digits, r_digits) > MAX_PRODUCT_TERMS:
-        raise ValueError(
-            f"hidden_size {hidden} is too large for exact int32 sums of "
-            f"{min(h_digits, r_digits)}-digit products (at most {MAX_PRODUCT_TERMS})"
-        )
     offset = digit_offset(h_low, h_digits)
     put(layout.RH_PRE_SHIFT, rh_dot.pre_shift)
     put(layout.H_OPERAND_SHIFT, h_shift)
     put(layout.H_DIGIT_OFFSET, offset)
-    # o * rowsum(R) wraps modulo 2^64 like the kernel's sums (integer_digits).
-    correction = weight.sum(dim=1) * offset
-    rh = torch.stack([_channels(rh_dot.m, rows), _channels(rh_dot.n, rows)]).to(device)
-
-    br_term = terms["op.Rh_add_br"][1]
-    rb_bias = apply_term(program.bias_r.to(device, torch.int64), br_term)
-    largest = max(abs(weight_low), abs(weight_high))
-    recurrent_bound = largest * max(abs(h_low), abs(h_high)) * hidden
-    return KernelConstants(
-        digits=split_digits(weight, r_digits).view(r_digits, rows, hidden),
-        rh=torch.cat([rh, correction[None]]).contiguous(),
-        rb_bias=rb_bias.expand(rows).contiguous(),
+    return _Static(
         scalars=torch.tensor(scalars, dtype=torch.int64).to(device),
         tables=torch.stack([program.tables[name].y for name in layout.TABLES]).to(device),
+        rh_multipliers=torch.stack([_channels(rh_dot.m, rows), _channels(rh_dot.n, rows)]).to(
+            device
+        ),
         h_digits=h_digits,
+        h_offset=offset,
+        h_magnitude=max(abs(h_low), abs(h_high)),
+        narrow_terms=_narrow_terms(program),
+    )
+
+
+def kernel_constants(program: DirectionProgram, device: torch.device) -> KernelConstants:
+    """The kernel's constants for ``program``, on ``device``: those of its quantization
+    parameters from a cache, those of its weights made anew."""
+    static = _static(program, device)
+    terms, hidden = program.terms, program.hidden_size
+    rows = 3 * hidden
+    (rh_dot,) = terms["matmul.Rh"]
+    weight = program.weight_R.to(device, torch.int64)
+    weight = rounding_right_shift(weight, rh_dot.operand_shifts[0])
+    weight_low, weight_high = value_range(weight)
+    r_digits = digits_for_values(weight_low, weight_high)
+    if hidden * min(static.h_digits, r_digits) > MAX_PRODUCT_TERMS:
+        raise ValueError(
+            f"hidden_size {hidden} is too large for exact int32 sums of "
+            f"{min(static.h_digits, r_digits)}-digit products (at most {MAX_PRODUCT_TERMS})"
+        )
+    # o * rowsum(R) wraps modulo 2^64 like the kernel's sums (integer_digits).
+    correction = weight.sum(dim=1) * static.h_offset
+    rb_bias = apply_term(program.bias_r.to(device, torch.int64), terms["op.Rh_add_br"][1])
+    recurrent_bound = max(abs(weight_low), abs(weight_high)) * static.h_magnitude * hidden
+    return KernelConstants(
+        digits=split_digits(weight, r_digits).view(r_digits, rows, hidden),
+        rh=torch.cat([static.rh_multipliers, correction[None]]).contiguous(),
+        rb_bias=rb_bias.expand(rows).contiguous(),
+        scalars=static.scalars,
+        tables=static.tables,
+        h_digits=static.h_digits,
         r_digits=r_digits,
-        narrow=narrow(program, recurrent_bound),
+        narrow=static.narrow_terms and _plain_term(rh_dot, recurrent_bound),
     )
 
 
@@ -153,15 +204,13 @@ def _plain_term(term: Term, bound: int) -> bool:
     return bound * int(m.max()) < 2 ** (_TERM_LIMIT_BITS + int(n.min()) - 1)
 
 
-def narrow(program: DirectionProgram, recurrent_bound: int) -> bool:
-    """Whether the NARROW kernel computes ``program`` exactly; ``recurrent_bound`` bounds
-    |Σ_k R[j, k] ĥ[k]| (the recurrent product's term integers)."""
+def _narrow_terms(program: DirectionProgram) -> bool:
+    """Whether the NARROW kernel computes ``program``'s every value and every term but the
+    recurrent product's exactly (that one's bound depends on the weights)."""
     fmt, terms = program.formats, program.terms
     mag = {name: magnitude(f) for name, f in fmt.items()}
-    (rh_dot,) = terms["matmul.Rh"]
     # Each term with the bound of its integer (products of two codes: the product's).
     checks = [
-        (rh_dot, recurrent_bound),
         (terms["op.Rh_add_br"][0], mag["matmul.Rh"]),
         (terms["gate.r_pre"][0], mag["matmul.Wx"]),
         (terms["gate.r_pre"][1], mag["op.Rh_add_br"]),

@@ -73,7 +73,7 @@ def _rshr(v, n):
 def _term(v, m, n, p, NARROW: tl.constexpr):
     """§4: v' = rshr(v, p); t = clamp(rshr(v' * m, n), -2^60, 2^60), where n <= 0 is the
     saturated left shift clamp(v' * m * 2^-n, -2^60, 2^60) (computed without overflow).
-    NARROW: v is int32, p = 0, 1 <= n <= 62 and |t| < 2^60 (integer_gru.narrow), so the term
+    NARROW: v is int32, p = 0, 1 <= n <= 62 and |t| < 2^60 (KernelConstants.narrow), so the term
     is one widening multiply and a rounding shift. Returns int64."""
     if NARROW:
         x = v.to(tl.int64) * m.to(tl.int32).to(tl.int64)  # 32 x 32 -> 64 bits
@@ -271,7 +271,7 @@ def _integer_gru_kernel(
     R_DIGITS: tl.constexpr,
     HAS_LENGTHS: tl.constexpr,
     TRACE: tl.constexpr,
-    NARROW: tl.constexpr,  # integer_gru.narrow: int32 values, terms without pre-shift
+    NARROW: tl.constexpr,  # KernelConstants.narrow: int32 values, terms without pre-shift
 ):
     rows = row_start + tl.program_id(0) * BB + tl.arange(0, BB)
     units = tl.program_id(1) * BH + tl.arange(0, BH)

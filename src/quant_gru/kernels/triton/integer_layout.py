@@ -6,7 +6,7 @@ multipliers and shifts, the recurrent bias term, the digit offset's correction) 
 their own.
 
 ``NARROW`` kernels (every value of one step within 32 bits, every term a plain rounding right
-shift: integer_gru.narrow) read the same layout.
+shift: KernelConstants.narrow) read the same layout.
 """
 
 from __future__ import annotations
