@@ -8,6 +8,7 @@ grid of several hidden tiles with its barrier runs too.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 
@@ -37,6 +38,7 @@ from quant_gru.kernels.triton.integer_digits import (  # noqa: E402
     wrap_int64,
 )
 from quant_gru.kernels.triton.integer_gru import triton_integer_gru  # noqa: E402
+from quant_gru.kernels.triton.integer_plans import IntegerPlan, integer_plan  # noqa: E402
 
 
 def uniform_config(width: int, symmetric: bool, unsigned: bool, scale_type: str) -> GRUQuantConfig:
@@ -113,15 +115,35 @@ def test_chunks_of_the_state_and_several_batch_tiles() -> None:
 
 def test_batch_split_over_launches(monkeypatch: pytest.MonkeyPatch) -> None:
     """More batch rows than one launch takes: each launch its own rows, same codes."""
-    real = integer_host._tiles
+    real = integer_host.plan_for
 
-    def small_launches(batch: int, hidden: int, device: torch.device) -> tuple[int, int, int]:
-        rows, units, _ = real(batch, hidden, device)
-        return rows, units, rows
+    def small_launches(*args: object) -> IntegerPlan:
+        plan = real(*args)  # type: ignore[arg-type]
+        return dataclasses.replace(plan, launch_rows=plan.block_b)
 
-    monkeypatch.setattr(integer_host, "_tiles", small_launches)
+    monkeypatch.setattr(integer_host, "plan_for", small_launches)
     case = case_with(uniform_config(8, False, True, "float"), batch=35, lengths=None, steps=3)
     case["lengths"] = [1 + i % 3 for i in range(35)]
+    _, _, _, _, _, expected, actual = run_both(case, DEVICE, triton_integer_gru)
+    assert_same_run(actual, expected)
+
+
+@pytest.mark.parametrize("resident", [True, False])
+def test_r_on_chip_or_read_every_step(monkeypatch: pytest.MonkeyPatch, resident: bool) -> None:
+    """One-digit models with R's slice loaded once (several chunks of K: H = 72) or re-read
+    every step: the same codes."""
+    real = integer_host.plan_for
+
+    def forced(*args: object) -> IntegerPlan:
+        plan = real(*args)  # type: ignore[arg-type]
+        assert plan.resident  # one digit, and a slice this small fits
+        return dataclasses.replace(plan, resident=resident)
+
+    monkeypatch.setattr(integer_host, "plan_for", forced)
+    config = uniform_config(8, False, False, "float")
+    case = case_with(
+        config, input_size=8, hidden_size=72, batch=5, steps=3, lengths=[3, 1, 2, 3, 2]
+    )
     _, _, _, _, _, expected, actual = run_both(case, DEVICE, triton_integer_gru)
     assert_same_run(actual, expected)
 
@@ -227,8 +249,6 @@ def test_one_digit_products_are_exact(low: int, high: int) -> None:
 def test_constants_of_the_quantization_parameters_are_made_once() -> None:
     """Calls with the same calibration share them; a new calibration (new terms) makes its
     own, and the kernel follows it (test_kernel_codes_equal_reference runs many in a row)."""
-    import dataclasses
-
     from quant_gru.kernels.triton.integer_constants import kernel_constants
 
     case = case_with(uniform_config(8, False, False, "float"))
@@ -237,3 +257,21 @@ def test_constants_of_the_quantization_parameters_are_made_once() -> None:
     assert kernel_constants(programs[0], DEVICE).scalars is first.scalars
     copied = dataclasses.replace(programs[0], terms=dict(programs[0].terms))
     assert kernel_constants(copied, DEVICE).scalars is not first.scalars
+
+
+def test_plans_keep_every_program_resident() -> None:
+    """At most one program a multiprocessor a launch; the most programs, then the fewest
+    bytes a step; R on chip only with one digit each and where its slice fits."""
+    for batch, hidden in [(1, 256), (64, 512), (256, 1024), (1000, 256), (3, 72)]:
+        for h_digits, r_digits in [(1, 1), (2, 1), (4, 4)]:
+            plan = integer_plan(batch, hidden, h_digits, r_digits, 132)
+            grid = -(-min(batch, plan.launch_rows) // plan.block_b) * -(-hidden // plan.block_h)
+            assert grid <= 132
+            assert plan.resident == (h_digits == r_digits == 1)
+    assert (
+        integer_plan(256, 1024, 1, 1, 132).block_b * integer_plan(256, 1024, 1, 1, 132).block_h
+        == 2048
+    )
+    assert integer_plan(7, 40, 1, 1, None).block_h == 64  # one program holds every unit
+    with pytest.raises(ValueError, match="more than 4 programs"):
+        integer_plan(16, 4096, 1, 1, 4)

@@ -30,15 +30,13 @@ from quant_gru.kernels.triton.integer_constants import (
 )
 from quant_gru.kernels.triton.integer_digits import one_digit_products
 from quant_gru.kernels.triton.integer_kernel import _integer_gru_kernel
+from quant_gru.kernels.triton.integer_plans import IntegerPlan, integer_plan
 from quant_gru.kernels.triton.plans import interpreted
 from quant_gru.quantize.program import ACTIVATION_OPERATORS, ActivationFormat, DirectionProgram
 from quant_gru.quantize.requant import ceil_log2
 
 __all__ = ["triton_integer_gru"]
 
-_TILE_ROWS = 16  # tl.dot's smallest tile
-_TILE_UNITS = 16
-_CHUNK = 64  # K chunk of the recurrent product
 # Codes of matmul.Wx go to the kernel in the narrowest of these that holds their range.
 _CODE_TYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 
@@ -81,18 +79,13 @@ def _programs_on_device(device: torch.device) -> int | None:
     return int(torch.cuda.get_device_properties(device).multi_processor_count)
 
 
-def _tiles(batch: int, hidden: int, device: torch.device) -> tuple[int, int, int]:
-    """(rows a program, units a program, batch rows a launch): every program of a launch
-    resident at once (at most one a multiprocessor)."""
-    full = max(_TILE_UNITS, triton.next_power_of_2(hidden))
-    programs = _programs_on_device(device)
-    if programs is None:
-        return _TILE_ROWS, full, batch
-    units = _TILE_UNITS
-    while units < full and triton.cdiv(hidden, units) * triton.cdiv(batch, _TILE_ROWS) > programs:
-        units *= 2
-    tiles_a_launch = max(1, programs // triton.cdiv(hidden, units))
-    return _TILE_ROWS, units, tiles_a_launch * _TILE_ROWS
+def plan_for(
+    batch: int, hidden: int, constants: KernelConstants, device: torch.device
+) -> IntegerPlan:
+    """The grid and tiles of one direction's launches (integer_plans.py)."""
+    return integer_plan(
+        batch, hidden, constants.h_digits, constants.r_digits, _programs_on_device(device)
+    )
 
 
 def run_direction(
@@ -120,21 +113,22 @@ def run_direction(
     h_n = h0.contiguous().clone()
     if steps == 0 or batch == 0:
         return out, h_n, traced
-    rows, units, launch_rows = _tiles(batch, hidden, device)
+    plan = plan_for(batch, hidden, constants, device)
     lengths32 = out if lengths is None else lengths.to(device=device, dtype=torch.int32)
     exchange = torch.empty(2, constants.h_digits, batch, hidden, dtype=torch.int8, device=device)
-    for start in range(0, batch, launch_rows):
-        end = min(batch, start + launch_rows)
-        grid = (triton.cdiv(end - start, rows), triton.cdiv(hidden, units))
+    for start in range(0, batch, plan.launch_rows):
+        end = min(batch, start + plan.launch_rows)
+        grid = (triton.cdiv(end - start, plan.block_b), triton.cdiv(hidden, plan.block_h))
         counters = torch.zeros(grid[0], dtype=torch.int32, device=device)
         _integer_gru_kernel[grid](
             wx_codes, constants.digits, constants.rh, constants.rb_bias, constants.scalars,
             constants.tables, h_n, lengths32, out, h_n,
             out if traced is None else traced, exchange, counters, steps, batch, hidden,
             start, end,
-            REVERSE=reverse, BB=rows, BH=units, BK=min(_CHUNK, units),
+            REVERSE=reverse, BB=plan.block_b, BH=plan.block_h, BK=plan.block_k,
             H_DIGITS=constants.h_digits, R_DIGITS=constants.r_digits,
             HAS_LENGTHS=lengths is not None, TRACE=traced is not None, NARROW=constants.narrow,
+            RESIDENT=plan.resident, CHUNKS=plan.chunks(hidden), num_warps=plan.warps,
         )  # fmt: skip
     return out, h_n, traced
 

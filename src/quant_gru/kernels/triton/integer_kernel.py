@@ -189,6 +189,21 @@ def _weight_digits(digits_ptr, digit, gate, units, unit_ok, k0, hidden, BK: tl.c
 
 
 @triton.jit
+def _resident_digits(digits_ptr, units, unit_ok, hidden, BK: tl.constexpr, CHUNKS: tl.constexpr):
+    """This program's whole slice of R^T (one digit), kept on chip for every step: per gate a
+    tuple of CHUNKS (BK, BH) tiles."""
+    w_r_all = ()
+    w_z_all = ()
+    w_n_all = ()
+    for chunk in tl.static_range(CHUNKS):  # Triton's tuples take `+`, not `*` unpacking
+        k0 = chunk * BK
+        w_r_all = w_r_all + (_weight_digits(digits_ptr, 0, 0, units, unit_ok, k0, hidden, BK),)  # noqa: RUF005
+        w_z_all = w_z_all + (_weight_digits(digits_ptr, 0, 1, units, unit_ok, k0, hidden, BK),)  # noqa: RUF005
+        w_n_all = w_n_all + (_weight_digits(digits_ptr, 0, 2, units, unit_ok, k0, hidden, BK),)  # noqa: RUF005
+    return w_r_all, w_z_all, w_n_all
+
+
+@triton.jit
 def _recurrent_sums(
     planes, digits_ptr, rows, row_ok, units, unit_ok, batch, hidden,
     BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
@@ -272,6 +287,8 @@ def _integer_gru_kernel(
     HAS_LENGTHS: tl.constexpr,
     TRACE: tl.constexpr,
     NARROW: tl.constexpr,  # KernelConstants.narrow: int32 values, terms without pre-shift
+    RESIDENT: tl.constexpr,  # one digit each: R's slice is loaded once, before the time loop
+    CHUNKS: tl.constexpr,  # RESIDENT: CHUNKS * BK covers H
 ):
     rows = row_start + tl.program_id(0) * BB + tl.arange(0, BB)
     units = tl.program_id(1) * BH + tl.arange(0, BH)
@@ -294,13 +311,29 @@ def _integer_gru_kernel(
     rh_p = tl.load(scalars + RH_PRE_SHIFT)
     wx_zero = tl.load(scalars + WX_ZERO_POINT)
 
+    if RESIDENT:
+        w_r_all, w_z_all, w_n_all = _resident_digits(digits_ptr, units, unit_ok, hidden, BK, CHUNKS)
+
     for step in range(steps):
         t = steps - 1 - step if REVERSE else step
         planes = exchange_ptr + (step % 2) * plane_set
-        sum_r, sum_z, sum_n = _recurrent_sums(
-            planes, digits_ptr, rows, row_ok, units, unit_ok, batch, hidden,
-            BB, BH, BK, H_DIGITS, R_DIGITS,
-        )  # fmt: skip
+        if RESIDENT:
+            acc_r = tl.zeros((BB, BH), dtype=tl.int32)
+            acc_z = tl.zeros((BB, BH), dtype=tl.int32)
+            acc_n = tl.zeros((BB, BH), dtype=tl.int32)
+            for chunk in tl.static_range(CHUNKS):
+                y = _digit_chunk(planes, 0, rows, row_ok, chunk * BK, batch, hidden, BK)
+                acc_r = tl.dot(y, w_r_all[chunk], acc_r, out_dtype=tl.int32)
+                acc_z = tl.dot(y, w_z_all[chunk], acc_z, out_dtype=tl.int32)
+                acc_n = tl.dot(y, w_n_all[chunk], acc_n, out_dtype=tl.int32)
+            sum_r = acc_r.to(tl.int64)
+            sum_z = acc_z.to(tl.int64)
+            sum_n = acc_n.to(tl.int64)
+        else:
+            sum_r, sum_z, sum_n = _recurrent_sums(
+                planes, digits_ptr, rows, row_ok, units, unit_ok, batch, hidden,
+                BB, BH, BK, H_DIGITS, R_DIGITS,
+            )  # fmt: skip
 
         # matmul.Rh and op.Rh_add_br, per gate (per-channel constants).
         rh_r = _rh_term(sum_r, rh_ptr, 0, rh_p, units, unit_ok, hidden, NARROW)

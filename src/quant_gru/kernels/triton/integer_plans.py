@@ -1,0 +1,80 @@
+"""How the integer kernel splits one direction over programs (its grid and tiles).
+
+As for the float kernels (plans.py), every program of a launch must be resident at once: a
+launch has at most one program a multiprocessor, and larger batches run in several launches
+of whole batch tiles. Among the tilings with the most programs (the pointwise work of a step
+spreads over all of them), the plan takes the one that reads the fewest bytes a step: each
+program reads its rows of the state (one byte a digit) and, unless its slice of R stays on
+chip, that slice (one byte a digit). Not yet measured on a GPU: the rule is a model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import triton
+
+from quant_gru.kernels.triton.plans import RESIDENT_BYTES
+
+ROW_TILES = (16, 32, 64, 128)  # tl.dot takes at least 16 rows
+UNIT_TILES = (16, 32, 64, 128, 256)
+CHUNK = 64  # K chunk of the recurrent product
+LARGE_TILE = 2048  # tiles of this many elements or more run on 8 warps, others on 4
+
+
+@dataclass(frozen=True)
+class IntegerPlan:
+    """Programs own ``block_b`` batch rows and ``block_h`` hidden units of all three gates and
+    read the state in chunks of ``block_k``; ``resident``: R's slice is loaded once, before
+    the time loop; a launch takes ``launch_rows`` batch rows."""
+
+    block_b: int
+    block_h: int
+    block_k: int
+    warps: int
+    resident: bool
+    launch_rows: int
+
+    def chunks(self, hidden: int) -> int:
+        """How many chunks of ``block_k`` cover H."""
+        return triton.cdiv(hidden, self.block_k)
+
+
+def integer_plan(
+    batch: int, hidden: int, h_digits: int, r_digits: int, programs: int | None
+) -> IntegerPlan:
+    """The plan for ``batch`` rows of H = ``hidden`` with the state and R in ``h_digits`` and
+    ``r_digits`` digits, on a GPU of ``programs`` multiprocessors (None: under the
+    interpreter, where programs run one after another, so each batch tile is one program
+    holding every unit). R's slice stays on chip only with one digit each (the kernel's
+    single-product path)."""
+    full = max(UNIT_TILES[0], triton.next_power_of_2(hidden))
+    block_k = min(CHUNK, full)
+    one_digit = h_digits == 1 and r_digits == 1
+
+    def resident(block_h: int) -> bool:
+        chunks = triton.cdiv(hidden, block_k)
+        return one_digit and 3 * block_h * chunks * block_k <= RESIDENT_BYTES
+
+    if programs is None:
+        return IntegerPlan(ROW_TILES[0], full, block_k, 4, resident(full), batch)
+    best: tuple[tuple[int, int, int], IntegerPlan] | None = None
+    for block_h in (u for u in UNIT_TILES if u <= full):
+        hidden_tiles = triton.cdiv(hidden, block_h)
+        if hidden_tiles > programs:
+            continue
+        for block_b in ROW_TILES:
+            batch_tiles = min(triton.cdiv(batch, block_b), programs // hidden_tiles)
+            grid = batch_tiles * hidden_tiles
+            on_chip = resident(block_h)
+            slice_bytes = 0 if on_chip else 3 * block_h * hidden * r_digits
+            step_bytes = grid * (block_b * hidden * h_digits + slice_bytes)
+            warps = 8 if block_b * block_h >= LARGE_TILE else 4
+            plan = IntegerPlan(block_b, block_h, block_k, warps, on_chip, batch_tiles * block_b)
+            # Fewest launches, then most programs, then fewest bytes a step.
+            score = (triton.cdiv(batch, plan.launch_rows), -grid, step_bytes)
+            if best is None or score < best[0]:
+                best = (score, plan)
+    if best is None:
+        raise ValueError(f"hidden_size {hidden} needs more than {programs} programs a batch tile")
+    return best[1]
