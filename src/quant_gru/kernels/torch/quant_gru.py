@@ -27,8 +27,8 @@ from quant_gru.quantize.tables import Table
 __all__ = [
     "TRACED_OPERATORS",
     "apply_term",
-    "check_programs",
     "exact_int_matmul",
+    "prepared_codes",
     "quantized_gru",
     "rounding_right_shift",
     "saturating_left_shift",
@@ -673,14 +673,17 @@ def _codes(values: Tensor, fmt: ActivationFormat, active: Tensor | None) -> Tens
     return torch.where(active, codes, fmt.zero_point)
 
 
-def check_programs(
+def prepared_codes(
     programs: Sequence[DirectionProgram],
     x_codes: Tensor,
     h0_codes: Tensor,
+    lengths: Tensor | None,
     num_layers: int,
     num_dirs: int,
-) -> None:
-    """Raise ValueError unless the arguments of a realization of the integer GRU agree."""
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The arguments of a realization of the integer GRU checked (ValueError where they
+    disagree) and made ready: x_codes and h0_codes as int64 on x_codes' device, and where
+    ``lengths`` are given the (T, B, 1) mask of the steps inside each sequence."""
     if num_layers < 1:
         raise ValueError(f"num_layers must be at least 1, got {num_layers}")
     if len(programs) != num_layers * num_dirs:
@@ -690,6 +693,12 @@ def check_programs(
         )
     if x_codes.dim() != 3 or h0_codes.dim() != 3:
         raise ValueError("x_codes must be (T, B, I) and h0_codes (L*D, B, H)")
+    device = x_codes.device
+    active = None
+    if lengths is not None:
+        time = torch.arange(x_codes.shape[0], device=device).unsqueeze(1)
+        active = (time < lengths.to(device).view(1, -1)).unsqueeze(-1)
+    return x_codes.to(torch.int64), h0_codes.to(device=device, dtype=torch.int64), active
 
 
 def quantized_gru(
@@ -713,15 +722,10 @@ def quantized_gru(
     (T, B, C) (each operator's zero point at padded steps), else None.
     """
     num_dirs = 2 if bidirectional else 1
-    check_programs(programs, x_codes, h0_codes, num_layers, num_dirs)
+    x_codes, h0_codes, active = prepared_codes(
+        programs, x_codes, h0_codes, lengths, num_layers, num_dirs
+    )
     device = x_codes.device
-    steps = x_codes.shape[0]
-    active = None
-    if lengths is not None:
-        time = torch.arange(steps, device=device).unsqueeze(1)
-        active = (time < lengths.to(device).view(1, -1)).unsqueeze(-1)
-    x_codes = x_codes.to(torch.int64)
-    h0_codes = h0_codes.to(device=device, dtype=torch.int64)
     outputs_of = [
         [p.formats["output.h"] for p in programs[i : i + num_dirs]]
         for i in range(0, len(programs), num_dirs)

@@ -16,8 +16,8 @@ from torch import Tensor
 
 from quant_gru.kernels.torch.quant_gru import (
     apply_term,
-    check_programs,
     exact_int_matmul,
+    prepared_codes,
     rounding_right_shift,
 )
 from quant_gru.kernels.triton import integer_layout as layout
@@ -170,15 +170,10 @@ def triton_integer_gru(
     """The integer GRU (§7, §8) on codes, its recurrence on the Triton kernel; arguments and
     results as kernels/torch/quant_gru.quantized_gru's."""
     num_dirs = 2 if bidirectional else 1
-    check_programs(programs, x_codes, h0_codes, num_layers, num_dirs)
+    x_codes, h0_codes, active = prepared_codes(
+        programs, x_codes, h0_codes, lengths, num_layers, num_dirs
+    )
     device = x_codes.device
-    steps = x_codes.shape[0]
-    active = None
-    if lengths is not None:
-        time = torch.arange(steps, device=device).unsqueeze(1)
-        active = (time < lengths.to(device).view(1, -1)).unsqueeze(-1)
-    x_codes = x_codes.to(torch.int64)
-    h0_codes = h0_codes.to(device=device, dtype=torch.int64)
     constants = [kernel_constants(program, device) for program in programs]
 
     finals: list[Tensor] = []

@@ -189,9 +189,10 @@ def _weight_digits(digits_ptr, digit, gate, units, unit_ok, k0, hidden, BK: tl.c
 
 
 @triton.jit
-def _resident_digits(digits_ptr, units, unit_ok, hidden, BK: tl.constexpr, CHUNKS: tl.constexpr):
+def _resident_digits(digits_ptr, units, unit_ok, hidden, BK, CHUNKS):
     """This program's whole slice of R^T (one digit), kept on chip for every step: per gate a
-    tuple of CHUNKS (BK, BH) tiles."""
+    tuple of CHUNKS (BK, BH) tiles. (Unannotated: mypy has no type for Triton's tuples; the
+    caller's constexpr arguments stay constexpr here.)"""
     w_r_all = ()
     w_z_all = ()
     w_n_all = ()
