@@ -275,3 +275,10 @@ def test_plans_keep_every_program_resident() -> None:
     assert integer_plan(7, 40, 1, 1, None).block_h == 64  # one program holds every unit
     with pytest.raises(ValueError, match="more than 4 programs"):
         integer_plan(16, 4096, 1, 1, 4)
+
+
+def test_chunks_of_k_suit_int8_matrix_cores() -> None:
+    """tl.dot of int8 on a GPU takes K >= 32: small H still gets chunks of 32 (zeros past H)."""
+    for programs in (None, 132):
+        assert integer_plan(4, 5, 1, 1, programs).block_k == 32
+        assert integer_plan(4, 1000, 1, 1, programs).block_k == 64

@@ -19,6 +19,7 @@ from quant_gru.kernels.triton.plans import RESIDENT_BYTES
 ROW_TILES = (16, 32, 64, 128)  # tl.dot takes at least 16 rows
 UNIT_TILES = (16, 32, 64, 128, 256)
 CHUNK = 64  # K chunk of the recurrent product
+MIN_CHUNK = 32  # tl.dot of int8 on the matrix cores takes K >= 32 (past H: masked zeros)
 LARGE_TILE = 2048  # tiles of this many elements or more run on 8 warps, others on 4
 
 
@@ -49,7 +50,7 @@ def integer_plan(
     holding every unit). R's slice stays on chip only with one digit each (the kernel's
     single-product path)."""
     full = max(UNIT_TILES[0], triton.next_power_of_2(hidden))
-    block_k = min(CHUNK, full)
+    block_k = max(MIN_CHUNK, min(CHUNK, full))
     one_digit = h_digits == 1 and r_digits == 1
 
     def resident(block_h: int) -> bool:
