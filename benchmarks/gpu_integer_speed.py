@@ -95,6 +95,7 @@ def measure(shape: tuple[int, int, int, int], repeats: int) -> dict:
         "infer_peak_mb": peak_mb(_infer(model, x)),
         "qat_train_peak_mb": peak_mb(_train(model, x)),
     }
+    _quantized(model, False, False)  # torch's TF32 flags back to their defaults
     return row
 
 

@@ -100,7 +100,7 @@ def test_candidates_fit_on_the_gpu(
     chunk, exactly when it fits and the type is 16-bit, and large float32 backward tiles are
     tried on 8 warps, and on 4 in chunks of 32. Each tile runs on the rule's warps and on 4."""
     sms = 132
-    monkeypatch.setattr(plans, "_programs", lambda _device: sms)
+    monkeypatch.setattr(plans, "resident_programs", lambda _device: sms)
     full = plans.padded(hidden)
     candidates = plans.tile_candidates(batch, hidden, element_size, DEVICE, backward)
     assert candidates, "no candidate"
@@ -164,7 +164,7 @@ def test_rule_tiles(
     forward's, which are the widest whose R slice stays on chip; large float32 tiles run on 8
     warps, small 16-bit ones and small float32 backward ones on 2; every grid fits on the SMs
     at once."""
-    monkeypatch.setattr(plans, "_programs", lambda _device: 132)
+    monkeypatch.setattr(plans, "resident_programs", lambda _device: 132)
     make = plans.backward_plan if backward else plans.tile_plan
     plan = make(batch, hidden, element_size, DEVICE)
     assert not plan.rows
@@ -205,7 +205,7 @@ def test_rule_rows(
     batches; in the forward, programs of up to 2 rows (16-bit types: 1) holding 64 units of R
     at H=256 (the backward takes the tile kernel there); the tile kernels otherwise. The row
     kernels compute in float32 whatever the type."""
-    monkeypatch.setattr(plans, "_programs", lambda _device: 132)
+    monkeypatch.setattr(plans, "resident_programs", lambda _device: 132)
     make = plans.backward_plan if backward else plans.forward_plan
     if backward and expected != "tile" and expected[0] == "wide":
         expected = "tile"

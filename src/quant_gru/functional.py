@@ -92,6 +92,7 @@ def quantized_gru(
     _check_weight_count(weights, shape)
     x, h0, lengths, layout = _validated_time_major(input, hx, weights[0][0], shape)
     if backend_choice(backend, x) == "triton":
+        # Imported here: importing the package must not import triton (kernels/triton/ops.py).
         from quant_gru.kernels.triton.integer_gru import triton_integer_gru
 
         model = dataclasses.replace(model, realization=triton_integer_gru)

@@ -31,7 +31,7 @@ from quant_gru.kernels.triton.integer_constants import (
 from quant_gru.kernels.triton.integer_digits import one_digit_products
 from quant_gru.kernels.triton.integer_kernel import _integer_gru_kernel
 from quant_gru.kernels.triton.integer_plans import IntegerPlan, integer_plan
-from quant_gru.kernels.triton.plans import interpreted
+from quant_gru.kernels.triton.plans import resident_programs
 from quant_gru.quantize.program import ACTIVATION_OPERATORS, ActivationFormat, DirectionProgram
 from quant_gru.quantize.requant import ceil_log2
 
@@ -71,20 +71,12 @@ def input_projection(program: DirectionProgram, x: Tensor) -> Tensor:
     return codes.to(_code_type(wx))
 
 
-def _programs_on_device(device: torch.device) -> int | None:
-    """How many programs may wait for each other: the SM count on a GPU, None (one hidden
-    tile a batch tile) under the interpreter."""
-    if interpreted() or device.type != "cuda":
-        return None
-    return int(torch.cuda.get_device_properties(device).multi_processor_count)
-
-
 def plan_for(
     batch: int, hidden: int, constants: KernelConstants, device: torch.device
 ) -> IntegerPlan:
     """The grid and tiles of one direction's launches (integer_plans.py)."""
     return integer_plan(
-        batch, hidden, constants.h_digits, constants.r_digits, _programs_on_device(device)
+        batch, hidden, constants.h_digits, constants.r_digits, resident_programs(device)
     )
 
 
@@ -104,13 +96,14 @@ def run_direction(
     steps, batch, _ = wx_codes.shape
     hidden = program.hidden_size
     device = wx_codes.device
-    out = torch.zeros(steps, batch, hidden, dtype=torch.int64, device=device)
+    # The kernel writes every element of both at every step (0 at padded steps).
+    out = torch.empty(steps, batch, hidden, dtype=torch.int64, device=device)
     traced = (
-        torch.zeros(steps, batch, layout.TRACE_WIDTH * hidden, dtype=torch.int64, device=device)
+        torch.empty(steps, batch, layout.TRACE_WIDTH * hidden, dtype=torch.int64, device=device)
         if trace
         else None
     )
-    h_n = h0.contiguous().clone()
+    h_n = h0.clone(memory_format=torch.contiguous_format)  # the kernel reads h0 from it
     if steps == 0 or batch == 0:
         return out, h_n, traced
     plan = plan_for(batch, hidden, constants, device)

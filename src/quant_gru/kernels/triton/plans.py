@@ -111,7 +111,7 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _programs(device: torch.device) -> int | None:
+def resident_programs(device: torch.device) -> int | None:
     """The SM count, or None where programs cannot wait for each other (one hidden tile)."""
     if interpreted() or device.type != "cuda":
         return None
@@ -128,7 +128,7 @@ def _multiprocessors(index: int) -> int:
 def batch_limit(device: torch.device) -> int | None:
     """The most batch rows one launch takes (64-row tiles, one program per SM); None where
     there is no limit (under the interpreter)."""
-    programs = _programs(device)
+    programs = resident_programs(device)
     return None if programs is None else 64 * programs
 
 
@@ -161,7 +161,7 @@ def _fewest_units(row_tiles: int, hidden: int, smallest: int, programs: int) -> 
 def row_plan(
     batch: int, hidden: int, device: torch.device, backward: bool = False, element_size: int = 4
 ) -> Plan | None:
-    return _row_plan(batch, hidden, _programs(device), backward, element_size)
+    return _row_plan(batch, hidden, resident_programs(device), backward, element_size)
 
 
 def _row_plan(
@@ -231,7 +231,7 @@ def _wide_row_plan(batch: int, hidden: int, programs: int | None, max_rows: int)
 
 
 def tile_tiles(batch: int, hidden: int, element_size: int, device: torch.device) -> tuple[int, int]:
-    return _tile_tiles(batch, hidden, element_size, _programs(device))
+    return _tile_tiles(batch, hidden, element_size, resident_programs(device))
 
 
 def _tile_tiles(
@@ -347,7 +347,7 @@ def _resident_chunk(full: int, element_size: int) -> int:
 
 
 def tile_plan(batch: int, hidden: int, element_size: int, device: torch.device) -> Plan:
-    return _tile_plan(batch, hidden, element_size, _programs(device))
+    return _tile_plan(batch, hidden, element_size, resident_programs(device))
 
 
 def _tile_plan(batch: int, hidden: int, element_size: int, programs: int | None) -> Plan:
@@ -385,11 +385,11 @@ def _tile_warps(block_b: int, block_h: int, element_size: int, backward: bool) -
 
 
 def forward_plan(batch: int, hidden: int, element_size: int, device: torch.device) -> Plan:
-    return _plan(batch, hidden, element_size, _programs(device), backward=False)
+    return _plan(batch, hidden, element_size, resident_programs(device), backward=False)
 
 
 def backward_plan(batch: int, hidden: int, element_size: int, device: torch.device) -> Plan:
-    return _plan(batch, hidden, element_size, _programs(device), backward=True)
+    return _plan(batch, hidden, element_size, resident_programs(device), backward=True)
 
 
 # Cached: a plan is made on every call, and in Python that cost tens of microseconds of the
@@ -430,7 +430,7 @@ def tile_candidates(
     ``_tile_warps`` and, where those are not 4, on 4 as well (large float32 backward tiles
     then in chunks of 32). Each plan costs a compilation, so the set keeps to the tiles that
     came out fastest somewhere in a sweep on an H100. None under the interpreter."""
-    programs = _programs(device)
+    programs = resident_programs(device)
     if programs is None:
         return []
     full = padded(hidden)
