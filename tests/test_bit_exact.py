@@ -43,8 +43,11 @@ def cases(draw: st.DrawFn) -> dict:
     }
 
 
-def run_both(case: dict, device: torch.device, realization=quantized_gru):
-    """The reference's codes and traces, and those of ``realization`` on ``device``."""
+def calibrated_case(
+    case: dict,
+) -> tuple[QuantGRU, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The case's model, calibrated and quantized by its config (on the CPU), and its input,
+    initial state and lengths."""
     torch.manual_seed(case["seed"])
     model = QuantGRU(
         case["input_size"],
@@ -68,6 +71,12 @@ def run_both(case: dict, device: torch.device, realization=quantized_gru):
     x = torch.randn(*shape, case["input_size"]) * scale * 1.3  # beyond the calibrated range too
     hx = torch.randn(states, case["batch"], case["hidden_size"]) if case["with_hx"] else None
     lengths = torch.tensor(case["lengths"]) if case["lengths"] is not None else None
+    return model, x, hx, lengths
+
+
+def run_both(case: dict, device: torch.device, realization=quantized_gru):
+    """The reference's codes and traces, and those of ``realization`` on ``device``."""
+    model, x, hx, lengths = calibrated_case(case)
     programs = build_programs(model._quantized_model(), model._direction_weights())
     x_codes = input_codes(x, programs)
     h0_codes = initial_codes(hx, programs, x)

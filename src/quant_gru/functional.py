@@ -91,12 +91,19 @@ def quantized_gru(
     Triton kernel or plain PyTorch (kernels/backend.py); both give the same codes."""
     _check_weight_count(weights, shape)
     x, h0, lengths, layout = _validated_time_major(input, hx, weights[0][0], shape)
-    if backend_choice(backend, x) == "triton":
+    if backend_choice(backend, x) != "triton":
+        out, h_n = quantized_forward(x, h0, lengths, weights, shape, model, dropout, training)
+    elif records_gradient(x, h0, weights) or dropout_between_layers(dropout, training):
         # Imported here: importing the package must not import triton (kernels/triton/ops.py).
         from quant_gru.kernels.triton.integer_gru import triton_integer_gru
 
         model = dataclasses.replace(model, realization=triton_integer_gru)
-    out, h_n = quantized_forward(x, h0, lengths, weights, shape, model, dropout, training)
+        out, h_n = quantized_forward(x, h0, lengths, weights, shape, model, dropout, training)
+    else:
+        # Inference: float to float on the kernels, the same values to the bit.
+        from quant_gru.kernels.triton.integer_inference import quantized_inference
+
+        out, h_n = quantized_inference(x, h0, lengths, weights, shape, model)
     return (
         sequence.output_from_time_major(out, layout),
         sequence.hidden_from_working_order(h_n, layout),

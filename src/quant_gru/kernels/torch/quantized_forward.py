@@ -11,7 +11,7 @@ saturated (the straight-through estimator with clamp masks).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,33 @@ _WEIGHT_FIELDS = {
 }
 
 
+class ProgramCache:
+    """The programs of the weights a forward last saw, kept while those weights are unchanged:
+    the same tensors, not modified in place since (their version counters), same storage.
+    Inference then skips quantizing the weights, and the realizations' own caches keyed on
+    the programs (integer_gru.py) hold too."""
+
+    def __init__(self) -> None:
+        self._weights: tuple[Tensor | None, ...] = ()
+        self._stamps: tuple[tuple[int, int, tuple[int, ...]] | None, ...] = ()
+        self._programs: list[DirectionProgram] = []
+
+    def get(self, weights: tuple[Tensor | None, ...]) -> list[DirectionProgram] | None:
+        same = len(weights) == len(self._weights) and all(
+            a is b for a, b in zip(weights, self._weights, strict=True)
+        )
+        return self._programs if same and _stamps(weights) == self._stamps else None
+
+    def put(self, weights: tuple[Tensor | None, ...], programs: list[DirectionProgram]) -> None:
+        self._weights, self._stamps, self._programs = weights, _stamps(weights), programs
+
+
+def _stamps(
+    weights: tuple[Tensor | None, ...],
+) -> tuple[tuple[int, int, tuple[int, ...]] | None, ...]:
+    return tuple(None if w is None else (w._version, w.data_ptr(), tuple(w.shape)) for w in weights)
+
+
 @dataclass(frozen=True)
 class QuantizedModel:
     """What the quantized forward needs besides the float weights, per (layer, direction)."""
@@ -48,6 +75,7 @@ class QuantizedModel:
     quant: Sequence[DirectionQuant]
     constants: Sequence[DirectionConstants]
     realization: Realization = quantized_gru
+    programs: ProgramCache = field(default_factory=ProgramCache, compare=False, repr=False)
 
 
 def quantized_forward(
@@ -104,13 +132,20 @@ def quantized_forward(
 def build_programs(
     model: QuantizedModel, weights: Sequence[DirectionWeights]
 ) -> list[DirectionProgram]:
-    """The integer programs of the current (float) weights."""
-    return [
+    """The integer programs of the current (float) weights (model.programs keeps the last)."""
+    flat = tuple(w for pair in weights for w in pair)
+    # Under torch.compile the programs are made afresh: version counters are not traced.
+    cached = None if torch.compiler.is_compiling() else model.programs.get(flat)
+    if cached is not None:
+        return cached
+    programs = [
         with_weights(c, (w_ih.detach(), w_hh.detach(), _detach(b_ih), _detach(b_hh)), q)
         for c, (w_ih, w_hh, b_ih, b_hh), q in zip(
             model.constants, weights, model.quant, strict=True
         )
     ]
+    model.programs.put(flat, programs)
+    return programs
 
 
 def _detach(tensor: Tensor | None) -> Tensor | None:

@@ -10,8 +10,8 @@ integers of §4. An 8-bit configuration with float scales is narrow; wide widths
 power-of-two scales whose ratios are left shifts are not.
 
 The constants of the quantization parameters are made once per calibration (``_STATIC``);
-those of the weights (R's digits, its row sums, the recurrent bias term) on every call, since
-training changes the weights.
+those of the weights (R's digits, its row sums, the recurrent bias term) once per program,
+which quantized_forward.ProgramCache keeps while the weights are unchanged.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from torch import Tensor
 
 from quant_gru.kernels.torch.quant_gru import apply_term, rounding_right_shift
 from quant_gru.kernels.triton import integer_layout as layout
+from quant_gru.kernels.triton.derived import DerivedCache
 from quant_gru.kernels.triton.integer_digits import (
     MAX_PRODUCT_TERMS,
     digit_offset,
@@ -46,6 +47,7 @@ class KernelConstants:
     rb_bias: Tensor  # (3H,) int64: op.Rh_add_br's term of weight.br
     scalars: Tensor  # (layout.SCALARS,) int64
     tables: Tensor  # (3, 513) int64
+    output_scale: Tensor  # (1,) float64: output.h's scale (the kernel's float outputs)
     h_digits: int
     r_digits: int
     narrow: bool
@@ -80,6 +82,7 @@ class _Static:
 
     scalars: Tensor
     tables: Tensor
+    output_scale: Tensor
     rh_multipliers: Tensor  # (2, 3H): m and n of matmul.Rh
     h_digits: int
     h_offset: int
@@ -140,6 +143,7 @@ def _make_static(program: DirectionProgram, device: torch.device) -> _Static:
     return _Static(
         scalars=torch.tensor(scalars, dtype=torch.int64).to(device),
         tables=torch.stack([program.tables[name].y for name in layout.TABLES]).to(device),
+        output_scale=torch.tensor([fmt["output.h"].scale], dtype=torch.float64, device=device),
         rh_multipliers=torch.stack([_channels(rh_dot.m, rows), _channels(rh_dot.n, rows)]).to(
             device
         ),
@@ -150,9 +154,16 @@ def _make_static(program: DirectionProgram, device: torch.device) -> _Static:
     )
 
 
+_CONSTANTS: DerivedCache[KernelConstants] = DerivedCache()
+
+
 def kernel_constants(program: DirectionProgram, device: torch.device) -> KernelConstants:
-    """The kernel's constants for ``program``, on ``device``: those of its quantization
-    parameters from a cache, those of its weights made anew."""
+    """The kernel's constants for ``program``, on ``device``, made once per program (those of
+    its quantization parameters once per calibration)."""
+    return _CONSTANTS.get(program, device, lambda: _make_constants(program, device))
+
+
+def _make_constants(program: DirectionProgram, device: torch.device) -> KernelConstants:
     static = _static(program, device)
     terms, hidden = program.terms, program.hidden_size
     rows = 3 * hidden
@@ -176,9 +187,10 @@ def kernel_constants(program: DirectionProgram, device: torch.device) -> KernelC
         rb_bias=rb_bias.expand(rows).contiguous(),
         scalars=static.scalars,
         tables=static.tables,
+        output_scale=static.output_scale,
         h_digits=static.h_digits,
         r_digits=r_digits,
-        narrow=static.narrow_terms and _plain_term(rh_dot, recurrent_bound),
+        narrow=static.narrow_terms and plain_term(rh_dot, recurrent_bound),
     )
 
 
@@ -192,7 +204,7 @@ def _channels(values: Tensor, width: int) -> Tensor:
     return values.to(torch.int64).expand(width)
 
 
-def _plain_term(term: Term, bound: int) -> bool:
+def plain_term(term: Term, bound: int) -> bool:
     """Whether the term of integers |v| <= bound is rshr(v * m, n) with everything in range:
     no pre-shifts, 1 <= n <= 62, v within int32 and |t| <= 2^60."""
     n, m = term.n.to(torch.int64), term.m.to(torch.int64).abs()
@@ -228,4 +240,4 @@ def _narrow_terms(program: DirectionProgram) -> bool:
     # Every operator's values are carried in int32 too (the gate pre-activations are no term's
     # integer: they index the tables).
     fits = all(bound < _NARROW_LIMIT for bound in mag.values())
-    return fits and all(_plain_term(term, bound) for term, bound in checks)
+    return fits and all(plain_term(term, bound) for term, bound in checks)

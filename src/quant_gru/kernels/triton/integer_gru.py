@@ -14,61 +14,20 @@ import torch
 import triton
 from torch import Tensor
 
-from quant_gru.kernels.torch.quant_gru import (
-    apply_term,
-    exact_int_matmul,
-    prepared_codes,
-    rounding_right_shift,
-)
+from quant_gru.kernels.torch.quant_gru import apply_term, prepared_codes
 from quant_gru.kernels.triton import integer_layout as layout
 from quant_gru.kernels.triton.integer_constants import (
     KernelConstants,
     kernel_constants,
-    shifted,
-    value_range,
     zero_corrected_range,
 )
-from quant_gru.kernels.triton.integer_digits import one_digit_products
 from quant_gru.kernels.triton.integer_kernel import _integer_gru_kernel
 from quant_gru.kernels.triton.integer_plans import IntegerPlan, integer_plan
+from quant_gru.kernels.triton.integer_projection import input_projection
 from quant_gru.kernels.triton.plans import resident_programs
-from quant_gru.quantize.program import ACTIVATION_OPERATORS, ActivationFormat, DirectionProgram
-from quant_gru.quantize.requant import ceil_log2
+from quant_gru.quantize.program import ACTIVATION_OPERATORS, DirectionProgram
 
 __all__ = ["triton_integer_gru"]
-
-# Codes of matmul.Wx go to the kernel in the narrowest of these that holds their range.
-_CODE_TYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
-
-
-def _code_type(fmt: ActivationFormat) -> torch.dtype:
-    for dtype in _CODE_TYPES:
-        info = torch.iinfo(dtype)
-        if info.min <= fmt.qmin and fmt.qmax <= info.max:
-            return dtype
-    raise ValueError(f"codes in [{fmt.qmin}, {fmt.qmax}] do not fit 64 bits")
-
-
-def input_projection(program: DirectionProgram, x: Tensor) -> Tensor:
-    """matmul.Wx's codes (T, B, 3H) of zero-corrected input.x values ``x`` (§7), in the
-    narrowest integer type that holds them."""
-    fmt = program.formats
-    dot, bias = program.terms["matmul.Wx"]
-    weight_shift, x_shift = dot.operand_shifts
-    weight = rounding_right_shift(program.weight_W.to(x.device, torch.int64), weight_shift)
-    operand = rounding_right_shift(x, x_shift)
-    low, high = (shifted(v, x_shift) for v in zero_corrected_range(fmt["input.x"]))
-    weight_range = value_range(weight)
-    products = one_digit_products(operand, low, high, weight, weight_range)
-    if products is None:
-        x_bits = max(abs(low), abs(high)).bit_length()
-        weight_bits = max(abs(v) for v in weight_range).bit_length()
-        bound = x_bits + weight_bits + ceil_log2(program.input_size)
-        products = exact_int_matmul(operand, weight.t(), bound, (x_bits, weight_bits))
-    biases = apply_term(program.bias_w.to(x.device, torch.int64), bias)
-    wx = fmt["matmul.Wx"]
-    codes = (apply_term(products, dot) + biases + wx.zero_point).clamp(wx.qmin, wx.qmax)
-    return codes.to(_code_type(wx))
 
 
 def plan_for(
@@ -88,23 +47,37 @@ def run_direction(
     lengths: Tensor | None,
     reverse: bool,
     trace: bool,
+    floats: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """The recurrence over matmul.Wx's codes ``wx_codes`` (T, B, 3H, contiguous) from the
     zero-corrected state ``h0`` (B, H): zero-corrected outputs (T, B, H; 0 at padded steps),
     the final state and, with ``trace``, the kernel's trace (T, B, 15H;
-    integer_layout.TRACE_BLOCKS)."""
+    integer_layout.TRACE_BLOCKS). ``floats``: float destinations (out (T, B, H), a view
+    whose rows may be longer; h_n (B, H), contiguous) that get the dequantized outputs and
+    final state instead (output.h's scale, quantize.scales.dequantize) and are returned."""
     steps, batch, _ = wx_codes.shape
     hidden = program.hidden_size
     device = wx_codes.device
-    # The kernel writes every element of both at every step (0 at padded steps).
-    out = torch.empty(steps, batch, hidden, dtype=torch.int64, device=device)
+    if floats is None:
+        # The kernel writes every element of both (0 at padded steps).
+        out = torch.empty(steps, batch, hidden, dtype=torch.int64, device=device)
+        h_n = torch.empty(batch, hidden, dtype=torch.int64, device=device)
+        scale = out
+    else:
+        out, h_n = floats
+        scale = constants.output_scale
+        if out.shape != (steps, batch, hidden) or out.stride()[1:] != (out.stride(0) // batch, 1):
+            raise ValueError("float outputs must be (T, B, H) rows of one (T, B, ·) tensor")
     traced = (
         torch.empty(steps, batch, layout.TRACE_WIDTH * hidden, dtype=torch.int64, device=device)
         if trace
         else None
     )
-    h_n = h0.clone(memory_format=torch.contiguous_format)  # the kernel reads h0 from it
+    h0 = h0.contiguous()
     if steps == 0 or batch == 0:
+        if floats is None:
+            return out, h0.clone(), traced
+        h_n.copy_((h0.double() * scale).float())
         return out, h_n, traced
     plan = plan_for(batch, hidden, constants, device)
     lengths32 = out if lengths is None else lengths.to(device=device, dtype=torch.int32)
@@ -115,13 +88,14 @@ def run_direction(
         counters = torch.zeros(grid[0], dtype=torch.int32, device=device)
         _integer_gru_kernel[grid](
             wx_codes, constants.digits, constants.rh, constants.rb_bias, constants.scalars,
-            constants.tables, h_n, lengths32, out, h_n,
+            constants.tables, h0, lengths32, out, h_n, scale,
             out if traced is None else traced, exchange, counters, steps, batch, hidden,
-            start, end,
+            out.stride(1), start, end,
             REVERSE=reverse, BB=plan.block_b, BH=plan.block_h, BK=plan.block_k,
             H_DIGITS=constants.h_digits, R_DIGITS=constants.r_digits,
             HAS_LENGTHS=lengths is not None, TRACE=traced is not None, NARROW=constants.narrow,
-            RESIDENT=plan.resident, CHUNKS=plan.chunks(hidden), num_warps=plan.warps,
+            RESIDENT=plan.resident, CHUNKS=plan.chunks(hidden), OUT_FLOAT=floats is not None,
+            num_warps=plan.warps,
         )  # fmt: skip
     return out, h_n, traced
 
@@ -180,7 +154,7 @@ def triton_integer_gru(
             if layer == 0:
                 x = x_codes - programs[0].formats["input.x"].zero_point
             else:
-                x = _layer_input(program, below)
+                x = layer_input(program, below)
             h_zero = program.formats["output.h"].zero_point
             wx = input_projection(program, x)
             out, h_n, traced = run_direction(
@@ -200,7 +174,7 @@ def triton_integer_gru(
     return out_codes, torch.stack(finals), traces if trace else None
 
 
-def _layer_input(program: DirectionProgram, below: Sequence[Tensor]) -> Tensor:
+def layer_input(program: DirectionProgram, below: Sequence[Tensor]) -> Tensor:
     """Zero-corrected input.x values of a layer above the first from the zero-corrected
     outputs of each direction of the layer below (§8: one term each)."""
     low, high = zero_corrected_range(program.formats["input.x"])

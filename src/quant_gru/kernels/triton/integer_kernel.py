@@ -248,6 +248,30 @@ def _recurrent_sums(
 
 
 @triton.jit
+def _bfloat16(value):
+    """float32 to bfloat16, rounded to nearest even in integers (Triton's interpreter would
+    truncate; the values are finite)."""
+    bits = value.to(tl.uint32, bitcast=True)
+    bits += ((bits >> 16) & 1) + 0x7FFF
+    return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _output(v, scale_ptr, destination, OUT_FLOAT: tl.constexpr):
+    """Zero-corrected values as stored: int64, or (OUT_FLOAT) dequantized in float64 and
+    rounded to the destination's type through float32, as torch converts float64."""
+    if OUT_FLOAT:
+        value = (v.to(tl.float64) * tl.load(scale_ptr)).to(tl.float32)
+        if destination.dtype.element_ty == tl.bfloat16:
+            result = _bfloat16(value)
+        else:
+            result = value.to(destination.dtype.element_ty)
+    else:
+        result = v.to(tl.int64)
+    return result
+
+
+@triton.jit
 def _store_digits(planes, own_offsets, own, h, scalars, batch, hidden, H_DIGITS: tl.constexpr):
     """Store this program's part of the state as the digits of rshr(h, e_c) - o (§4's operand
     shift of matmul.Rh, then integer_digits' offset), one (B, H) int8 plane each."""
@@ -269,14 +293,16 @@ def _integer_gru_kernel(
     tables,  # (3, 513) int64: the knots of gate.r_out, gate.z_out, gate.g_out
     h0_ptr,  # (B, H) int64, zero-corrected
     lengths_ptr,  # (B,) int32
-    out_ptr,  # (T, B, H) int64: zero-corrected outputs, 0 at padded steps
-    h_n_ptr,  # (B, H) int64
+    out_ptr,  # (T, B, ·) rows of out_stride: zero-corrected outputs (0 at padded steps), int64
+    h_n_ptr,  # (B, H): the final state, int64 (OUT_FLOAT: both dequantized, in their type)
+    scale_ptr,  # (1,) float64: output.h's scale (OUT_FLOAT)
     trace_ptr,  # (T, B, 15H) int64 (TRACE only; integer_layout.TRACE_BLOCKS)
     exchange_ptr,  # (2, H_DIGITS, B, H) int8: the state's digits, double-buffered
     counter_ptr,  # (number of batch tiles,) int32, zeros
     steps,
     batch,
     hidden,
+    out_stride,  # elements from one (step, row) of the outputs to the next
     row_start,  # this launch's rows: [row_start, row_end)
     row_end,
     REVERSE: tl.constexpr,
@@ -290,6 +316,7 @@ def _integer_gru_kernel(
     NARROW: tl.constexpr,  # KernelConstants.narrow: int32 values, terms without pre-shift
     RESIDENT: tl.constexpr,  # one digit each: R's slice is loaded once, before the time loop
     CHUNKS: tl.constexpr,  # RESIDENT: CHUNKS * BK covers H
+    OUT_FLOAT: tl.constexpr,  # outputs and final state as floats s * (q - zp) (quantize.scales)
 ):
     rows = row_start + tl.program_id(0) * BB + tl.arange(0, BB)
     units = tl.program_id(1) * BH + tl.arange(0, BH)
@@ -385,8 +412,8 @@ def _integer_gru_kernel(
         h_new = _clamp(h_new, scalars, RANGE_H, NARROW)
 
         active = (t < length)[:, None]
-        out = out_ptr + t * batch * hidden + own_offsets
-        tl.store(out, tl.where(active, h_new, 0).to(tl.int64), mask=own)
+        out = out_ptr + (t * batch + rows[:, None]) * out_stride + units[None, :]
+        tl.store(out, _output(tl.where(active, h_new, 0), scale_ptr, out_ptr, OUT_FLOAT), mask=own)
         if TRACE:
             row = trace_ptr + t * batch * 15 * hidden + rows[:, None] * (15 * hidden)
             row += units[None, :]
@@ -411,4 +438,4 @@ def _integer_gru_kernel(
         _store_digits(next_planes, own_offsets, own, h, scalars, batch, hidden, H_DIGITS)
         _barrier(counter, hidden_tiles * (step + 2))
 
-    tl.store(h_n_ptr + own_offsets, h.to(tl.int64), mask=own)
+    tl.store(h_n_ptr + own_offsets, _output(h, scale_ptr, h_n_ptr, OUT_FLOAT), mask=own)

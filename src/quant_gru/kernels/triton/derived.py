@@ -1,0 +1,35 @@
+"""Values derived from an object on a device, kept exactly as long as the object lives.
+
+The integer realization derives kernel operands from each DirectionProgram; a program lives as
+long as the weights it was made from are in use (quantized_forward.ProgramCache), so entries
+go with it, and ids of dead objects never alias a live entry.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+import torch
+
+Value = TypeVar("Value")
+
+
+class DerivedCache(Generic[Value]):
+    """make(owner) once per (owner, device), dropped when the owner is collected."""
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[int, str], Value] = {}
+
+    def get(self, owner: object, device: torch.device, make: Callable[[], Value]) -> Value:
+        key = (id(owner), str(device))
+        value = self._entries.get(key)
+        if value is None:
+            value = make()
+            self._entries[key] = value
+            weakref.finalize(owner, self._entries.pop, key, None)
+        return value
+
+    def __len__(self) -> int:
+        return len(self._entries)

@@ -1,0 +1,183 @@
+"""matmul.Wx of the integer GRU (reference/README.md §7) for every step at once, outside the
+recurrence: from zero-corrected input codes (plain PyTorch, any widths), or straight from the
+float input of the first layer (projection_kernel.py: quantize, int8 product and the whole
+epilogue in two launches) where the operands take one digit each.
+
+What depends on the weights alone (the shifted W, its digits and row sums, the bias term) is
+made once per program: ProgramCache (quantized_forward.py) keeps a program while its weights
+are unchanged, so inference finds them here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import triton
+from torch import Tensor
+
+from quant_gru.kernels.torch.quant_gru import apply_term, exact_int_matmul, rounding_right_shift
+from quant_gru.kernels.triton.derived import DerivedCache
+from quant_gru.kernels.triton.integer_constants import (
+    plain_term,
+    shifted,
+    value_range,
+    zero_corrected_range,
+)
+from quant_gru.kernels.triton.integer_digits import (
+    MAX_PRODUCT_TERMS,
+    digit_offset,
+    digits_for_span,
+    digits_for_values,
+    one_digit_products,
+)
+from quant_gru.kernels.triton.projection_kernel import _projection_kernel, _quantize_kernel
+from quant_gru.quantize.program import ActivationFormat, DirectionProgram
+from quant_gru.quantize.requant import ceil_log2
+
+# Codes of matmul.Wx are kept in the narrowest of these that holds their range.
+_CODE_TYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+_QUANTIZE_BLOCK = 1024
+_TILE = 128  # rows and columns of a product tile on a GPU
+_CHUNK = 64  # its K chunk (int8 tl.dot takes K >= 32)
+
+
+def code_type(fmt: ActivationFormat) -> torch.dtype:
+    """The narrowest integer type that holds the operator's codes."""
+    for dtype in _CODE_TYPES:
+        info = torch.iinfo(dtype)
+        if info.min <= fmt.qmin and fmt.qmax <= info.max:
+            return dtype
+    raise ValueError(f"codes in [{fmt.qmin}, {fmt.qmax}] do not fit 64 bits")
+
+
+@dataclass(frozen=True)
+class ProjectionOperands:
+    """One program's matmul.Wx operands on one device."""
+
+    weight: Tensor  # (3H, I) int64: W after its operand shift
+    weight_range: tuple[int, int]
+    bias: Tensor  # (3H,) int64: the bias term of weight.bw plus matmul.Wx's zero point
+    x_shift: int  # the input operand's shift
+    x_range: tuple[int, int]  # the shifted input operand's range
+    # One digit each (the kernels' case), else None:
+    digits: Tensor | None  # (I, 3H) int8: W^T
+    x_offset: int  # o of the input operand's digits
+    correction: Tensor | None  # (3H,) int64: o * rowsum(W)
+    multiplier: Tensor | None  # (3H,) int64: the dot term's m per channel
+    shift: Tensor | None  # (3H,) int64: its n per channel
+    narrow: bool  # sums and term in int32 (integer_constants.plain_term)
+    x_format: Tensor | None  # (3,) float64: input.x's scale, qmin - zp, qmax - zp
+
+
+_OPERANDS: DerivedCache[ProjectionOperands] = DerivedCache()
+
+
+def projection_operands(program: DirectionProgram, device: torch.device) -> ProjectionOperands:
+    """The program's operands on ``device``, made once per program."""
+    return _OPERANDS.get(program, device, lambda: _make_operands(program, device))
+
+
+def _make_operands(program: DirectionProgram, device: torch.device) -> ProjectionOperands:
+    fmt = program.formats
+    dot, bias_term = program.terms["matmul.Wx"]
+    weight_shift, x_shift = dot.operand_shifts
+    weight = rounding_right_shift(program.weight_W.to(device, torch.int64), weight_shift)
+    weight_range = value_range(weight)
+    x_range = tuple(shifted(v, x_shift) for v in zero_corrected_range(fmt["input.x"]))
+    bias = apply_term(program.bias_w.to(device, torch.int64), bias_term)
+    bias = bias + fmt["matmul.Wx"].zero_point
+    rows = weight.shape[0]
+    base = ProjectionOperands(
+        weight=weight,
+        weight_range=weight_range,
+        bias=bias.expand(rows).contiguous(),
+        x_shift=x_shift,
+        x_range=(x_range[0], x_range[1]),
+        digits=None,
+        x_offset=0,
+        correction=None,
+        multiplier=None,
+        shift=None,
+        narrow=False,
+        x_format=None,
+    )
+    one_digit = digits_for_span(*x_range) == 1 and digits_for_values(*weight_range) == 1
+    if not one_digit or not 0 < program.input_size <= MAX_PRODUCT_TERMS:
+        return base
+    offset = digit_offset(x_range[0], 1)
+    bound = max(map(abs, x_range)) * max(map(abs, weight_range)) * program.input_size
+    # The operand shifts are applied to the operands above, so the term sees none.
+    narrow = plain_term(dataclasses.replace(dot, operand_shifts=(0, 0)), bound)
+    return dataclasses.replace(
+        base,
+        digits=weight.t().to(torch.int8).contiguous(),
+        x_offset=offset,
+        correction=weight.sum(dim=1) * offset,
+        multiplier=dot.m.to(device, torch.int64).expand(rows).contiguous(),
+        shift=dot.n.to(device, torch.int64).expand(rows).contiguous(),
+        narrow=narrow,
+        # float64 on the device: a Python float would reach the kernel as float32.
+        x_format=torch.tensor(
+            [fmt["input.x"].scale, *zero_corrected_range(fmt["input.x"])],
+            dtype=torch.float64,
+            device=device,
+        ),
+    )
+
+
+def input_projection(program: DirectionProgram, x: Tensor) -> Tensor:
+    """matmul.Wx's codes (T, B, 3H) of zero-corrected input.x values ``x`` (§7), in the
+    narrowest integer type that holds them (plain PyTorch)."""
+    operands = projection_operands(program, x.device)
+    operand = rounding_right_shift(x, operands.x_shift)
+    low, high = operands.x_range
+    weight, weight_range = operands.weight, operands.weight_range
+    products = one_digit_products(operand, low, high, weight, weight_range)
+    if products is None:
+        x_bits = max(abs(low), abs(high)).bit_length()
+        weight_bits = max(abs(v) for v in weight_range).bit_length()
+        bound = x_bits + weight_bits + ceil_log2(program.input_size)
+        products = exact_int_matmul(operand, weight.t(), bound, (x_bits, weight_bits))
+    dot = program.terms["matmul.Wx"][0]
+    wx = program.formats["matmul.Wx"]
+    codes = (apply_term(products, dot) + operands.bias).clamp(wx.qmin, wx.qmax)
+    return codes.to(code_type(wx))
+
+
+def float_input_projection(program: DirectionProgram, x: Tensor) -> Tensor | None:
+    """matmul.Wx's codes (T, B, 3H) of the float layer input ``x`` (T, B, I), quantized by
+    input.x's format (§8) on the kernels, equal to input_projection of its codes; None when
+    the operands do not take one digit each (the caller quantizes and takes the general
+    path)."""
+    operands = projection_operands(program, x.device)
+    if operands.digits is None:
+        return None
+    assert operands.correction is not None
+    assert operands.multiplier is not None and operands.shift is not None
+    assert operands.x_format is not None
+    steps, batch, depth = x.shape
+    rows, columns = steps * batch, operands.digits.shape[1]
+    x = x.contiguous()
+    digits = torch.empty(rows, depth, dtype=torch.int8, device=x.device)
+    if digits.numel():
+        _quantize_kernel[(triton.cdiv(digits.numel(), _QUANTIZE_BLOCK),)](
+            x, digits, digits.numel(), operands.x_format, operands.x_shift, operands.x_offset,
+            BLOCK=_QUANTIZE_BLOCK,
+        )  # fmt: skip
+    wx = program.formats["matmul.Wx"]
+    codes = torch.empty(rows, columns, dtype=code_type(wx), device=x.device)
+    if rows and columns:
+        block_m = min(_TILE, max(16, triton.next_power_of_2(rows)))
+        block_n = min(_TILE, max(16, triton.next_power_of_2(columns)))
+        block_k = max(32, min(_CHUNK, triton.next_power_of_2(depth)))
+        grid = (triton.cdiv(rows, block_m), triton.cdiv(columns, block_n))
+        dot = program.terms["matmul.Wx"][0]
+        _projection_kernel[grid](
+            digits, operands.digits, operands.multiplier, operands.shift, operands.correction,
+            operands.bias, codes, rows, columns, depth, dot.pre_shift, wx.qmin, wx.qmax,
+            BM=block_m, BN=block_n, BK=block_k, NARROW=operands.narrow,
+            num_warps=8 if block_m * block_n >= 128 * 128 else 4,
+        )  # fmt: skip
+    return codes.view(steps, batch, columns)

@@ -1,0 +1,95 @@
+"""Triton kernels for the integer GRU's input side (reference/README.md §7, §8): float inputs
+to operand digits, and matmul.Wx on the int8 matrix cores with its whole §4/§5 epilogue.
+
+Both serve models whose input operand and W each take one balanced base-256 digit
+(integer_digits.py); integer_projection.py decides and falls back to plain PyTorch otherwise.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from quant_gru.kernels.triton.integer_kernel import _rshr, _term
+
+
+@triton.jit
+def _quantize_kernel(
+    x_ptr,  # (n,) float: the layer input
+    digits_ptr,  # (n,) int8: rshr(q - zp, e) - o
+    n,
+    format_ptr,  # (3,) float64: input.x's scale, qmin - zp, qmax - zp
+    operand_shift,  # e: matmul.Wx's shift of the input operand (§4)
+    offset,  # o: the digit offset (integer_digits.digit_offset)
+    BLOCK: tl.constexpr,
+):
+    """§8's quantization (floor(x / s + 1/2), NaN to the zero point, clamped, in float64 like
+    quantize.scales.quantize), then the operand shift and the digit offset."""
+    index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = index < n
+    scale = tl.load(format_ptr)
+    low = tl.load(format_ptr + 1)
+    high = tl.load(format_ptr + 2)
+    x = tl.load(x_ptr + index, mask=inside, other=0).to(tl.float64)
+    level = tl.floor(x / scale + 0.5)
+    level = tl.where(level != level, 0.0, level)
+    level = tl.minimum(tl.maximum(level, low), high)
+    operand = _rshr(level.to(tl.int64), operand_shift)
+    tl.store(digits_ptr + index, (operand - offset).to(tl.int8), mask=inside)
+
+
+@triton.jit
+def _projection_kernel(
+    digits_ptr,  # (M, K) int8: the input operand's digits (offset by o)
+    weight_ptr,  # (K, N) int8: W^T, operand-shifted, one digit
+    multiplier_ptr,  # (N,) int64: the dot term's m per channel
+    shift_ptr,  # (N,) int64: its n per channel
+    correction_ptr,  # (N,) int64: o * rowsum(W), undoing the offset
+    bias_ptr,  # (N,) int64: the bias term's values plus matmul.Wx's zero point
+    codes_ptr,  # (M, N): matmul.Wx's codes
+    rows,
+    columns,
+    depth,
+    pre_shift,  # the dot term's p
+    qmin,
+    qmax,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    NARROW: tl.constexpr,  # the sums and the term fit int32 (KernelConstants' NARROW test)
+):
+    """codes = clamp(term(Σ_k x_k W_k) + bias + zp, qmin, qmax): §4's dot term on exact int32
+    sums of digit products (K at most integer_digits.MAX_PRODUCT_TERMS), §5's clamp."""
+    row = tl.program_id(0) * BM + tl.arange(0, BM)
+    column = tl.program_id(1) * BN + tl.arange(0, BN)
+    row_ok = row < rows
+    column_ok = column < columns
+    acc = tl.zeros((BM, BN), dtype=tl.int32)
+    for k0 in range(0, depth, BK):
+        ks = k0 + tl.arange(0, BK)
+        k_ok = ks < depth
+        a = tl.load(
+            digits_ptr + row.to(tl.int64)[:, None] * depth + ks[None, :],
+            mask=row_ok[:, None] & k_ok[None, :],
+            other=0,
+        )
+        w = tl.load(
+            weight_ptr + ks[:, None] * columns + column[None, :],
+            mask=k_ok[:, None] & column_ok[None, :],
+            other=0,
+        )
+        acc = tl.dot(a, w, acc, out_dtype=tl.int32)
+    m = tl.load(multiplier_ptr + column, mask=column_ok, other=0)[None, :]
+    n = tl.load(shift_ptr + column, mask=column_ok, other=1)[None, :]
+    sums = acc.to(tl.int64) + tl.load(correction_ptr + column, mask=column_ok, other=0)[None, :]
+    if NARROW:
+        sums = sums.to(tl.int32)
+    term = _term(sums, m, n, pre_shift, NARROW)
+    codes = term + tl.load(bias_ptr + column, mask=column_ok, other=0)[None, :]
+    codes = tl.minimum(tl.maximum(codes, qmin), qmax)
+    offsets = row.to(tl.int64)[:, None] * columns + column[None, :]
+    tl.store(
+        codes_ptr + offsets,
+        codes.to(codes_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & column_ok[None, :],
+    )

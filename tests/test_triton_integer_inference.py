@@ -1,0 +1,150 @@
+"""Quantized inference on the Triton kernels, float in and float out
+(kernels/triton/integer_inference.py, projection_kernel.py), against the plain-PyTorch
+quantized forward: outputs and final states identical to the bit (both dequantize the same
+codes), for every configuration kind, dtype, layer count, direction, packing and state.
+
+Without a GPU the kernels run under TRITON_INTERPRET=1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import importlib.util
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from quant_gru import QuantGRU
+from quant_gru.kernels.torch.quantized_forward import build_programs, input_codes
+from test_bit_exact import calibrated_case, cases
+from test_triton_integer import case_with, uniform_config
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # read when the kernel modules are first imported
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+from quant_gru.kernels.triton.derived import DerivedCache  # noqa: E402
+from quant_gru.kernels.triton.integer_projection import (  # noqa: E402
+    float_input_projection,
+    input_projection,
+)
+
+
+def both_backends(model: QuantGRU, *args: object) -> tuple[tuple, tuple]:
+    """(torch's, triton's) inference results of the same call."""
+    results = []
+    with torch.no_grad():
+        for backend in ("torch", "triton"):
+            model.backend = backend
+            results.append(model(*args))
+    return results[0], results[1]
+
+
+def assert_identical(expected: tuple, actual: tuple) -> None:
+    for want, got in zip(expected, actual, strict=True):
+        if hasattr(want, "data"):  # PackedSequence
+            want, got = want.data, got.data
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert torch.equal(got, want)
+
+
+@settings(
+    max_examples=int(os.environ.get("INTEGER_KERNEL_EXAMPLES", "40")) // 2,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(case=cases())
+def test_inference_equals_torch_path(case: dict) -> None:
+    """Random configurations (widths 1..32, symmetry, signedness, granularity, scale type),
+    layers, directions, lengths and states; one-digit inputs take the projection kernel,
+    others the plain-PyTorch projection."""
+    model, x, hx, lengths = calibrated_case(case)
+    model.use_quantization = True
+    model = model.to(DEVICE)
+    x = x.to(DEVICE)
+    hx = None if hx is None else hx.to(DEVICE)
+    data = x if lengths is None else pack_padded_sequence(x, lengths, enforce_sorted=False)
+    expected, actual = both_backends(model, data, hx)
+    assert_identical(expected, actual)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dtypes_layers_directions_batch_first(dtype: torch.dtype) -> None:
+    """The kernels round the dequantized values to each dtype as torch does (through float32;
+    bfloat16 to nearest even)."""
+    torch.manual_seed(0)
+    model = QuantGRU(12, 10, num_layers=2, bidirectional=True, batch_first=True)
+    model.calibrating = True
+    with torch.no_grad():
+        model(torch.randn(3, 6, 12))
+    model.calibrating = False
+    model.use_quantization = True
+    model = model.to(device=DEVICE, dtype=dtype)
+    x = (torch.randn(3, 6, 12) * 1.5).to(device=DEVICE, dtype=dtype)
+    hx = torch.randn(4, 3, 10).to(device=DEVICE, dtype=dtype)
+    expected, actual = both_backends(model, x, hx)
+    assert_identical(expected, actual)
+    expected, actual = both_backends(model, x[0])  # unbatched, no hx
+    assert_identical(expected, actual)
+
+
+@pytest.mark.parametrize("width", [4, 8, 16])
+def test_projection_kernel_equals_plain_projection(width: int) -> None:
+    """Quantization (NaN to the zero point, infinities clamped) and matmul.Wx on the kernels
+    give the codes of the plain path; inputs wider than one digit are left to it."""
+    case = case_with(uniform_config(width, False, False, "float"), input_size=40, hidden_size=24)
+    model, _, _, _ = calibrated_case(case)
+    programs = build_programs(model._quantized_model(), model._direction_weights())
+    program = programs[0]
+    x = torch.randn(7, 3, 40) * 2
+    x[0, 0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    codes = input_codes(x, programs) - program.formats["input.x"].zero_point
+    expected = input_projection(program, codes.to(DEVICE))
+    actual = float_input_projection(program, x.to(DEVICE))
+    if width > 8:
+        assert actual is None
+        return
+    assert actual is not None
+    assert actual.dtype == expected.dtype
+    assert torch.equal(actual, expected)
+
+
+def test_programs_kept_while_weights_unchanged() -> None:
+    """Repeated inference reuses the quantized weights; an in-place update (an optimizer
+    step) makes them anew, and the outputs follow."""
+    torch.manual_seed(0)
+    model = QuantGRU(8, 6)
+    model.calibrating = True
+    with torch.no_grad():
+        model(torch.randn(5, 2, 8))
+    model.calibrating = False
+    model.use_quantization = True
+    model = model.to(DEVICE)
+    quantized = model._quantized_model()
+    first = build_programs(quantized, model._direction_weights())
+    assert build_programs(quantized, model._direction_weights()) is first
+    x = torch.randn(5, 2, 8, device=DEVICE)
+    before, _ = both_backends(model, x)
+    with torch.no_grad():
+        model.weight_hh_l0.mul_(-1)
+    assert build_programs(quantized, model._direction_weights()) is not first
+    expected, actual = both_backends(model, x)
+    assert_identical(expected, actual)
+    assert not torch.equal(expected[0], before[0])
+
+
+def test_derived_values_go_with_their_owner() -> None:
+    cache: DerivedCache[list[int]] = DerivedCache()
+    owner = dataclasses.make_dataclass("Owner", [])()
+    made = cache.get(owner, DEVICE, lambda: [1])
+    assert cache.get(owner, DEVICE, lambda: [2]) is made
+    assert len(cache) == 1
+    del owner
+    gc.collect()
+    assert len(cache) == 0
