@@ -254,9 +254,9 @@ def test_constants_of_the_quantization_parameters_are_made_once() -> None:
     case = case_with(uniform_config(8, False, False, "float"))
     _, _, _, _, programs, _, _ = run_both(case, DEVICE, triton_integer_gru)
     first = kernel_constants(programs[0], DEVICE)
-    assert kernel_constants(programs[0], DEVICE).scalars is first.scalars
+    assert kernel_constants(programs[0], DEVICE).tables is first.tables
     copied = dataclasses.replace(programs[0], terms=dict(programs[0].terms))
-    assert kernel_constants(copied, DEVICE).scalars is not first.scalars
+    assert kernel_constants(copied, DEVICE).tables is not first.tables
 
 
 def test_plans_keep_every_program_resident() -> None:

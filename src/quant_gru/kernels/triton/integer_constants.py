@@ -36,6 +36,7 @@ from quant_gru.quantize.requant import Term
 
 _NARROW_LIMIT = 2**31  # int32 magnitudes
 _TERM_LIMIT_BITS = 60  # §4's saturation bound
+_LONGEST_SHIFT = 62  # §3: rshr by more gives 0
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class KernelConstants:
     digits: Tensor  # (r_digits, 3H, H) int8: R, operand-shifted, in digits
     rh: Tensor  # (3, 3H) int64: matmul.Rh's m, n, and o * rowsum(R) modulo 2^64
     rb_bias: Tensor  # (3H,) int64: op.Rh_add_br's term of weight.br
-    scalars: Tensor  # (layout.SCALARS,) int64
+    specialization: tuple[int, ...]  # integer_layout's constants: the kernel's C
     tables: Tensor  # (3, 513) int64
     output_scale: Tensor  # (1,) float64: output.h's scale (the kernel's float outputs)
     h_digits: int
@@ -80,10 +81,12 @@ def magnitude(fmt: ActivationFormat) -> int:
 class _Static:
     """The part of the constants that depends on the quantization parameters alone."""
 
-    scalars: Tensor
+    specialization: tuple[int, ...]  # RH_SHIFT left -1: the kernel constants decide it
     tables: Tensor
     output_scale: Tensor
     rh_multipliers: Tensor  # (2, 3H): m and n of matmul.Rh
+    rh_shared: tuple[int, Tensor] | None  # a shift N for every channel and m scaled to it
+    rh_shared_any: bool  # whether rh_shared holds for every term integer (else: NARROW ones)
     h_digits: int
     h_offset: int
     h_magnitude: int  # the largest |rshr(q - zp, e_c)| of the state
@@ -140,13 +143,17 @@ def _make_static(program: DirectionProgram, device: torch.device) -> _Static:
     put(layout.RH_PRE_SHIFT, rh_dot.pre_shift)
     put(layout.H_OPERAND_SHIFT, h_shift)
     put(layout.H_DIGIT_OFFSET, offset)
+    put(layout.RH_SHIFT, -1)
+    shared = _shared_shift(rh_dot, rows)
     return _Static(
-        scalars=torch.tensor(scalars, dtype=torch.int64).to(device),
+        specialization=tuple(scalars),
         tables=torch.stack([program.tables[name].y for name in layout.TABLES]).to(device),
         output_scale=torch.tensor([fmt["output.h"].scale], dtype=torch.float64, device=device),
         rh_multipliers=torch.stack([_channels(rh_dot.m, rows), _channels(rh_dot.n, rows)]).to(
             device
         ),
+        rh_shared=None if shared is None else (shared[0], shared[1].to(device)),
+        rh_shared_any=shared is not None and shared[2],
         h_digits=h_digits,
         h_offset=offset,
         h_magnitude=max(abs(h_low), abs(h_high)),
@@ -181,17 +188,44 @@ def _make_constants(program: DirectionProgram, device: torch.device) -> KernelCo
     correction = weight.sum(dim=1) * static.h_offset
     rb_bias = apply_term(program.bias_r.to(device, torch.int64), terms["op.Rh_add_br"][1])
     recurrent_bound = max(abs(weight_low), abs(weight_high)) * static.h_magnitude * hidden
+    narrow = static.narrow_terms and plain_term(rh_dot, recurrent_bound)
+    multipliers = static.rh_multipliers
+    specialization = static.specialization
+    if static.rh_shared is not None and (narrow or static.rh_shared_any):
+        shift, scaled = static.rh_shared
+        multipliers = torch.stack([scaled, multipliers[1]])
+        where = int(layout.RH_SHIFT.value)
+        specialization = (*specialization[:where], shift, *specialization[where + 1 :])
     return KernelConstants(
         digits=split_digits(weight, r_digits).view(r_digits, rows, hidden),
-        rh=torch.cat([static.rh_multipliers, correction[None]]).contiguous(),
+        rh=torch.cat([multipliers, correction[None]]).contiguous(),
         rb_bias=rb_bias.expand(rows).contiguous(),
-        scalars=static.scalars,
+        specialization=specialization,
         tables=static.tables,
         output_scale=static.output_scale,
         h_digits=static.h_digits,
         r_digits=r_digits,
-        narrow=static.narrow_terms and plain_term(rh_dot, recurrent_bound),
+        narrow=narrow,
     )
+
+
+def _shared_shift(term: Term, rows: int) -> tuple[int, Tensor, bool] | None:
+    """One shift N for every channel of matmul.Rh's term, with multipliers m * 2^(N - n) that
+    give the same rshr(v * m, n) (the numerator and 2^n both scaled by 2^(N - n)): when every
+    n is the same (then for any term integer: True), or when every n lies in [1, 62] and the
+    scaled multipliers stay below 2^31, so that NARROW term integers (below 2^31) keep the
+    products below 2^62 (False). Channels with n > 62 give 0: multiplier 0. None otherwise."""
+    m = _channels(term.m, rows).tolist()
+    n = _channels(term.n, rows).tolist()
+    if len(set(n)) == 1:
+        return n[0], torch.tensor(m, dtype=torch.int64), True
+    if min(n) < 1:
+        return None
+    shift = min(max(n), _LONGEST_SHIFT)
+    scaled = [0 if ni > _LONGEST_SHIFT else mi << (shift - ni) for mi, ni in zip(m, n, strict=True)]
+    if max(abs(v) for v in scaled) >= _NARROW_LIMIT:
+        return None
+    return shift, torch.tensor(scaled, dtype=torch.int64), False
 
 
 def _check_single_channel(name: str, term: Term) -> None:

@@ -87,14 +87,15 @@ def run_direction(
         grid = (triton.cdiv(end - start, plan.block_b), triton.cdiv(hidden, plan.block_h))
         counters = torch.zeros(grid[0], dtype=torch.int32, device=device)
         _integer_gru_kernel[grid](
-            wx_codes, constants.digits, constants.rh, constants.rb_bias, constants.scalars,
+            wx_codes, constants.digits, constants.rh, constants.rb_bias,
             constants.tables, h0, lengths32, out, h_n, scale,
             out if traced is None else traced, exchange, counters, steps, batch, hidden,
             out.stride(1), start, end,
             REVERSE=reverse, BB=plan.block_b, BH=plan.block_h, BK=plan.block_k,
             H_DIGITS=constants.h_digits, R_DIGITS=constants.r_digits,
             HAS_LENGTHS=lengths is not None, TRACE=traced is not None, NARROW=constants.narrow,
-            RESIDENT=plan.resident, CHUNKS=plan.chunks(hidden), OUT_FLOAT=floats is not None,
+            RESIDENT=plan.resident, CHUNKS=plan.chunks(hidden), C=constants.specialization,
+            OUT_FLOAT=floats is not None,
             num_warps=plan.warps,
         )  # fmt: skip
     return out, h_n, traced

@@ -30,6 +30,7 @@ from quant_gru.kernels.triton.integer_layout import (
     RANGE_RRH,
     RANGE_Z_PRE,
     RH_PRE_SHIFT,
+    RH_SHIFT,
     SHIFTS_OLD,
     SHIFTS_RRH,
     SHIFTS_ZG,
@@ -53,14 +54,16 @@ from quant_gru.kernels.triton.integer_layout import (
 )
 from quant_gru.kernels.triton.sync import _barrier
 
-_TERM_BITS = tl.constexpr(60)  # §4: every term saturates to [-2^60, 2^60]
+_TERM_BOUND = tl.constexpr(2**60)  # §4: every term saturates to [-2^60, 2^60]
+_TERM_BITS = tl.constexpr(60)
 _LONGEST_SHIFT = tl.constexpr(62)  # §3: shifts of 63 or more give 0
 _SEGMENTS = tl.constexpr(512)  # §6: N
 
 
 @triton.jit
 def _rshr(v, n):
-    """§3: floor((v + 2^(n-1)) / 2^n) for n >= 1, v for n = 0, 0 for n >= 63 (|v| < 2^62)."""
+    """§3: floor((v + 2^(n-1)) / 2^n) for n >= 1, v for n = 0, 0 for n >= 63 (|v| < 2^62);
+    ``n`` a tensor (per-channel shifts)."""
     n = n.to(tl.int64)
     shift = tl.minimum(tl.maximum(n, 1), _LONGEST_SHIFT)
     one = tl.full(shift.shape, 1, tl.int64)
@@ -70,17 +73,51 @@ def _rshr(v, n):
 
 
 @triton.jit
-def _term(v, m, n, p, NARROW: tl.constexpr):
-    """§4: v' = rshr(v, p); t = clamp(rshr(v' * m, n), -2^60, 2^60), where n <= 0 is the
-    saturated left shift clamp(v' * m * 2^-n, -2^60, 2^60) (computed without overflow).
-    NARROW: v is int32, p = 0, 1 <= n <= 62 and |t| < 2^60 (KernelConstants.narrow), so the term
-    is one widening multiply and a rounding shift. Returns int64."""
-    if NARROW:
-        x = v.to(tl.int64) * m.to(tl.int32).to(tl.int64)  # 32 x 32 -> 64 bits
-        one = tl.full(n.shape, 1, tl.int64)
-        t = (x + (one << (n - 1))) >> n
+def _shift_right(v, N: tl.constexpr):
+    """§3's rshr by the constant N (an immediate shift)."""
+    if N == 0:
+        result = v
+    elif N > _LONGEST_SHIFT:
+        result = v * 0
     else:
-        x = _rshr(v, p) * m
+        result = (v.to(tl.int64) + (1 << (N - 1))) >> N
+    return result
+
+
+@triton.jit
+def _saturated(x, N: tl.constexpr):
+    """§4's term from x = v' * m and its shift N: rshr by N >= 0, else the saturated left shift
+    clamp(x * 2^-N, -2^60, 2^60) without overflow; then the clamp to +-2^60."""
+    if N >= 0:
+        t = _shift_right(x, N)
+    else:
+        left: tl.constexpr = min(-N, 60)
+        limit: tl.constexpr = 2**60 >> left
+        t = tl.minimum(tl.maximum(x, -limit), limit) << left
+    return tl.minimum(tl.maximum(t, -_TERM_BOUND), _TERM_BOUND)
+
+
+@triton.jit
+def _term(v, C: tl.constexpr, TERM: tl.constexpr, NARROW: tl.constexpr):
+    """§4: the term t = clamp(rshr(rshr(v, p) * m, n), -2^60, 2^60) of v with the constants
+    (m, n, p) at ``TERM`` of the specialization C (n <= 0: the saturated left shift).
+    NARROW: v is int32, p = 0, 1 <= n <= 62 and |t| < 2^60 (KernelConstants.narrow), so the
+    term is one widening multiply and a rounding shift. Returns int64."""
+    if NARROW:
+        t = _shift_right(v.to(tl.int64) * C[TERM], C[TERM + 1])
+    else:
+        t = _saturated(_shift_right(v.to(tl.int64), C[TERM + 2]) * C[TERM], C[TERM + 1])
+    return t
+
+
+@triton.jit
+def _channel_term(v, m, n, P: tl.constexpr, NARROW: tl.constexpr):
+    """§4's term of v with per-channel multipliers ``m`` and shifts ``n`` (tensors that
+    broadcast against v) and the pre-shift P; NARROW as in _term. Returns int64."""
+    if NARROW:
+        t = _rshr(v.to(tl.int64) * m, n)
+    else:
+        x = _shift_right(v.to(tl.int64), P) * m
         right = _rshr(x, tl.maximum(n, 0))
         left = tl.minimum(tl.maximum(-n, 0), _TERM_BITS).to(tl.int64)
         bound = tl.full(left.shape, 1, tl.int64) << _TERM_BITS
@@ -92,59 +129,36 @@ def _term(v, m, n, p, NARROW: tl.constexpr):
 
 
 @triton.jit
-def _scalar_term(v, scalars, TERM: tl.constexpr, NARROW: tl.constexpr):
-    """The term of v with the single-channel constants stored at ``TERM``."""
-    m = tl.load(scalars + TERM)
-    n = tl.load(scalars + TERM + 1)
-    p = tl.load(scalars + TERM + 2)
-    return _term(v, m, n, p, NARROW)
+def _clamp(v, C: tl.constexpr, RANGE: tl.constexpr):
+    """§5's clamp of a sum of terms to the operator's zero-corrected code range at ``RANGE``
+    of C. (Values stay int64 even where they fit 32 bits: casts between the widths cost
+    more instructions than they save.)"""
+    return tl.minimum(tl.maximum(v, C[RANGE]), C[RANGE + 1])
 
 
 @triton.jit
-def _clamp(v, scalars, RANGE: tl.constexpr, NARROW: tl.constexpr):
-    """§5's clamp of an int64 sum of terms to the operator's zero-corrected code range stored
-    at ``RANGE``; int32 when NARROW."""
-    low = tl.load(scalars + RANGE)
-    high = tl.load(scalars + RANGE + 1)
-    return _value(tl.minimum(tl.maximum(v, low), high), NARROW)
-
-
-@triton.jit
-def _value(v, NARROW: tl.constexpr):
-    """A zero-corrected code in the type values are carried in: int32 when NARROW."""
-    if NARROW:
-        v = v.to(tl.int32)
-    return v
-
-
-@triton.jit
-def _activation(pre, scalars, tables, TABLE: tl.constexpr, INDEX: tl.constexpr, NARROW):
-    """§6: the table at ``TABLE`` (its knots: row INDEX of ``tables``) on zero-corrected
+def _activation(pre, C: tl.constexpr, tables, TABLE: tl.constexpr, INDEX: tl.constexpr):
+    """§6: the table at ``TABLE`` of C (its knots: row INDEX of ``tables``) on zero-corrected
     pre-activations; returns zero-corrected outputs."""
-    c_lo = tl.load(scalars + TABLE)
-    k = tl.load(scalars + TABLE + 1)
-    zp_in = tl.load(scalars + TABLE + 2)
-    zp_out = tl.load(scalars + TABLE + 3)
+    k: tl.constexpr = C[TABLE + 1]
     knots = tables + INDEX * (_SEGMENTS + 1)
-    span = tl.full(k.shape, _SEGMENTS, tl.int64) << k
-    d = tl.minimum(tl.maximum(pre.to(tl.int64) + zp_in - c_lo, 0), span)
+    span: tl.constexpr = 512 << k
+    d = tl.minimum(tl.maximum(pre.to(tl.int64) + (C[TABLE + 2] - C[TABLE]), 0), span)
     j = d >> k
     r = d - (j << k)
     low = tl.load(knots + j)
     high = tl.load(knots + tl.minimum(j + 1, _SEGMENTS))
-    return _value(low + _rshr((high - low) * r, k) - zp_out, NARROW)
+    return low + _shift_right((high - low) * r, k) - C[TABLE + 3]
 
 
 @triton.jit
-def _product(a, c, scalars, SHIFTS: tl.constexpr, NARROW: tl.constexpr):
+def _product(a, c, C: tl.constexpr, SHIFTS: tl.constexpr, NARROW: tl.constexpr):
     """The integer a * c of a product term, from operands pre-shifted by (e_a, e_c) (§4);
     NARROW: no shifts, and the product fits int32."""
-    if NARROW:
+    if NARROW:  # noqa: SIM108  (a constexpr branch)
         product = a * c
     else:
-        shift_a = tl.load(scalars + SHIFTS)
-        shift_c = tl.load(scalars + SHIFTS + 1)
-        product = _rshr(a, shift_a) * _rshr(c, shift_c)
+        product = _shift_right(a, C[SHIFTS]) * _shift_right(c, C[SHIFTS + 1])
     return product
 
 
@@ -155,16 +169,26 @@ def _channel(ptr, gate, units, unit_ok, hidden):
 
 
 @triton.jit
-def _rh_term(sums, rh_ptr, gate, p, units, unit_ok, hidden, NARROW: tl.constexpr):
+def _rh_term(sums, m, n, correction, C: tl.constexpr, NARROW: tl.constexpr):
     """matmul.Rh's term of one gate's recurrent product: the digit products' sums plus the
     offset's correction (exact modulo 2^64, and the true value is below 2^62; below 2^31 when
-    NARROW), with the multiplier and shift of each channel."""
-    m = _channel(rh_ptr, gate, units, unit_ok, hidden)
-    n = _channel(rh_ptr + 3 * hidden, gate, units, unit_ok, hidden)
-    v = sums + _channel(rh_ptr + 6 * hidden, gate, units, unit_ok, hidden)
+    NARROW), with each channel's multiplier ``m`` and shift: C's shared RH_SHIFT where there is
+    one (``m`` scaled to it), else ``n``. The channel constants are (1, BH) rows."""
+    v = sums + correction
     if NARROW:
         v = v.to(tl.int32)
-    return _term(v, m, n, p, NARROW)
+    SHIFT: tl.constexpr = C[RH_SHIFT]
+    if SHIFT >= 0:
+        t = _saturated(_shift_right(v.to(tl.int64), C[RH_PRE_SHIFT]) * m, SHIFT)
+    else:
+        t = _channel_term(v, m, n, C[RH_PRE_SHIFT], NARROW)
+    return t
+
+
+@triton.jit
+def _wx_values(pointers, own, C: tl.constexpr):
+    """One gate's zero-corrected matmul.Wx values of this step."""
+    return tl.load(pointers, mask=own, other=0).to(tl.int64) - C[WX_ZERO_POINT]
 
 
 @triton.jit
@@ -272,11 +296,12 @@ def _output(v, scale_ptr, destination, OUT_FLOAT: tl.constexpr):
 
 
 @triton.jit
-def _store_digits(planes, own_offsets, own, h, scalars, batch, hidden, H_DIGITS: tl.constexpr):
+def _store_digits(
+    planes, own_offsets, own, h, C: tl.constexpr, batch, hidden, H_DIGITS: tl.constexpr
+):
     """Store this program's part of the state as the digits of rshr(h, e_c) - o (§4's operand
     shift of matmul.Rh, then integer_digits' offset), one (B, H) int8 plane each."""
-    y = _rshr(h.to(tl.int64), tl.load(scalars + H_OPERAND_SHIFT))
-    y -= tl.load(scalars + H_DIGIT_OFFSET)
+    y = _shift_right(h.to(tl.int64), C[H_OPERAND_SHIFT]) - C[H_DIGIT_OFFSET]
     for i in tl.static_range(H_DIGITS):
         digit = ((y + 128) & 255) - 128
         tl.store(planes + i * batch * hidden + own_offsets, digit.to(tl.int8), mask=own)
@@ -289,7 +314,6 @@ def _integer_gru_kernel(
     digits_ptr,  # (R_DIGITS, 3H, H) int8: R (operand-shifted) in digits
     rh_ptr,  # (3, 3H) int64: matmul.Rh's m and n per channel, and o * rowsum(R) mod 2^64
     rb_bias_ptr,  # (3H,) int64: op.Rh_add_br's term of weight.br
-    scalars,  # (integer_layout.SCALARS,) int64
     tables,  # (3, 513) int64: the knots of gate.r_out, gate.z_out, gate.g_out
     h0_ptr,  # (B, H) int64, zero-corrected
     lengths_ptr,  # (B,) int32
@@ -316,6 +340,7 @@ def _integer_gru_kernel(
     NARROW: tl.constexpr,  # KernelConstants.narrow: int32 values, terms without pre-shift
     RESIDENT: tl.constexpr,  # one digit each: R's slice is loaded once, before the time loop
     CHUNKS: tl.constexpr,  # RESIDENT: CHUNKS * BK covers H
+    C: tl.constexpr,  # the specialization: integer_layout's constants (KernelConstants)
     OUT_FLOAT: tl.constexpr,  # outputs and final state as floats s * (q - zp) (quantize.scales)
 ):
     rows = row_start + tl.program_id(0) * BB + tl.arange(0, BB)
@@ -332,12 +357,28 @@ def _integer_gru_kernel(
         length = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
     else:
         length = tl.zeros((BB,), dtype=tl.int32) + steps
-    h = _value(tl.load(h0_ptr + own_offsets, mask=own, other=0), NARROW)
-    _store_digits(exchange_ptr, own_offsets, own, h, scalars, batch, hidden, H_DIGITS)
+    h = tl.load(h0_ptr + own_offsets, mask=own, other=0)
+    _store_digits(exchange_ptr, own_offsets, own, h, C, batch, hidden, H_DIGITS)
     _barrier(counter, hidden_tiles)
 
-    rh_p = tl.load(scalars + RH_PRE_SHIFT)
-    wx_zero = tl.load(scalars + WX_ZERO_POINT)
+    # matmul.Rh's channel constants and the recurrent bias term, per gate, for every step.
+    rh_m_r = _channel(rh_ptr, 0, units, unit_ok, hidden)
+    rh_m_z = _channel(rh_ptr, 1, units, unit_ok, hidden)
+    rh_m_n = _channel(rh_ptr, 2, units, unit_ok, hidden)
+    rh_c_r = _channel(rh_ptr + 6 * hidden, 0, units, unit_ok, hidden)
+    rh_c_z = _channel(rh_ptr + 6 * hidden, 1, units, unit_ok, hidden)
+    rh_c_n = _channel(rh_ptr + 6 * hidden, 2, units, unit_ok, hidden)
+    rb_bias_r = _channel(rb_bias_ptr, 0, units, unit_ok, hidden)
+    rb_bias_z = _channel(rb_bias_ptr, 1, units, unit_ok, hidden)
+    rb_bias_n = _channel(rb_bias_ptr, 2, units, unit_ok, hidden)
+    if C[RH_SHIFT] < 0:
+        rh_n_r = _channel(rh_ptr + 3 * hidden, 0, units, unit_ok, hidden)
+        rh_n_z = _channel(rh_ptr + 3 * hidden, 1, units, unit_ok, hidden)
+        rh_n_n = _channel(rh_ptr + 3 * hidden, 2, units, unit_ok, hidden)
+    else:  # unused: C's shared shift
+        rh_n_r = rh_m_r
+        rh_n_z = rh_m_z
+        rh_n_n = rh_m_n
 
     if RESIDENT:
         w_r_all, w_z_all, w_n_all = _resident_digits(digits_ptr, units, unit_ok, hidden, BK, CHUNKS)
@@ -364,52 +405,52 @@ def _integer_gru_kernel(
             )  # fmt: skip
 
         # matmul.Rh and op.Rh_add_br, per gate (per-channel constants).
-        rh_r = _rh_term(sum_r, rh_ptr, 0, rh_p, units, unit_ok, hidden, NARROW)
-        rh_z = _rh_term(sum_z, rh_ptr, 1, rh_p, units, unit_ok, hidden, NARROW)
-        rh_n = _rh_term(sum_n, rh_ptr, 2, rh_p, units, unit_ok, hidden, NARROW)
-        rh_r = _clamp(rh_r, scalars, RANGE_RH, NARROW)
-        rh_z = _clamp(rh_z, scalars, RANGE_RH, NARROW)
-        rh_n = _clamp(rh_n, scalars, RANGE_RH, NARROW)
-        rb_r = _scalar_term(rh_r, scalars, TERM_RB_FROM_RH, NARROW)
-        rb_z = _scalar_term(rh_z, scalars, TERM_RB_FROM_RH, NARROW)
-        rb_n = _scalar_term(rh_n, scalars, TERM_RB_FROM_RH, NARROW)
-        rb_r += _channel(rb_bias_ptr, 0, units, unit_ok, hidden)
-        rb_z += _channel(rb_bias_ptr, 1, units, unit_ok, hidden)
-        rb_n += _channel(rb_bias_ptr, 2, units, unit_ok, hidden)
-        rb_r = _clamp(rb_r, scalars, RANGE_RB, NARROW)
-        rb_z = _clamp(rb_z, scalars, RANGE_RB, NARROW)
-        rb_n = _clamp(rb_n, scalars, RANGE_RB, NARROW)
+        rh_r = _rh_term(sum_r, rh_m_r, rh_n_r, rh_c_r, C, NARROW)
+        rh_z = _rh_term(sum_z, rh_m_z, rh_n_z, rh_c_z, C, NARROW)
+        rh_n = _rh_term(sum_n, rh_m_n, rh_n_n, rh_c_n, C, NARROW)
+        rh_r = _clamp(rh_r, C, RANGE_RH)
+        rh_z = _clamp(rh_z, C, RANGE_RH)
+        rh_n = _clamp(rh_n, C, RANGE_RH)
+        rb_r = _term(rh_r, C, TERM_RB_FROM_RH, NARROW)
+        rb_z = _term(rh_z, C, TERM_RB_FROM_RH, NARROW)
+        rb_n = _term(rh_n, C, TERM_RB_FROM_RH, NARROW)
+        rb_r += rb_bias_r
+        rb_z += rb_bias_z
+        rb_n += rb_bias_n
+        rb_r = _clamp(rb_r, C, RANGE_RB)
+        rb_z = _clamp(rb_z, C, RANGE_RB)
+        rb_n = _clamp(rb_n, C, RANGE_RB)
 
         # The gates, with matmul.Wx's codes of this step.
         wx = wx_ptr + t * batch * 3 * hidden + rows[:, None] * (3 * hidden) + units[None, :]
-        wx_r = _value(tl.load(wx, mask=own, other=0).to(tl.int64) - wx_zero, NARROW)
-        wx_z = _value(tl.load(wx + hidden, mask=own, other=0).to(tl.int64) - wx_zero, NARROW)
-        wx_n = _value(tl.load(wx + 2 * hidden, mask=own, other=0).to(tl.int64) - wx_zero, NARROW)
-        r_pre = _scalar_term(wx_r, scalars, TERM_R_FROM_WX, NARROW)
-        r_pre += _scalar_term(rb_r, scalars, TERM_R_FROM_RB, NARROW)
-        r_pre = _clamp(r_pre, scalars, RANGE_R_PRE, NARROW)
-        z_pre = _scalar_term(wx_z, scalars, TERM_Z_FROM_WX, NARROW)
-        z_pre += _scalar_term(rb_z, scalars, TERM_Z_FROM_RB, NARROW)
-        z_pre = _clamp(z_pre, scalars, RANGE_Z_PRE, NARROW)
-        r = _activation(r_pre, scalars, tables, TABLE_R, 0, NARROW)
-        z = _activation(z_pre, scalars, tables, TABLE_Z, 1, NARROW)
-        rrh = _product(r, rb_n, scalars, SHIFTS_RRH, NARROW)
-        rrh = _clamp(_scalar_term(rrh, scalars, TERM_RRH, NARROW), scalars, RANGE_RRH, NARROW)
-        g_pre = _scalar_term(wx_n, scalars, TERM_G_FROM_WX, NARROW)
-        g_pre += _scalar_term(rrh, scalars, TERM_G_FROM_RRH, NARROW)
-        g_pre = _clamp(g_pre, scalars, RANGE_G_PRE, NARROW)
-        g = _activation(g_pre, scalars, tables, TABLE_G, 2, NARROW)
+        wx_r = _wx_values(wx, own, C)
+        wx_z = _wx_values(wx + hidden, own, C)
+        wx_n = _wx_values(wx + 2 * hidden, own, C)
+        r_pre = _term(wx_r, C, TERM_R_FROM_WX, NARROW)
+        r_pre += _term(rb_r, C, TERM_R_FROM_RB, NARROW)
+        r_pre = _clamp(r_pre, C, RANGE_R_PRE)
+        z_pre = _term(wx_z, C, TERM_Z_FROM_WX, NARROW)
+        z_pre += _term(rb_z, C, TERM_Z_FROM_RB, NARROW)
+        z_pre = _clamp(z_pre, C, RANGE_Z_PRE)
+        r = _activation(r_pre, C, tables, TABLE_R, 0)
+        z = _activation(z_pre, C, tables, TABLE_Z, 1)
+        rrh = _product(r, rb_n, C, SHIFTS_RRH, NARROW)
+        rrh = _clamp(_term(rrh, C, TERM_RRH, NARROW), C, RANGE_RRH)
+        g_pre = _term(wx_n, C, TERM_G_FROM_WX, NARROW)
+        g_pre += _term(rrh, C, TERM_G_FROM_RRH, NARROW)
+        g_pre = _clamp(g_pre, C, RANGE_G_PRE)
+        g = _activation(g_pre, C, tables, TABLE_G, 2)
 
         # The new state: old = z * h, new = g - z * g, h' = old + new.
-        old = _product(z, h, scalars, SHIFTS_OLD, NARROW)
-        old = _clamp(_scalar_term(old, scalars, TERM_OLD, NARROW), scalars, RANGE_OLD, NARROW)
-        zg = -_product(z, g, scalars, SHIFTS_ZG, NARROW)
-        new = _scalar_term(g, scalars, TERM_NEW_FROM_G, NARROW)
-        new += _scalar_term(zg, scalars, TERM_NEW_FROM_ZG, NARROW)
-        new = _clamp(new, scalars, RANGE_NEW, NARROW)
-        h_new = _scalar_term(old, scalars, TERM_H_FROM_OLD, NARROW)
-        h_new += _scalar_term(new, scalars, TERM_H_FROM_NEW, NARROW)
-        h_new = _clamp(h_new, scalars, RANGE_H, NARROW)
+        old = _product(z, h, C, SHIFTS_OLD, NARROW)
+        old = _clamp(_term(old, C, TERM_OLD, NARROW), C, RANGE_OLD)
+        zg = -_product(z, g, C, SHIFTS_ZG, NARROW)
+        new = _term(g, C, TERM_NEW_FROM_G, NARROW)
+        new += _term(zg, C, TERM_NEW_FROM_ZG, NARROW)
+        new = _clamp(new, C, RANGE_NEW)
+        h_new = _term(old, C, TERM_H_FROM_OLD, NARROW)
+        h_new += _term(new, C, TERM_H_FROM_NEW, NARROW)
+        h_new = _clamp(h_new, C, RANGE_H)
 
         active = (t < length)[:, None]
         out = out_ptr + (t * batch + rows[:, None]) * out_stride + units[None, :]
@@ -435,7 +476,7 @@ def _integer_gru_kernel(
         h = tl.where(active, h_new, h)
 
         next_planes = exchange_ptr + ((step + 1) % 2) * plane_set
-        _store_digits(next_planes, own_offsets, own, h, scalars, batch, hidden, H_DIGITS)
+        _store_digits(next_planes, own_offsets, own, h, C, batch, hidden, H_DIGITS)
         _barrier(counter, hidden_tiles * (step + 2))
 
     tl.store(h_n_ptr + own_offsets, _output(h, scale_ptr, h_n_ptr, OUT_FLOAT), mask=own)

@@ -1,9 +1,10 @@
-"""Where the integer kernel finds its scalar constants: indices into one int64 vector.
+"""Where the integer kernel finds its scalar constants: indices into one tuple of integers,
+the kernel's compile-time specialization (every shift, multiplier and bound an immediate).
 
-The kernel (integer_kernel.py) and the host that fills the vector (integer_gru.py) both read
-these names, so the layout has one definition. Per-channel constants (the recurrent product's
-multipliers and shifts, the recurrent bias term, the digit offset's correction) are tensors of
-their own.
+The kernel (integer_kernel.py) and the host that fills the tuple (integer_constants.py) both
+read these names, so the layout has one definition. Per-channel constants (the recurrent
+product's multipliers and shifts, the recurrent bias term, the digit offset's correction) are
+tensors of their own.
 
 ``NARROW`` kernels (every value of one step within 32 bits, every term a plain rounding right
 shift: KernelConstants.narrow) read the same layout.
@@ -56,6 +57,8 @@ RH_PRE_SHIFT = _field(1)
 H_OPERAND_SHIFT = _field(1)
 H_DIGIT_OFFSET = _field(1)
 WX_ZERO_POINT = _field(1)  # matmul.Wx's (the kernel reads its codes)
+# matmul.Rh's shift shared by every channel (their multipliers scaled to it), or -1: each its own.
+RH_SHIFT = _field(1)
 # Operand shifts (e_a, e_c) of the three product terms.
 SHIFTS_RRH = _field(2)
 SHIFTS_OLD = _field(2)

@@ -176,8 +176,8 @@ def float_input_projection(program: DirectionProgram, x: Tensor) -> Tensor | Non
         dot = program.terms["matmul.Wx"][0]
         _projection_kernel[grid](
             digits, operands.digits, operands.multiplier, operands.shift, operands.correction,
-            operands.bias, codes, rows, columns, depth, dot.pre_shift, wx.qmin, wx.qmax,
-            BM=block_m, BN=block_n, BK=block_k, NARROW=operands.narrow,
+            operands.bias, codes, rows, columns, depth, wx.qmin, wx.qmax,
+            BM=block_m, BN=block_n, BK=block_k, PRE_SHIFT=dot.pre_shift, NARROW=operands.narrow,
             num_warps=8 if block_m * block_n >= 128 * 128 else 4,
         )  # fmt: skip
     return codes.view(steps, batch, columns)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from quant_gru.kernels.triton.integer_kernel import _rshr, _term
+from quant_gru.kernels.triton.integer_kernel import _channel_term, _rshr
 
 
 @triton.jit
@@ -50,12 +50,12 @@ def _projection_kernel(
     rows,
     columns,
     depth,
-    pre_shift,  # the dot term's p
     qmin,
     qmax,
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
+    PRE_SHIFT: tl.constexpr,  # the dot term's p
     NARROW: tl.constexpr,  # the sums and the term fit int32 (KernelConstants' NARROW test)
 ):
     """codes = clamp(term(Σ_k x_k W_k) + bias + zp, qmin, qmax): §4's dot term on exact int32
@@ -84,7 +84,7 @@ def _projection_kernel(
     sums = acc.to(tl.int64) + tl.load(correction_ptr + column, mask=column_ok, other=0)[None, :]
     if NARROW:
         sums = sums.to(tl.int32)
-    term = _term(sums, m, n, pre_shift, NARROW)
+    term = _channel_term(sums, m, n, PRE_SHIFT, NARROW)
     codes = term + tl.load(bias_ptr + column, mask=column_ok, other=0)[None, :]
     codes = tl.minimum(tl.maximum(codes, qmin), qmax)
     offsets = row.to(tl.int64)[:, None] * columns + column[None, :]
