@@ -17,6 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from quant_gru.kernels.triton.gru_forward import _step_time
 from quant_gru.kernels.triton.integer_layout import (
     H_DIGIT_OFFSET,
     H_OPERAND_SHIFT,
@@ -186,9 +187,13 @@ def _rh_term(sums, m, n, correction, C: tl.constexpr, NARROW: tl.constexpr):
 
 
 @triton.jit
-def _wx_values(pointers, own, C: tl.constexpr):
-    """One gate's zero-corrected matmul.Wx values of this step."""
-    return tl.load(pointers, mask=own, other=0).to(tl.int64) - C[WX_ZERO_POINT]
+def _wx_step(wx_rows, t, batch, hidden, own, C: tl.constexpr):
+    """This program's zero-corrected matmul.Wx values of step ``t``, per gate."""
+    step_rows = wx_rows + t * batch * 3 * hidden
+    wx_r = tl.load(step_rows, mask=own, other=0).to(tl.int64) - C[WX_ZERO_POINT]
+    wx_z = tl.load(step_rows + hidden, mask=own, other=0).to(tl.int64) - C[WX_ZERO_POINT]
+    wx_n = tl.load(step_rows + 2 * hidden, mask=own, other=0).to(tl.int64) - C[WX_ZERO_POINT]
+    return wx_r, wx_z, wx_n
 
 
 @triton.jit
@@ -383,8 +388,13 @@ def _integer_gru_kernel(
     if RESIDENT:
         w_r_all, w_z_all, w_n_all = _resident_digits(digits_ptr, units, unit_ok, hidden, BK, CHUNKS)
 
+    # matmul.Wx's codes are loaded a step ahead: their latency hides behind the step before.
+    wx_rows = wx_ptr + rows[:, None] * (3 * hidden) + units[None, :]
+    wx_r, wx_z, wx_n = _wx_step(wx_rows, steps - 1 if REVERSE else 0, batch, hidden, own, C)
+
     for step in range(steps):
-        t = steps - 1 - step if REVERSE else step
+        t, t_next = _step_time(step, steps, REVERSE)
+        next_r, next_z, next_n = _wx_step(wx_rows, t_next, batch, hidden, own, C)
         planes = exchange_ptr + (step % 2) * plane_set
         if RESIDENT:
             acc_r = tl.zeros((BB, BH), dtype=tl.int32)
@@ -422,10 +432,6 @@ def _integer_gru_kernel(
         rb_n = _clamp(rb_n, C, RANGE_RB)
 
         # The gates, with matmul.Wx's codes of this step.
-        wx = wx_ptr + t * batch * 3 * hidden + rows[:, None] * (3 * hidden) + units[None, :]
-        wx_r = _wx_values(wx, own, C)
-        wx_z = _wx_values(wx + hidden, own, C)
-        wx_n = _wx_values(wx + 2 * hidden, own, C)
         r_pre = _term(wx_r, C, TERM_R_FROM_WX, NARROW)
         r_pre += _term(rb_r, C, TERM_R_FROM_RB, NARROW)
         r_pre = _clamp(r_pre, C, RANGE_R_PRE)
@@ -474,6 +480,7 @@ def _integer_gru_kernel(
             tl.store(row + 13 * hidden, old, mask=own)
             tl.store(row + 14 * hidden, new, mask=own)
         h = tl.where(active, h_new, h)
+        wx_r, wx_z, wx_n = next_r, next_z, next_n
 
         next_planes = exchange_ptr + ((step + 1) % 2) * plane_set
         _store_digits(next_planes, own_offsets, own, h, C, batch, hidden, H_DIGITS)

@@ -41,7 +41,8 @@ def _quantize_kernel(
 @triton.jit
 def _projection_kernel(
     digits_ptr,  # (M, K) int8: the input operand's digits (offset by o)
-    weight_ptr,  # (K, N) int8: W^T, operand-shifted, one digit
+    weight_ptr,  # (N, K) int8: W, operand-shifted, one digit (K-major, as the int8 matrix
+    # instructions of sm_90 take both operands)
     multiplier_ptr,  # (N,) int64: the dot term's m per channel
     shift_ptr,  # (N,) int64: its n per channel
     correction_ptr,  # (N,) int64: o * rowsum(W), undoing the offset
@@ -74,7 +75,7 @@ def _projection_kernel(
             other=0,
         )
         w = tl.load(
-            weight_ptr + ks[:, None] * columns + column[None, :],
+            weight_ptr + column[None, :] * depth + ks[:, None],
             mask=k_ok[:, None] & column_ok[None, :],
             other=0,
         )
