@@ -30,10 +30,12 @@ if not torch.cuda.is_available():
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 from quant_gru.kernels.triton.derived import DerivedCache  # noqa: E402
+from quant_gru.kernels.triton.integer_constants import kernel_constants  # noqa: E402
 from quant_gru.kernels.triton.integer_projection import (  # noqa: E402
     float_input_projection,
     input_projection,
 )
+from quant_gru.kernels.triton.plans import Plan  # noqa: E402
 
 
 def both_backends(model: QuantGRU, *args: object) -> tuple[tuple, tuple]:
@@ -148,3 +150,38 @@ def test_derived_values_go_with_their_owner() -> None:
     del owner
     gc.collect()
     assert len(cache) == 0
+
+
+@pytest.mark.parametrize(
+    "plan",
+    [
+        Plan(rows=True, block_b=1, block_h=16, block_k=16, warps=4, single=True),
+        Plan(rows=True, block_b=2, block_h=16, block_k=16, warps=4, single=False),
+        None,  # the tile kernel
+    ],
+    ids=["rows-single", "rows-tagged-words", "tiles"],
+)
+def test_row_and_tile_kernels_agree(monkeypatch: pytest.MonkeyPatch, plan: Plan | None) -> None:
+    """Inference of one-digit models runs on the row kernel where the float kernels' plan has
+    rows (its state kept in one program, or handed over as tagged words), else on the tile
+    kernel; each equals the plain-PyTorch path, with lengths and both directions."""
+    from quant_gru.kernels.triton import integer_gru
+
+    float_plan = plan or Plan(rows=False, block_b=16, block_h=16, block_k=16, warps=4)
+    monkeypatch.setattr(integer_gru, "forward_plan", lambda *args: float_plan)
+    torch.manual_seed(0)
+    model = QuantGRU(12, 16, bidirectional=True)
+    model.calibrating = True
+    with torch.no_grad():
+        model(torch.randn(6, 3, 12))
+    model.calibrating = False
+    model.use_quantization = True
+    model = model.to(DEVICE)
+    x = torch.randn(6, 3, 12, device=DEVICE)
+    packed = pack_padded_sequence(x, torch.tensor([6, 2, 4]), enforce_sorted=False)
+    programs = build_programs(model._quantized_model(), model._direction_weights())
+    constants = kernel_constants(programs[0], DEVICE)
+    assert (integer_gru.row_plan_for(3, 16, constants, DEVICE) is not None) == (plan is not None)
+    for data in (x, packed):
+        expected, actual = both_backends(model, data)
+        assert_identical(expected, actual)

@@ -24,7 +24,9 @@ from quant_gru.kernels.triton.integer_constants import (
 from quant_gru.kernels.triton.integer_kernel import _integer_gru_kernel
 from quant_gru.kernels.triton.integer_plans import IntegerPlan, integer_plan
 from quant_gru.kernels.triton.integer_projection import input_projection
-from quant_gru.kernels.triton.plans import resident_programs
+from quant_gru.kernels.triton.integer_row_kernel import _integer_gru_row_kernel
+from quant_gru.kernels.triton.plans import Plan, forward_plan, interpreted, resident_programs
+from quant_gru.kernels.triton.sync import zero_words
 from quant_gru.quantize.program import ACTIVATION_OPERATORS, DirectionProgram
 
 __all__ = ["triton_integer_gru"]
@@ -37,6 +39,18 @@ def plan_for(
     return integer_plan(
         batch, hidden, constants.h_digits, constants.r_digits, resident_programs(device)
     )
+
+
+def row_plan_for(
+    batch: int, hidden: int, constants: KernelConstants, device: torch.device
+) -> Plan | None:
+    """The row kernel's plan (integer_row_kernel.py) where it applies: one-digit models, on
+    the float kernels' row plans (their R slices in float32 registers, ours in int32), which
+    small batches take; None: the tile kernel."""
+    if constants.h_digits != 1 or constants.r_digits != 1:
+        return None
+    plan = forward_plan(batch, hidden, 4, device)
+    return plan if plan.rows else None
 
 
 def run_direction(
@@ -54,7 +68,9 @@ def run_direction(
     the final state and, with ``trace``, the kernel's trace (T, B, 15H;
     integer_layout.TRACE_BLOCKS). ``floats``: float destinations (out (T, B, H), a view
     whose rows may be longer; h_n (B, H), contiguous) that get the dequantized outputs and
-    final state instead (output.h's scale, quantize.scales.dequantize) and are returned."""
+    final state instead (output.h's scale, quantize.scales.dequantize) and are returned.
+    Small batches of one-digit models run on the row kernel, the rest and traced runs on the
+    tile kernel."""
     steps, batch, _ = wx_codes.shape
     hidden = program.hidden_size
     device = wx_codes.device
@@ -79,8 +95,20 @@ def run_direction(
             return out, h0.clone(), traced
         h_n.copy_((h0.double() * scale).float())
         return out, h_n, traced
-    plan = plan_for(batch, hidden, constants, device)
     lengths32 = out if lengths is None else lengths.to(device=device, dtype=torch.int32)
+    rows = None if trace else row_plan_for(batch, hidden, constants, device)
+    if rows is not None:
+        words = out if rows.single else zero_words(2, batch, hidden, device=device)
+        _integer_gru_row_kernel[rows.grid(batch, hidden)](
+            wx_codes, constants.digits, constants.rh, constants.rb_bias, constants.tables, h0,
+            lengths32, out, h_n, scale, words, steps, batch, hidden, out.stride(1),
+            REVERSE=reverse, BB=rows.block_b, BH=rows.block_h, BK=rows.block_k,
+            SINGLE=rows.single, HAS_LENGTHS=lengths is not None, NARROW=constants.narrow,
+            C=constants.specialization, OUT_FLOAT=floats is not None,
+            COMPILED=not interpreted(), num_warps=rows.warps,
+        )  # fmt: skip
+        return out, h_n, traced
+    plan = plan_for(batch, hidden, constants, device)
     exchange = torch.empty(2, constants.h_digits, batch, hidden, dtype=torch.int8, device=device)
     for start in range(0, batch, plan.launch_rows):
         end = min(batch, start + plan.launch_rows)

@@ -314,6 +314,84 @@ def _store_digits(
 
 
 @triton.jit
+def _channel_constants(rh_ptr, rb_bias_ptr, units, unit_ok, hidden, C: tl.constexpr):
+    """This program's per-channel constants, (1, BH) rows per gate r, z, n: matmul.Rh's
+    multipliers, its shifts (with C's shared shift: the multipliers again, unused), the digit
+    offset's corrections, and op.Rh_add_br's term of weight.br. Loaded once, for every step."""
+    m_r = _channel(rh_ptr, 0, units, unit_ok, hidden)
+    m_z = _channel(rh_ptr, 1, units, unit_ok, hidden)
+    m_n = _channel(rh_ptr, 2, units, unit_ok, hidden)
+    if C[RH_SHIFT] < 0:
+        n_r = _channel(rh_ptr + 3 * hidden, 0, units, unit_ok, hidden)
+        n_z = _channel(rh_ptr + 3 * hidden, 1, units, unit_ok, hidden)
+        n_n = _channel(rh_ptr + 3 * hidden, 2, units, unit_ok, hidden)
+    else:
+        n_r = m_r
+        n_z = m_z
+        n_n = m_n
+    c_r = _channel(rh_ptr + 6 * hidden, 0, units, unit_ok, hidden)
+    c_z = _channel(rh_ptr + 6 * hidden, 1, units, unit_ok, hidden)
+    c_n = _channel(rh_ptr + 6 * hidden, 2, units, unit_ok, hidden)
+    b_r = _channel(rb_bias_ptr, 0, units, unit_ok, hidden)
+    b_z = _channel(rb_bias_ptr, 1, units, unit_ok, hidden)
+    b_n = _channel(rb_bias_ptr, 2, units, unit_ok, hidden)
+    return m_r, m_z, m_n, n_r, n_z, n_n, c_r, c_z, c_n, b_r, b_z, b_n
+
+
+@triton.jit
+def _gru_step(
+    sum_r, sum_z, sum_n, wx_r, wx_z, wx_n, h, channels, C: tl.constexpr, tables,
+    NARROW: tl.constexpr,
+):  # fmt: skip
+    """Every operator of §7 after the recurrent product, for a block of units: from the
+    recurrent sums (int64, before the offset's correction), matmul.Wx's values and the state
+    (zero-corrected). Returns the 15 traced operators' values (integer_layout.TRACE_BLOCKS'
+    order) and the new state, last."""
+    m_r, m_z, m_n, n_r, n_z, n_n, c_r, c_z, c_n, b_r, b_z, b_n = channels
+    # matmul.Rh and op.Rh_add_br, per gate (per-channel constants).
+    rh_r = _clamp(_rh_term(sum_r, m_r, n_r, c_r, C, NARROW), C, RANGE_RH)
+    rh_z = _clamp(_rh_term(sum_z, m_z, n_z, c_z, C, NARROW), C, RANGE_RH)
+    rh_n = _clamp(_rh_term(sum_n, m_n, n_n, c_n, C, NARROW), C, RANGE_RH)
+    rb_r = _clamp(_term(rh_r, C, TERM_RB_FROM_RH, NARROW) + b_r, C, RANGE_RB)
+    rb_z = _clamp(_term(rh_z, C, TERM_RB_FROM_RH, NARROW) + b_z, C, RANGE_RB)
+    rb_n = _clamp(_term(rh_n, C, TERM_RB_FROM_RH, NARROW) + b_n, C, RANGE_RB)
+
+    # The gates, with matmul.Wx's values.
+    r_pre = _term(wx_r, C, TERM_R_FROM_WX, NARROW)
+    r_pre += _term(rb_r, C, TERM_R_FROM_RB, NARROW)
+    r_pre = _clamp(r_pre, C, RANGE_R_PRE)
+    z_pre = _term(wx_z, C, TERM_Z_FROM_WX, NARROW)
+    z_pre += _term(rb_z, C, TERM_Z_FROM_RB, NARROW)
+    z_pre = _clamp(z_pre, C, RANGE_Z_PRE)
+    r = _activation(r_pre, C, tables, TABLE_R, 0)
+    z = _activation(z_pre, C, tables, TABLE_Z, 1)
+    rrh = _product(r, rb_n, C, SHIFTS_RRH, NARROW)
+    rrh = _clamp(_term(rrh, C, TERM_RRH, NARROW), C, RANGE_RRH)
+    g_pre = _term(wx_n, C, TERM_G_FROM_WX, NARROW)
+    g_pre += _term(rrh, C, TERM_G_FROM_RRH, NARROW)
+    g_pre = _clamp(g_pre, C, RANGE_G_PRE)
+    g = _activation(g_pre, C, tables, TABLE_G, 2)
+
+    # The new state: old = z * h, new = g - z * g, h' = old + new.
+    old = _product(z, h, C, SHIFTS_OLD, NARROW)
+    old = _clamp(_term(old, C, TERM_OLD, NARROW), C, RANGE_OLD)
+    zg = -_product(z, g, C, SHIFTS_ZG, NARROW)
+    new = _term(g, C, TERM_NEW_FROM_G, NARROW)
+    new += _term(zg, C, TERM_NEW_FROM_ZG, NARROW)
+    new = _clamp(new, C, RANGE_NEW)
+    h_new = _term(old, C, TERM_H_FROM_OLD, NARROW)
+    h_new += _term(new, C, TERM_H_FROM_NEW, NARROW)
+    h_new = _clamp(h_new, C, RANGE_H)
+    return rh_r, rh_z, rh_n, rb_r, rb_z, rb_n, r_pre, z_pre, r, z, rrh, g_pre, g, old, new, h_new
+
+
+@triton.jit
+def _state_digit(h, C: tl.constexpr):
+    """The one-digit operand of matmul.Rh of state values: rshr(h, e_c) - o, int32."""
+    return (_shift_right(h.to(tl.int64), C[H_OPERAND_SHIFT]) - C[H_DIGIT_OFFSET]).to(tl.int32)
+
+
+@triton.jit
 def _integer_gru_kernel(
     wx_ptr,  # (T, B, 3H): matmul.Wx's codes, in the narrowest integer type that holds them
     digits_ptr,  # (R_DIGITS, 3H, H) int8: R (operand-shifted) in digits
@@ -366,24 +444,7 @@ def _integer_gru_kernel(
     _store_digits(exchange_ptr, own_offsets, own, h, C, batch, hidden, H_DIGITS)
     _barrier(counter, hidden_tiles)
 
-    # matmul.Rh's channel constants and the recurrent bias term, per gate, for every step.
-    rh_m_r = _channel(rh_ptr, 0, units, unit_ok, hidden)
-    rh_m_z = _channel(rh_ptr, 1, units, unit_ok, hidden)
-    rh_m_n = _channel(rh_ptr, 2, units, unit_ok, hidden)
-    rh_c_r = _channel(rh_ptr + 6 * hidden, 0, units, unit_ok, hidden)
-    rh_c_z = _channel(rh_ptr + 6 * hidden, 1, units, unit_ok, hidden)
-    rh_c_n = _channel(rh_ptr + 6 * hidden, 2, units, unit_ok, hidden)
-    rb_bias_r = _channel(rb_bias_ptr, 0, units, unit_ok, hidden)
-    rb_bias_z = _channel(rb_bias_ptr, 1, units, unit_ok, hidden)
-    rb_bias_n = _channel(rb_bias_ptr, 2, units, unit_ok, hidden)
-    if C[RH_SHIFT] < 0:
-        rh_n_r = _channel(rh_ptr + 3 * hidden, 0, units, unit_ok, hidden)
-        rh_n_z = _channel(rh_ptr + 3 * hidden, 1, units, unit_ok, hidden)
-        rh_n_n = _channel(rh_ptr + 3 * hidden, 2, units, unit_ok, hidden)
-    else:  # unused: C's shared shift
-        rh_n_r = rh_m_r
-        rh_n_z = rh_m_z
-        rh_n_n = rh_m_n
+    channels = _channel_constants(rh_ptr, rb_bias_ptr, units, unit_ok, hidden, C)
 
     if RESIDENT:
         w_r_all, w_z_all, w_n_all = _resident_digits(digits_ptr, units, unit_ok, hidden, BK, CHUNKS)
@@ -414,49 +475,8 @@ def _integer_gru_kernel(
                 BB, BH, BK, H_DIGITS, R_DIGITS,
             )  # fmt: skip
 
-        # matmul.Rh and op.Rh_add_br, per gate (per-channel constants).
-        rh_r = _rh_term(sum_r, rh_m_r, rh_n_r, rh_c_r, C, NARROW)
-        rh_z = _rh_term(sum_z, rh_m_z, rh_n_z, rh_c_z, C, NARROW)
-        rh_n = _rh_term(sum_n, rh_m_n, rh_n_n, rh_c_n, C, NARROW)
-        rh_r = _clamp(rh_r, C, RANGE_RH)
-        rh_z = _clamp(rh_z, C, RANGE_RH)
-        rh_n = _clamp(rh_n, C, RANGE_RH)
-        rb_r = _term(rh_r, C, TERM_RB_FROM_RH, NARROW)
-        rb_z = _term(rh_z, C, TERM_RB_FROM_RH, NARROW)
-        rb_n = _term(rh_n, C, TERM_RB_FROM_RH, NARROW)
-        rb_r += rb_bias_r
-        rb_z += rb_bias_z
-        rb_n += rb_bias_n
-        rb_r = _clamp(rb_r, C, RANGE_RB)
-        rb_z = _clamp(rb_z, C, RANGE_RB)
-        rb_n = _clamp(rb_n, C, RANGE_RB)
-
-        # The gates, with matmul.Wx's codes of this step.
-        r_pre = _term(wx_r, C, TERM_R_FROM_WX, NARROW)
-        r_pre += _term(rb_r, C, TERM_R_FROM_RB, NARROW)
-        r_pre = _clamp(r_pre, C, RANGE_R_PRE)
-        z_pre = _term(wx_z, C, TERM_Z_FROM_WX, NARROW)
-        z_pre += _term(rb_z, C, TERM_Z_FROM_RB, NARROW)
-        z_pre = _clamp(z_pre, C, RANGE_Z_PRE)
-        r = _activation(r_pre, C, tables, TABLE_R, 0)
-        z = _activation(z_pre, C, tables, TABLE_Z, 1)
-        rrh = _product(r, rb_n, C, SHIFTS_RRH, NARROW)
-        rrh = _clamp(_term(rrh, C, TERM_RRH, NARROW), C, RANGE_RRH)
-        g_pre = _term(wx_n, C, TERM_G_FROM_WX, NARROW)
-        g_pre += _term(rrh, C, TERM_G_FROM_RRH, NARROW)
-        g_pre = _clamp(g_pre, C, RANGE_G_PRE)
-        g = _activation(g_pre, C, tables, TABLE_G, 2)
-
-        # The new state: old = z * h, new = g - z * g, h' = old + new.
-        old = _product(z, h, C, SHIFTS_OLD, NARROW)
-        old = _clamp(_term(old, C, TERM_OLD, NARROW), C, RANGE_OLD)
-        zg = -_product(z, g, C, SHIFTS_ZG, NARROW)
-        new = _term(g, C, TERM_NEW_FROM_G, NARROW)
-        new += _term(zg, C, TERM_NEW_FROM_ZG, NARROW)
-        new = _clamp(new, C, RANGE_NEW)
-        h_new = _term(old, C, TERM_H_FROM_OLD, NARROW)
-        h_new += _term(new, C, TERM_H_FROM_NEW, NARROW)
-        h_new = _clamp(h_new, C, RANGE_H)
+        values = _gru_step(sum_r, sum_z, sum_n, wx_r, wx_z, wx_n, h, channels, C, tables, NARROW)
+        h_new = values[15]
 
         active = (t < length)[:, None]
         out = out_ptr + (t * batch + rows[:, None]) * out_stride + units[None, :]
@@ -464,21 +484,8 @@ def _integer_gru_kernel(
         if TRACE:
             row = trace_ptr + t * batch * 15 * hidden + rows[:, None] * (15 * hidden)
             row += units[None, :]
-            tl.store(row, rh_r, mask=own)
-            tl.store(row + hidden, rh_z, mask=own)
-            tl.store(row + 2 * hidden, rh_n, mask=own)
-            tl.store(row + 3 * hidden, rb_r, mask=own)
-            tl.store(row + 4 * hidden, rb_z, mask=own)
-            tl.store(row + 5 * hidden, rb_n, mask=own)
-            tl.store(row + 6 * hidden, r_pre, mask=own)
-            tl.store(row + 7 * hidden, z_pre, mask=own)
-            tl.store(row + 8 * hidden, r, mask=own)
-            tl.store(row + 9 * hidden, z, mask=own)
-            tl.store(row + 10 * hidden, rrh, mask=own)
-            tl.store(row + 11 * hidden, g_pre, mask=own)
-            tl.store(row + 12 * hidden, g, mask=own)
-            tl.store(row + 13 * hidden, old, mask=own)
-            tl.store(row + 14 * hidden, new, mask=own)
+            for i in tl.static_range(15):  # integer_layout.TRACE_BLOCKS
+                tl.store(row + i * hidden, values[i], mask=own)
         h = tl.where(active, h_new, h)
         wx_r, wx_z, wx_n = next_r, next_z, next_n
 

@@ -6,10 +6,11 @@ to at most one program per SM):
 - ``_barrier``: programs store their part of the state, then meet at an atomic counter;
   after it everyone reads the whole state. Two round trips to L2 (the atomic, the reads).
 - ``_publish`` / ``_await_state``: each element carries the step it belongs to. A state value
-  (float32 bits) and its step number share one 64-bit word, which a single store writes
-  whole, so a reader that sees the step it waits for also sees that step's value. Readers
-  re-read until every word is current: one round trip when the writers are ahead. Words are
-  8 bytes, so this suits small batch tiles, where the latency matters most.
+  (float32 bits, or an integer kernel's digit: ``_publish_bits`` / ``_await_bits``) and its
+  step number share one 64-bit word, which a single store writes whole, so a reader that sees
+  the step it waits for also sees that step's value. Readers re-read until every word is
+  current: one round trip when the writers are ahead. Words are 8 bytes, so this suits small
+  batch tiles, where the latency matters most.
 """
 
 from __future__ import annotations
@@ -40,8 +41,14 @@ def zero_words(*shape: int, device: torch.device) -> torch.Tensor:
 @triton.jit
 def _publish(words_ptr, offsets, mask, state, tag):
     """Store float32 ``state`` at ``offsets`` of the int64 words, each marked with ``tag``."""
-    bits = state.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
-    tl.store(words_ptr + offsets, bits | (tl.cast(tag, tl.int64) << 32), mask=mask)
+    _publish_bits(words_ptr, offsets, mask, state.to(tl.int32, bitcast=True), tag)
+
+
+@triton.jit
+def _publish_bits(words_ptr, offsets, mask, bits, tag):
+    """Store int32 ``bits`` at ``offsets`` of the int64 words, each marked with ``tag``."""
+    word = bits.to(tl.int64) & 0xFFFFFFFF
+    tl.store(words_ptr + offsets, word | (tl.cast(tag, tl.int64) << 32), mask=mask)
 
 
 @triton.jit
@@ -63,7 +70,13 @@ def _every_thread(ok):
 
 @triton.jit
 def _await_state(words_ptr, offsets, mask, tag, COMPILED: tl.constexpr):
-    """The float32 state at ``offsets`` once every word there carries ``tag`` (masked-out
+    """The float32 state at ``offsets`` once every word there carries ``tag``: _await_bits."""
+    return _await_bits(words_ptr, offsets, mask, tag, COMPILED).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _await_bits(words_ptr, offsets, mask, tag, COMPILED: tl.constexpr):
+    """The int32 bits at ``offsets`` once every word there carries ``tag`` (masked-out
     places read 0). Tags only grow, and the double buffer keeps a word from moving past
     ``tag`` before this program has read it. ``COMPILED``: False under TRITON_INTERPRET=1,
     which runs one thread a program (and no inline assembly)."""
@@ -76,4 +89,4 @@ def _await_state(words_ptr, offsets, mask, tag, COMPILED: tl.constexpr):
     else:
         while tl.min(tl.where(mask, (words >> 32).to(tl.int32), tag)) < tag:
             words = tl.load(words_ptr + offsets, mask=mask, other=0, volatile=True)
-    return (words & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
+    return (words & 0xFFFFFFFF).to(tl.int32)

@@ -1,0 +1,109 @@
+"""The integer GRU's recurrence on row programs, for small batches (reference/README.md §7): the
+float row kernel's plan and hand-over (gru_forward.py, plans.py), integer_kernel.py's step.
+
+Program (i, j) owns BB batch rows and hidden units [j*BH, (j+1)*BH) of all three gates, and
+holds its rows of R (one digit, int8 widened to int32) in registers for every step. The
+recurrent product is a broadcast multiply and a sum over K on the CUDA cores: exact int32
+sums of one-digit products (integer_digits.MAX_PRODUCT_TERMS), no shared-memory staging for
+the matrix instructions. Programs hand the state's digits to each other as tagged words
+(sync.py: no barrier; a reader waits only for the words it reads), or, where one program
+holds every unit (SINGLE), keep it.
+
+Models whose state or R takes more than one digit, and traced runs, take integer_kernel.py.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from quant_gru.kernels.triton.gru_forward import _lengths, _program_tile, _step_time
+from quant_gru.kernels.triton.integer_kernel import (
+    _channel_constants,
+    _gru_step,
+    _output,
+    _state_digit,
+    _wx_step,
+)
+from quant_gru.kernels.triton.sync import _await_bits, _publish_bits
+
+
+@triton.jit
+def _weight_rows(digits_ptr, gate, units, unit_ok, hidden, BK: tl.constexpr):
+    """R_gate^T's rows for this program's units, (1, BK, BH) int32 (zeros past H)."""
+    ks = tl.arange(0, BK)
+    offsets = gate * hidden * hidden + units[None, :] * hidden + ks[:, None]
+    mask = (ks < hidden)[:, None] & unit_ok[None, :]
+    return tl.load(digits_ptr + offsets, mask=mask, other=0).to(tl.int32)[None, :, :]
+
+
+@triton.jit
+def _integer_gru_row_kernel(
+    wx_ptr,  # (T, B, 3H): matmul.Wx's codes
+    digits_ptr,  # (1, 3H, H) int8: R (operand-shifted), one digit
+    rh_ptr,  # (3, 3H) int64: as integer_kernel's
+    rb_bias_ptr,  # (3H,) int64
+    tables,  # (3, 513) int64
+    h0_ptr,  # (B, H) int64, zero-corrected
+    lengths_ptr,  # (B,) int32
+    out_ptr,  # (T, B, ·) rows of out_stride, as integer_kernel's
+    h_n_ptr,  # (B, H)
+    scale_ptr,  # (1,) float64 (OUT_FLOAT)
+    words_ptr,  # (2, B, H) int64, zeros: the state's digits tagged with their step (not SINGLE)
+    steps,
+    batch,
+    hidden,
+    out_stride,
+    REVERSE: tl.constexpr,
+    BB: tl.constexpr,
+    BH: tl.constexpr,
+    BK: tl.constexpr,  # padded H: the program's R^T slice (3, BK, BH) stays in registers
+    SINGLE: tl.constexpr,  # the program holds every unit (BH == BK): the state stays here
+    HAS_LENGTHS: tl.constexpr,
+    NARROW: tl.constexpr,
+    C: tl.constexpr,  # KernelConstants.specialization
+    OUT_FLOAT: tl.constexpr,
+    COMPILED: tl.constexpr,  # False under TRITON_INTERPRET=1
+):
+    rows, units, row_ok, unit_ok, own, own_offsets = _program_tile(batch, hidden, BB, BH)
+    plane = batch * hidden
+    length = _lengths(lengths_ptr, rows, row_ok, steps, BB, HAS_LENGTHS)
+    h = tl.load(h0_ptr + own_offsets, mask=own, other=0)
+    if not SINGLE:
+        _publish_bits(words_ptr, own_offsets, own, _state_digit(h, C), 1)
+    channels = _channel_constants(rh_ptr, rb_bias_ptr, units, unit_ok, hidden, C)
+    w_r = _weight_rows(digits_ptr, 0, units, unit_ok, hidden, BK)
+    w_z = _weight_rows(digits_ptr, 1, units, unit_ok, hidden, BK)
+    w_n = _weight_rows(digits_ptr, 2, units, unit_ok, hidden, BK)
+    ks = tl.arange(0, BK)
+    state_offsets = rows[:, None] * hidden + ks[None, :]
+    state_mask = row_ok[:, None] & (ks < hidden)[None, :]
+
+    # matmul.Wx's codes are loaded a step ahead: their latency hides behind the step before.
+    wx_rows = wx_ptr + rows[:, None] * (3 * hidden) + units[None, :]
+    wx_r, wx_z, wx_n = _wx_step(wx_rows, steps - 1 if REVERSE else 0, batch, hidden, own, C)
+
+    for step in range(steps):
+        t, t_next = _step_time(step, steps, REVERSE)
+        next_r, next_z, next_n = _wx_step(wx_rows, t_next, batch, hidden, own, C)
+        if SINGLE:  # the units past H meet rows of R that are zero
+            y = _state_digit(h, C)[:, :, None]  # (BB, BK, 1) against R^T's (1, BK, BH)
+        else:
+            source = words_ptr + (step % 2) * plane
+            y = _await_bits(source, state_offsets, state_mask, step + 1, COMPILED)[:, :, None]
+        sum_r = tl.sum(y * w_r, axis=1).to(tl.int64)
+        sum_z = tl.sum(y * w_z, axis=1).to(tl.int64)
+        sum_n = tl.sum(y * w_n, axis=1).to(tl.int64)
+        values = _gru_step(sum_r, sum_z, sum_n, wx_r, wx_z, wx_n, h, channels, C, tables, NARROW)
+        h_new = values[15]
+
+        active = (t < length)[:, None]
+        out = out_ptr + (t * batch + rows[:, None]) * out_stride + units[None, :]
+        tl.store(out, _output(tl.where(active, h_new, 0), scale_ptr, out_ptr, OUT_FLOAT), mask=own)
+        h = tl.where(active, h_new, h)
+        wx_r, wx_z, wx_n = next_r, next_z, next_n
+        if not SINGLE:
+            target = words_ptr + ((step + 1) % 2) * plane
+            _publish_bits(target, own_offsets, own, _state_digit(h, C), step + 2)
+
+    tl.store(h_n_ptr + own_offsets, _output(h, scale_ptr, h_n_ptr, OUT_FLOAT), mask=own)
