@@ -4,11 +4,11 @@ beside our float kernels and cuDNN's nn.GRU, in one run.
 Shapes (B, T, I, H) of gpu_float_speed.py, one layer. The model is calibrated on one random
 batch with the default 8-bit configuration. Inference is forward under no_grad, eagerly (one
 call at a time, host costs included); QAT training is forward plus backward with
-use_quantization on (straight-through gradients). Beside them: our float inference and
-training in float32 and TF32 (the faster of the two is the fp32 family's), cuDNN's best, and
-the seed's 8-bit inference from DESIGN.md §4 (the same H100 model). Median of CUDA-event
-timings after warm-up, in alternation; peak memory above the inputs and weights. Writes
-benchmarks/results/gpu_integer_speed.json.
+use_quantization on (straight-through gradients; --no-qat skips it). Beside them: our float
+inference and training in float32 and TF32 (the faster of the two is the fp32 family's),
+cuDNN's best, and the seed's 8-bit inference from DESIGN.md §4 (the same H100 model). Median
+of CUDA-event timings after warm-up, in alternation; peak memory above the inputs and
+weights. Writes benchmarks/results/gpu_integer_speed.json.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def _quantized(model: QuantGRU, on: bool, tf32: bool) -> None:
     torch.backends.cudnn.allow_tf32 = tf32
 
 
-def measure(shape: tuple[int, int, int, int], repeats: int) -> dict:
+def measure(shape: tuple[int, int, int, int], repeats: int, qat: bool) -> dict:
     batch, steps, inputs, _ = shape
     model = _calibrated(shape)
     cudnn = model.to_float().cuda()
@@ -88,13 +88,10 @@ def measure(shape: tuple[int, int, int, int], repeats: int) -> dict:
         }
     _quantized(model, True, False)
     int_infer, _ = paired_ms(_infer(model, x), _infer(cudnn, x), repeats)
-    qat_train, _ = paired_ms(_train(model, x), _train(cudnn, x), max(3, repeats // 4))
-    row["int8"] = {
-        "infer_ms": int_infer,
-        "qat_train_ms": qat_train,
-        "infer_peak_mb": peak_mb(_infer(model, x)),
-        "qat_train_peak_mb": peak_mb(_train(model, x)),
-    }
+    row["int8"] = {"infer_ms": int_infer, "infer_peak_mb": peak_mb(_infer(model, x))}
+    if qat:
+        qat_train, _ = paired_ms(_train(model, x), _train(cudnn, x), max(3, repeats // 4))
+        row["int8"].update(qat_train_ms=qat_train, qat_train_peak_mb=peak_mb(_train(model, x)))
     _quantized(model, False, False)  # torch's TF32 flags back to their defaults
     return row
 
@@ -104,13 +101,17 @@ def summary(row: dict) -> str:
     float_train = min(row["fp32"]["ours_train_ms"], row["tf32"]["ours_train_ms"])
     int8 = row["int8"]
     seed = row["seed_int8_infer_ms"]
-    return (
+    text = (
         f"{tuple(row['shape'])}: int8 inference {int8['infer_ms']:.2f} ms "
         f"({ours_float / int8['infer_ms']:.2f}x our float {ours_float:.2f}; "
-        f"{seed / int8['infer_ms'] if seed else float('nan'):.1f}x the seed's {seed}); "
-        f"QAT step {int8['qat_train_ms']:.2f} ms ({int8['qat_train_ms'] / float_train:.2f}x "
-        f"our float step {float_train:.2f})"
+        f"{seed / int8['infer_ms'] if seed else float('nan'):.1f}x the seed's {seed})"
     )
+    if "qat_train_ms" in int8:
+        text += (
+            f"; QAT step {int8['qat_train_ms']:.2f} ms "
+            f"({int8['qat_train_ms'] / float_train:.2f}x our float step {float_train:.2f})"
+        )
+    return text
 
 
 def main() -> None:
@@ -123,14 +124,22 @@ def main() -> None:
         default=[s for s in SHAPES if s[4] == 1 and not s[5]],
         help="comma-separated indices into gpu_float_speed.SHAPES (default: the one-layer ones)",
     )
+    parser.add_argument(
+        "--no-qat", dest="qat", action="store_false", help="skip the QAT training step"
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA device")
     rows = []
     for shape in args.shapes:
-        rows.append(measure(tuple(shape[:4]), args.repeats))
+        rows.append(measure(tuple(shape[:4]), args.repeats, args.qat))
         print(summary(rows[-1]), flush=True)
-    document = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}
+    document = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "qat": args.qat,
+        "rows": rows,
+    }
     args.out.write_text(json.dumps(document, indent=1) + "\n")
 
 
