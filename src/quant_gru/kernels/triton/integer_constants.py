@@ -44,6 +44,7 @@ class KernelConstants:
     """What the kernel reads besides the step inputs, for one (layer, direction)."""
 
     digits: Tensor  # (r_digits, 3H, H) int8: R, operand-shifted, in digits
+    words: Tensor | None  # (3H, H/4) int32: one-digit R, four digits of K a word (dp4a)
     rh: Tensor  # (3, 3H) int64: matmul.Rh's m, n, and o * rowsum(R) modulo 2^64
     rb_bias: Tensor  # (3H,) int64: op.Rh_add_br's term of weight.br
     specialization: tuple[int, ...]  # integer_layout's constants: the kernel's C
@@ -196,8 +197,10 @@ def _make_constants(program: DirectionProgram, device: torch.device) -> KernelCo
         multipliers = torch.stack([scaled, multipliers[1]])
         where = int(layout.RH_SHIFT.value)
         specialization = (*specialization[:where], shift, *specialization[where + 1 :])
+    digits = split_digits(weight, r_digits).view(r_digits, rows, hidden)
     return KernelConstants(
-        digits=split_digits(weight, r_digits).view(r_digits, rows, hidden),
+        digits=digits,
+        words=packed_words(digits[0]) if r_digits == 1 and hidden % 4 == 0 else None,
         rh=torch.cat([multipliers, correction[None]]).contiguous(),
         rb_bias=rb_bias.expand(rows).contiguous(),
         specialization=specialization,
@@ -226,6 +229,15 @@ def _shared_shift(term: Term, rows: int) -> tuple[int, Tensor, bool] | None:
     if max(abs(v) for v in scaled) >= _NARROW_LIMIT:
         return None
     return shift, torch.tensor(scaled, dtype=torch.int64), False
+
+
+def packed_words(digits: Tensor) -> Tensor:
+    """int8 digits (..., K), K a multiple of 4, as int32 words of four consecutive digits,
+    the first in the lowest byte: the operands of dp4a."""
+    parts = digits.to(torch.int64).reshape(*digits.shape[:-1], -1, 4) & 0xFF
+    shifts = torch.tensor([0, 8, 16, 24], device=digits.device)
+    words = (parts << shifts).sum(dim=-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
 
 
 def _check_single_channel(name: str, term: Term) -> None:

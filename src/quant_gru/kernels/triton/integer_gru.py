@@ -98,13 +98,17 @@ def run_direction(
     lengths32 = out if lengths is None else lengths.to(device=device, dtype=torch.int32)
     rows = None if trace else row_plan_for(batch, hidden, constants, device)
     if rows is not None:
-        words = out if rows.single else zero_words(2, batch, hidden, device=device)
+        # Four digits a word where R has words and the program's units come in fours.
+        packed = constants.words is not None and rows.block_h % 4 == 0
+        width = hidden // 4 if packed else hidden
+        words = out if rows.single else zero_words(2, batch, width, device=device)
         _integer_gru_row_kernel[rows.grid(batch, hidden)](
-            wx_codes, constants.digits, constants.rh, constants.rb_bias, constants.tables, h0,
-            lengths32, out, h_n, scale, words, steps, batch, hidden, out.stride(1),
+            wx_codes, constants.words if packed else constants.digits, constants.rh,
+            constants.rb_bias, constants.tables, h0, lengths32, out, h_n, scale, words, steps,
+            batch, hidden, out.stride(1),
             REVERSE=reverse, BB=rows.block_b, BH=rows.block_h, BK=rows.block_k,
             SINGLE=rows.single, HAS_LENGTHS=lengths is not None, NARROW=constants.narrow,
-            C=constants.specialization, OUT_FLOAT=floats is not None,
+            C=constants.specialization, OUT_FLOAT=floats is not None, PACKED=packed,
             COMPILED=not interpreted(), num_warps=rows.warps,
         )  # fmt: skip
         return out, h_n, traced

@@ -38,9 +38,67 @@ def _weight_rows(digits_ptr, gate, units, unit_ok, hidden, BK: tl.constexpr):
 
 
 @triton.jit
+def _word_rows(words_ptr, gate, units, unit_ok, hidden, BK: tl.constexpr):
+    """R_gate^T's rows for this program's units as words of four digits of K:
+    (1, BK / 4, BH) int32 (zeros past H)."""
+    quarter = hidden // 4
+    ks = tl.arange(0, BK // 4)
+    offsets = gate * hidden * quarter + units[None, :] * quarter + ks[:, None]
+    mask = (ks < quarter)[:, None] & unit_ok[None, :]
+    return tl.load(words_ptr + offsets, mask=mask, other=0)[None, :, :]
+
+
+@triton.jit
+def _pack(digits, ROWS: tl.constexpr, COLUMNS: tl.constexpr):
+    """(ROWS, COLUMNS) int32 digits as (ROWS, COLUMNS / 4) words, four digits a word, the
+    first in the lowest byte (integer_constants.packed_words)."""
+    parts = tl.reshape(digits & 0xFF, (ROWS, COLUMNS // 4, 4))
+    shifts = tl.arange(0, 4) * 8
+    return tl.sum(parts << shifts[None, None, :], axis=2)
+
+
+@triton.jit
+def _dot4(a, b, COMPILED: tl.constexpr):
+    """Σ over the four bytes of a_i * b_i (signed), per element: dp4a on a GPU; shifts and
+    products under the interpreter (no inline assembly)."""
+    if COMPILED:
+        result = tl.inline_asm_elementwise(
+            "dp4a.s32.s32 $0, $1, $2, $3;",
+            "=r,r,r,r",
+            [a, b, tl.zeros_like(a)],
+            dtype=tl.int32,
+            is_pure=True,
+            pack=1,
+        )
+    else:
+        result = tl.zeros_like(a)
+        for byte in tl.static_range(4):
+            result += ((a << (24 - 8 * byte)) >> 24) * ((b << (24 - 8 * byte)) >> 24)
+    return result
+
+
+@triton.jit
+def _publish_state(
+    words_ptr, h, rows, row_ok, units, width, C: tl.constexpr, tag,
+    BB: tl.constexpr, BH: tl.constexpr, PACKED: tl.constexpr,
+):  # fmt: skip
+    """Publish this program's (BB, BH) block of the state's digits, tagged: a word a digit,
+    or (PACKED) a word per four units."""
+    digits = _state_digit(h, C)
+    if PACKED:
+        columns = tl.program_id(1) * (BH // 4) + tl.arange(0, BH // 4)
+        mask = row_ok[:, None] & (columns < width)[None, :]
+        offsets = rows[:, None] * width + columns[None, :]
+        _publish_bits(words_ptr, offsets, mask, _pack(digits, BB, BH), tag)
+    else:
+        mask = row_ok[:, None] & (units < width)[None, :]
+        _publish_bits(words_ptr, rows[:, None] * width + units[None, :], mask, digits, tag)
+
+
+@triton.jit
 def _integer_gru_row_kernel(
     wx_ptr,  # (T, B, 3H): matmul.Wx's codes
-    digits_ptr,  # (1, 3H, H) int8: R (operand-shifted), one digit
+    digits_ptr,  # (1, 3H, H) int8: R (operand-shifted), one digit; PACKED: (3H, H/4) int32 words
     rh_ptr,  # (3, 3H) int64: as integer_kernel's
     rb_bias_ptr,  # (3H,) int64
     tables,  # (3, 513) int64
@@ -49,7 +107,8 @@ def _integer_gru_row_kernel(
     out_ptr,  # (T, B, ·) rows of out_stride, as integer_kernel's
     h_n_ptr,  # (B, H)
     scale_ptr,  # (1,) float64 (OUT_FLOAT)
-    words_ptr,  # (2, B, H) int64, zeros: the state's digits tagged with their step (not SINGLE)
+    words_ptr,  # (2, B, H) int64, zeros: the state's digits tagged with their step (not
+    # SINGLE); PACKED: (2, B, H/4), four digits a word
     steps,
     batch,
     hidden,
@@ -63,21 +122,31 @@ def _integer_gru_row_kernel(
     NARROW: tl.constexpr,
     C: tl.constexpr,  # KernelConstants.specialization
     OUT_FLOAT: tl.constexpr,
+    PACKED: tl.constexpr,  # H and BH multiples of 4: products of four digits at a time (dp4a)
     COMPILED: tl.constexpr,  # False under TRITON_INTERPRET=1
 ):
     rows, units, row_ok, unit_ok, own, own_offsets = _program_tile(batch, hidden, BB, BH)
-    plane = batch * hidden
     length = _lengths(lengths_ptr, rows, row_ok, steps, BB, HAS_LENGTHS)
     h = tl.load(h0_ptr + own_offsets, mask=own, other=0)
-    if not SINGLE:
-        _publish_bits(words_ptr, own_offsets, own, _state_digit(h, C), 1)
     channels = _channel_constants(rh_ptr, rb_bias_ptr, units, unit_ok, hidden, C)
-    w_r = _weight_rows(digits_ptr, 0, units, unit_ok, hidden, BK)
-    w_z = _weight_rows(digits_ptr, 1, units, unit_ok, hidden, BK)
-    w_n = _weight_rows(digits_ptr, 2, units, unit_ok, hidden, BK)
-    ks = tl.arange(0, BK)
-    state_offsets = rows[:, None] * hidden + ks[None, :]
-    state_mask = row_ok[:, None] & (ks < hidden)[None, :]
+    if PACKED:
+        width = hidden // 4  # the state's words a row
+        w_r = _word_rows(digits_ptr, 0, units, unit_ok, hidden, BK)
+        w_z = _word_rows(digits_ptr, 1, units, unit_ok, hidden, BK)
+        w_n = _word_rows(digits_ptr, 2, units, unit_ok, hidden, BK)
+        ks = tl.arange(0, BK // 4)
+        state_mask = row_ok[:, None] & (ks < width)[None, :]
+    else:
+        width = hidden
+        w_r = _weight_rows(digits_ptr, 0, units, unit_ok, hidden, BK)
+        w_z = _weight_rows(digits_ptr, 1, units, unit_ok, hidden, BK)
+        w_n = _weight_rows(digits_ptr, 2, units, unit_ok, hidden, BK)
+        ks = tl.arange(0, BK)
+        state_mask = row_ok[:, None] & (ks < width)[None, :]
+    plane = batch * width
+    state_offsets = rows[:, None] * width + ks[None, :]
+    if not SINGLE:
+        _publish_state(words_ptr, h, rows, row_ok, units, width, C, 1, BB, BH, PACKED)
 
     # matmul.Wx's codes are loaded a step ahead: their latency hides behind the step before.
     wx_rows = wx_ptr + rows[:, None] * (3 * hidden) + units[None, :]
@@ -87,13 +156,21 @@ def _integer_gru_row_kernel(
         t, t_next = _step_time(step, steps, REVERSE)
         next_r, next_z, next_n = _wx_step(wx_rows, t_next, batch, hidden, own, C)
         if SINGLE:  # the units past H meet rows of R that are zero
-            y = _state_digit(h, C)[:, :, None]  # (BB, BK, 1) against R^T's (1, BK, BH)
+            y = _state_digit(h, C)
+            if PACKED:
+                y = _pack(y, BB, BK)
         else:
             source = words_ptr + (step % 2) * plane
-            y = _await_bits(source, state_offsets, state_mask, step + 1, COMPILED)[:, :, None]
-        sum_r = tl.sum(y * w_r, axis=1).to(tl.int64)
-        sum_z = tl.sum(y * w_z, axis=1).to(tl.int64)
-        sum_n = tl.sum(y * w_n, axis=1).to(tl.int64)
+            y = _await_bits(source, state_offsets, state_mask, step + 1, COMPILED)
+        y = y[:, :, None]  # (BB, K, 1) against R^T's (1, K, BH)
+        if PACKED:
+            sum_r = tl.sum(_dot4(y, w_r, COMPILED), axis=1).to(tl.int64)
+            sum_z = tl.sum(_dot4(y, w_z, COMPILED), axis=1).to(tl.int64)
+            sum_n = tl.sum(_dot4(y, w_n, COMPILED), axis=1).to(tl.int64)
+        else:
+            sum_r = tl.sum(y * w_r, axis=1).to(tl.int64)
+            sum_z = tl.sum(y * w_z, axis=1).to(tl.int64)
+            sum_n = tl.sum(y * w_n, axis=1).to(tl.int64)
         values = _gru_step(sum_r, sum_z, sum_n, wx_r, wx_z, wx_n, h, channels, C, tables, NARROW)
         h_new = values[15]
 
@@ -104,6 +181,6 @@ def _integer_gru_row_kernel(
         wx_r, wx_z, wx_n = next_r, next_z, next_n
         if not SINGLE:
             target = words_ptr + ((step + 1) % 2) * plane
-            _publish_bits(target, own_offsets, own, _state_digit(h, C), step + 2)
+            _publish_state(target, h, rows, row_ok, units, width, C, step + 2, BB, BH, PACKED)
 
     tl.store(h_n_ptr + own_offsets, _output(h, scale_ptr, h_n_ptr, OUT_FLOAT), mask=own)
