@@ -153,24 +153,28 @@ def test_derived_values_go_with_their_owner() -> None:
 
 
 @pytest.mark.parametrize(
-    "plan",
+    ("plan", "hidden"),
     [
-        Plan(rows=True, block_b=1, block_h=16, block_k=16, warps=4, single=True),
-        Plan(rows=True, block_b=2, block_h=16, block_k=16, warps=4, single=False),
-        None,  # the tile kernel
+        (Plan(rows=True, block_b=1, block_h=16, block_k=16, warps=4, single=True), 16),
+        (Plan(rows=True, block_b=2, block_h=16, block_k=16, warps=4, single=False), 16),
+        (Plan(rows=True, block_b=2, block_h=16, block_k=16, warps=4, single=False), 10),
+        (None, 16),  # the tile kernel
     ],
-    ids=["rows-single", "rows-tagged-words", "tiles"],
+    ids=["rows-single-packed", "rows-words-packed", "rows-words-digits", "tiles"],
 )
-def test_row_and_tile_kernels_agree(monkeypatch: pytest.MonkeyPatch, plan: Plan | None) -> None:
+def test_row_and_tile_kernels_agree(
+    monkeypatch: pytest.MonkeyPatch, plan: Plan | None, hidden: int
+) -> None:
     """Inference of one-digit models runs on the row kernel where the float kernels' plan has
-    rows (its state kept in one program, or handed over as tagged words), else on the tile
-    kernel; each equals the plain-PyTorch path, with lengths and both directions."""
+    rows (its state kept in one program, or handed over as tagged words; four digits a word
+    and dp4a where H is a multiple of 4, else a digit a word), else on the tile kernel; each
+    equals the plain-PyTorch path, with lengths and both directions."""
     from quant_gru.kernels.triton import integer_gru
 
     float_plan = plan or Plan(rows=False, block_b=16, block_h=16, block_k=16, warps=4)
     monkeypatch.setattr(integer_gru, "forward_plan", lambda *args: float_plan)
     torch.manual_seed(0)
-    model = QuantGRU(12, 16, bidirectional=True)
+    model = QuantGRU(12, hidden, bidirectional=True)
     model.calibrating = True
     with torch.no_grad():
         model(torch.randn(6, 3, 12))
@@ -181,7 +185,9 @@ def test_row_and_tile_kernels_agree(monkeypatch: pytest.MonkeyPatch, plan: Plan 
     packed = pack_padded_sequence(x, torch.tensor([6, 2, 4]), enforce_sorted=False)
     programs = build_programs(model._quantized_model(), model._direction_weights())
     constants = kernel_constants(programs[0], DEVICE)
-    assert (integer_gru.row_plan_for(3, 16, constants, DEVICE) is not None) == (plan is not None)
+    rows = integer_gru.row_plan_for(3, hidden, constants, DEVICE)
+    assert (rows is not None) == (plan is not None)
+    assert (constants.words is not None) == (hidden % 4 == 0)
     for data in (x, packed):
         expected, actual = both_backends(model, data)
         assert_identical(expected, actual)
