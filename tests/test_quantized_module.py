@@ -296,6 +296,22 @@ def test_qat_with_inter_layer_dropout_trains(device: torch.device) -> None:
     assert torch.equal(evaluated, again)
 
 
+def test_quantized_forward_under_inference_mode() -> None:
+    """A model built and run under torch.inference_mode (weights without version counters)
+    quantizes its weights on every call instead of keeping them, and gives the same outputs."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 2, 4)
+    with torch.inference_mode():
+        model = calibrated(QuantGRU(4, 6), torch.randn(5, 2, 4))
+        first, _ = model(x)
+        model.weight_hh_l0.mul_(-1)
+        changed, _ = model(x)
+    with torch.no_grad():
+        expected, _ = model(x)
+    assert torch.equal(changed, expected)
+    assert not torch.equal(first, changed)
+
+
 def test_calibration_method_and_percentile_are_validated() -> None:
     model = QuantGRU(3, 4)
     assert model.calibration_method == "sqnr" and model.percentile_value == 99.99

@@ -21,6 +21,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 from quant_gru import QuantGRU
 from quant_gru.kernels.torch.quantized_forward import build_programs, input_codes
 from test_bit_exact import calibrated_case, cases
+from test_quantized_module import calibrated
 from test_triton_integer import case_with, uniform_config
 
 if importlib.util.find_spec("triton") is None:
@@ -82,12 +83,7 @@ def test_dtypes_layers_directions_batch_first(dtype: torch.dtype) -> None:
     bfloat16 to nearest even)."""
     torch.manual_seed(0)
     model = QuantGRU(12, 10, num_layers=2, bidirectional=True, batch_first=True)
-    model.calibrating = True
-    with torch.no_grad():
-        model(torch.randn(3, 6, 12))
-    model.calibrating = False
-    model.use_quantization = True
-    model = model.to(device=DEVICE, dtype=dtype)
+    model = calibrated(model, torch.randn(3, 6, 12)).to(device=DEVICE, dtype=dtype)
     x = (torch.randn(3, 6, 12) * 1.5).to(device=DEVICE, dtype=dtype)
     hx = torch.randn(4, 3, 10).to(device=DEVICE, dtype=dtype)
     expected, actual = both_backends(model, x, hx)
@@ -121,13 +117,7 @@ def test_programs_kept_while_weights_unchanged() -> None:
     """Repeated inference reuses the quantized weights; an in-place update (an optimizer
     step) makes them anew, and the outputs follow."""
     torch.manual_seed(0)
-    model = QuantGRU(8, 6)
-    model.calibrating = True
-    with torch.no_grad():
-        model(torch.randn(5, 2, 8))
-    model.calibrating = False
-    model.use_quantization = True
-    model = model.to(DEVICE)
+    model = calibrated(QuantGRU(8, 6), torch.randn(5, 2, 8)).to(DEVICE)
     quantized = model._quantized_model()
     first = build_programs(quantized, model._direction_weights())
     assert build_programs(quantized, model._direction_weights()) is first
@@ -175,12 +165,7 @@ def test_row_and_tile_kernels_agree(
     monkeypatch.setattr(integer_gru, "forward_plan", lambda *args: float_plan)
     torch.manual_seed(0)
     model = QuantGRU(12, hidden, bidirectional=True)
-    model.calibrating = True
-    with torch.no_grad():
-        model(torch.randn(6, 3, 12))
-    model.calibrating = False
-    model.use_quantization = True
-    model = model.to(DEVICE)
+    model = calibrated(model, torch.randn(6, 3, 12)).to(DEVICE)
     x = torch.randn(6, 3, 12, device=DEVICE)
     packed = pack_padded_sequence(x, torch.tensor([6, 2, 4]), enforce_sorted=False)
     programs = build_programs(model._quantized_model(), model._direction_weights())

@@ -134,8 +134,12 @@ def build_programs(
 ) -> list[DirectionProgram]:
     """The integer programs of the current (float) weights (model.programs keeps the last)."""
     flat = tuple(w for pair in weights for w in pair)
-    # Under torch.compile the programs are made afresh: version counters are not traced.
-    cached = None if torch.compiler.is_compiling() else model.programs.get(flat)
+    # Made afresh under torch.compile (version counters are not traced) and for weights made
+    # under torch.inference_mode (they have no version counter).
+    cacheable = not torch.compiler.is_compiling() and not any(
+        w is not None and w.is_inference() for w in flat
+    )
+    cached = model.programs.get(flat) if cacheable else None
     if cached is not None:
         return cached
     programs = [
@@ -144,7 +148,8 @@ def build_programs(
             model.constants, weights, model.quant, strict=True
         )
     ]
-    model.programs.put(flat, programs)
+    if cacheable:
+        model.programs.put(flat, programs)
     return programs
 
 
