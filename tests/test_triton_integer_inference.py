@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from quant_gru import QuantGRU
+from quant_gru.config import GRUQuantConfig
 from quant_gru.kernels.torch.quantized_forward import build_programs, input_codes
 from test_bit_exact import calibrated_case, cases
 from test_quantized_module import calibrated
@@ -32,7 +33,9 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 from quant_gru.kernels.triton.derived import DerivedCache  # noqa: E402
 from quant_gru.kernels.triton.integer_constants import kernel_constants  # noqa: E402
+from quant_gru.kernels.triton.integer_gru import layer_input  # noqa: E402
 from quant_gru.kernels.triton.integer_projection import (  # noqa: E402
+    codes_input_projection,
     float_input_projection,
     input_projection,
 )
@@ -111,6 +114,45 @@ def test_projection_kernel_equals_plain_projection(width: int) -> None:
     assert actual is not None
     assert actual.dtype == expected.dtype
     assert torch.equal(actual, expected)
+
+
+@pytest.mark.parametrize(
+    ("width", "input_width", "scale_type"),
+    [(4, 4, "float"), (8, 8, "float"), (8, 6, "pot"), (4, 8, "pot"), (16, 8, "float")],
+)
+def test_requantized_layer_input_equals_plain_path(
+    width: int, input_width: int, scale_type: str
+) -> None:
+    """A layer above the first: its input's terms and clamp (§8) and matmul.Wx on the kernels
+    give the codes of the plain path from the codes of the layer below (power-of-two scales
+    of other widths bring right and saturated left shifts); operands wider than a digit are
+    left to the plain path."""
+    config = uniform_config(width, False, False, scale_type)
+    entries = config.to_dict()["GRU_config"]["operator_config"]
+    entries["input.x"]["bitwidth"] = input_width
+    config = GRUQuantConfig.from_dict(
+        {"GRU_config": {"default_config": {"scale_type": scale_type}, "operator_config": entries}}
+    )
+    case = case_with(config, input_size=12, hidden_size=24, num_layers=2, bidirectional=True)
+    model, _, _, _ = calibrated_case(case)
+    programs = build_programs(model._quantized_model(), model._direction_weights())
+    shifts = {int(term.n) for program in programs[2:] for term in program.terms["input.x"]}
+    assert scale_type == "float" or shifts == {width - input_width}  # scales 2^n apart
+    generator = torch.Generator().manual_seed(width)
+    below = []
+    for program in programs[:2]:
+        fmt = program.formats["output.h"]
+        codes = torch.randint(fmt.qmin, fmt.qmax + 1, (5, 3, 24), generator=generator)
+        below.append((codes - fmt.zero_point).to(DEVICE))
+    for program in programs[2:]:
+        expected = input_projection(program, layer_input(program, below))
+        actual = codes_input_projection(program, below)
+        if width > 8:
+            assert actual is None
+            continue
+        assert actual is not None
+        assert actual.dtype == expected.dtype
+        assert torch.equal(actual, expected)
 
 
 def test_programs_kept_while_weights_unchanged() -> None:

@@ -2,10 +2,11 @@
 kernels/torch/quantized_forward.quantized_forward without autograd, to the bit, with fewer
 passes over memory.
 
-The first layer's input is quantized and projected by projection_kernel.py (where its
-operands take one digit; else quantized and projected in plain PyTorch), each recurrence runs
-on integer_kernel.py, and the last layer's kernels write the dequantized outputs and final
-states straight into the result. Layers below it hand their codes up as in §8.
+Each layer's input is quantized (the first layer's) or requantized from the codes of the layer
+below (§8) and projected by projection_kernel.py where its operands take one digit (else in
+plain PyTorch), each recurrence runs on integer_kernel.py or integer_row_kernel.py, and the
+last layer's kernels write the dequantized outputs and final states straight into the
+result.
 """
 
 from __future__ import annotations
@@ -24,7 +25,11 @@ from quant_gru.kernels.torch.quantized_forward import (
 from quant_gru.kernels.torch.stack import DirectionWeights, GRUShape
 from quant_gru.kernels.triton.integer_constants import kernel_constants
 from quant_gru.kernels.triton.integer_gru import layer_input, run_direction
-from quant_gru.kernels.triton.integer_projection import float_input_projection, input_projection
+from quant_gru.kernels.triton.integer_projection import (
+    codes_input_projection,
+    float_input_projection,
+    input_projection,
+)
 
 
 def quantized_inference(
@@ -51,9 +56,13 @@ def quantized_inference(
             index = layer * num_dirs + direction
             program = programs[index]
             zero = program.formats["output.h"].zero_point
-            # Both directions of the first layer quantize x by the same parameters (§8).
-            shared = program.formats["input.x"] == programs[0].formats["input.x"]
-            wx = float_input_projection(program, x) if layer == 0 and shared else None
+            if layer > 0:
+                wx = codes_input_projection(program, below)
+            elif program.formats["input.x"] == programs[0].formats["input.x"]:
+                # Both directions of the first layer quantize x by the same parameters (§8).
+                wx = float_input_projection(program, x)
+            else:
+                wx = None
             if wx is None:
                 codes = (
                     input_codes(x, programs) - programs[0].formats["input.x"].zero_point

@@ -1,7 +1,8 @@
 """matmul.Wx of the integer GRU (reference/README.md §7) for every step at once, outside the
-recurrence: from zero-corrected input codes (plain PyTorch, any widths), or straight from the
-float input of the first layer (projection_kernel.py: quantize, int8 product and the whole
-epilogue in two launches) where the operands take one digit each.
+recurrence: from zero-corrected input codes (plain PyTorch, any widths), or on the kernels of
+projection_kernel.py where the operands take one digit each: straight from the float input of
+the first layer, or from the codes of the layer below (operand digits, then the int8 product
+with its whole epilogue).
 
 What depends on the weights alone (the shifted W, its digits and row sums, the bias term) is
 made once per program: ProgramCache (quantized_forward.py) keeps a program while its weights
@@ -11,6 +12,7 @@ are unchanged, so inference finds them here.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +34,11 @@ from quant_gru.kernels.triton.integer_digits import (
     digits_for_values,
     one_digit_products,
 )
-from quant_gru.kernels.triton.projection_kernel import _projection_kernel, _quantize_kernel
+from quant_gru.kernels.triton.projection_kernel import (
+    _projection_kernel,
+    _quantize_kernel,
+    _requantize_kernel,
+)
 from quant_gru.quantize.program import ActivationFormat, DirectionProgram
 from quant_gru.quantize.requant import ceil_log2
 
@@ -158,20 +164,54 @@ def float_input_projection(program: DirectionProgram, x: Tensor) -> Tensor | Non
     operands = projection_operands(program, x.device)
     if operands.digits is None:
         return None
-    assert operands.correction is not None
-    assert operands.multiplier is not None and operands.shift is not None
     assert operands.x_format is not None
     steps, batch, depth = x.shape
-    rows, columns = steps * batch, operands.digits.shape[0]
     x = x.contiguous()
-    digits = torch.empty(rows, depth, dtype=torch.int8, device=x.device)
+    digits = torch.empty(steps * batch, depth, dtype=torch.int8, device=x.device)
     if digits.numel():
         _quantize_kernel[(triton.cdiv(digits.numel(), _QUANTIZE_BLOCK),)](
             x, digits, digits.numel(), operands.x_format, operands.x_shift, operands.x_offset,
             BLOCK=_QUANTIZE_BLOCK,
         )  # fmt: skip
+    return _digit_projection(program, operands, digits).view(steps, batch, -1)
+
+
+def codes_input_projection(program: DirectionProgram, below: Sequence[Tensor]) -> Tensor | None:
+    """matmul.Wx's codes (T, B, 3H) of a layer above the first from the zero-corrected outputs
+    of each direction of the layer below (T, B, H, int64; §8's terms and clamp on the kernels),
+    equal to input_projection of integer_gru.layer_input; None when the operands do not take
+    one digit each."""
+    operands = projection_operands(program, below[0].device)
+    if operands.digits is None:
+        return None
+    steps, batch, hidden = below[0].shape
+    width = len(below) * hidden
+    low, high = zero_corrected_range(program.formats["input.x"])
+    digits = torch.empty(steps * batch, width, dtype=torch.int8, device=below[0].device)
+    for direction, (term, values) in enumerate(zip(program.terms["input.x"], below, strict=True)):
+        if not values.numel():
+            continue
+        constants = (
+            int(term.m.item()), int(term.n.item()), term.pre_shift, low, high,
+            operands.x_shift, operands.x_offset,
+        )  # fmt: skip
+        _requantize_kernel[(triton.cdiv(values.numel(), _QUANTIZE_BLOCK),)](
+            values.contiguous(), digits, steps * batch, hidden, width, direction * hidden,
+            C=constants, BLOCK=_QUANTIZE_BLOCK,
+        )  # fmt: skip
+    return _digit_projection(program, operands, digits).view(steps, batch, -1)
+
+
+def _digit_projection(
+    program: DirectionProgram, operands: ProjectionOperands, digits: Tensor
+) -> Tensor:
+    """matmul.Wx's codes (rows, 3H) of the input operand's digits (rows, I), on the kernel."""
+    assert operands.digits is not None and operands.correction is not None
+    assert operands.multiplier is not None and operands.shift is not None
+    rows, depth = digits.shape
+    columns = operands.digits.shape[0]
     wx = program.formats["matmul.Wx"]
-    codes = torch.empty(rows, columns, dtype=code_type(wx), device=x.device)
+    codes = torch.empty(rows, columns, dtype=code_type(wx), device=digits.device)
     if rows and columns:
         block_m = min(_TILE_M, max(16, triton.next_power_of_2(rows)))
         block_n = min(_TILE_N, max(16, triton.next_power_of_2(columns)))
@@ -184,4 +224,4 @@ def float_input_projection(program: DirectionProgram, x: Tensor) -> Tensor | Non
             BM=block_m, BN=block_n, BK=block_k, PRE_SHIFT=dot.pre_shift, NARROW=operands.narrow,
             num_warps=8 if block_m * block_n >= 128 * 128 else 4, num_stages=3,
         )  # fmt: skip
-    return codes.view(steps, batch, columns)
+    return codes

@@ -1,5 +1,6 @@
-"""Triton kernels for the integer GRU's input side (reference/README.md §7, §8): float inputs
-to operand digits, and matmul.Wx on the int8 matrix cores with its whole §4/§5 epilogue.
+"""Triton kernels for the integer GRU's input side (reference/README.md §7, §8): float inputs,
+or the codes of the layer below, to operand digits; matmul.Wx on the int8 matrix cores with its
+whole §4/§5 epilogue.
 
 Both serve models whose input operand and W each take one balanced base-256 digit
 (integer_digits.py); integer_projection.py decides and falls back to plain PyTorch otherwise.
@@ -10,7 +11,12 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from quant_gru.kernels.triton.integer_kernel import _channel_term, _rshr
+from quant_gru.kernels.triton.integer_kernel import (
+    _channel_term,
+    _rshr,
+    _saturated,
+    _shift_right,
+)
 
 
 @triton.jit
@@ -94,3 +100,26 @@ def _projection_kernel(
         codes.to(codes_ptr.dtype.element_ty),
         mask=row_ok[:, None] & column_ok[None, :],
     )
+
+
+@triton.jit
+def _requantize_kernel(
+    values_ptr,  # (n, H) int64: one direction's zero-corrected outputs of the layer below
+    digits_ptr,  # (n, D * H) int8: the layer input's operand digits
+    n,
+    hidden,
+    width,  # D * H: the layer input's row
+    column,  # this direction's first column of the layer input
+    C: tl.constexpr,  # (m, n, p, qmin - zp, qmax - zp, operand shift, digit offset)
+    BLOCK: tl.constexpr,
+):
+    """§8's layer input of one direction block: the direction's term (§4), the clamp to
+    input.x's range (§5), then matmul.Wx's operand shift and the digit offset."""
+    index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = index < n * hidden
+    values = tl.load(values_ptr + index, mask=inside, other=0)
+    term = _saturated(_shift_right(values, C[2]) * C[0], C[1])
+    operand = _shift_right(tl.minimum(tl.maximum(term, C[3]), C[4]), C[5])
+    row = index // hidden
+    offsets = row * width + column + index - row * hidden
+    tl.store(digits_ptr + offsets, (operand - C[6]).to(tl.int8), mask=inside)
