@@ -603,3 +603,26 @@ def test_gradients_match_nn_gru(kwargs: dict, packed: bool, batch: int) -> None:
         model.named_parameters(), oracle.named_parameters(), strict=True
     ):
         assert_float_conformant(ours.grad, theirs.grad, name)
+
+
+def test_sequences_past_the_kernels_int32_offsets_are_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The kernels address (T, B, width) tensors with int32 offsets: past 2^31 elements (here
+    a limit lowered to 200) a forward or backward says so instead of overflowing, and shorter
+    sequences run."""
+    from quant_gru.kernels.triton import plans
+
+    monkeypatch.setattr(plans, "INDEX_LIMIT", 200)
+    model = QuantGRU(4, 8).to(DEVICE)
+    model.backend = "triton"
+    with torch.no_grad():
+        model(torch.randn(2, 2, 4, device=DEVICE))  # 2 * 2 * 3H = 96 elements
+        with pytest.raises(ValueError, match=r"2\^31 elements a tensor"):
+            model(torch.randn(5, 2, 4, device=DEVICE))  # 240
+    x = torch.randn(3, 2, 4, device=DEVICE, requires_grad=True)  # saved: 3 * 2 * 4H = 192
+    out, _ = model(x)
+    with pytest.raises(ValueError, match=r"split the sequence into chunks"):
+        model(torch.randn(4, 2, 4, device=DEVICE, requires_grad=True))  # 256
+    out.sum().backward()
+    assert x.grad is not None

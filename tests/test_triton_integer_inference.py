@@ -218,3 +218,19 @@ def test_row_and_tile_kernels_agree(
     for data in (x, packed):
         expected, actual = both_backends(model, data)
         assert_identical(expected, actual)
+
+
+def test_sequences_past_the_kernels_int32_offsets_are_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As the float kernels (plans.check_step_offsets): past the limit of the int32 offsets
+    (here lowered to 200 elements) quantized inference says so instead of overflowing."""
+    from quant_gru.kernels.triton import plans
+
+    monkeypatch.setattr(plans, "INDEX_LIMIT", 200)
+    model = calibrated(QuantGRU(4, 8), torch.randn(2, 2, 4)).to(DEVICE)
+    model.backend = "triton"
+    with torch.no_grad():
+        model(torch.randn(4, 2, 4, device=DEVICE))  # 4 * 2 * 3H = 192 elements
+        with pytest.raises(ValueError, match=r"T \* B \* 24 = 5 \* 2 \* 24"):
+            model(torch.randn(5, 2, 4, device=DEVICE))

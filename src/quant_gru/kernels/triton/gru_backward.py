@@ -33,6 +33,7 @@ from quant_gru.kernels.triton.ops import recurrent_grad_type
 from quant_gru.kernels.triton.plans import (
     Plan,
     backward_plan,
+    check_step_offsets,
     interpreted,
     tile_candidates,
 )
@@ -367,6 +368,7 @@ def gru_direction_backward(
     rounded to TF32 already (the forward's, gru_forward.gru_direction_forward), which the
     TF32 tile kernel then takes instead of rounding it here."""
     steps, batch, hidden = out.shape
+    check_step_offsets(steps, batch, 4 * hidden)
     device = out.device
     if plan is None:
         plan = backward_plan(batch, hidden, w_hh.element_size(), device)

@@ -29,6 +29,7 @@ from quant_gru.kernels.triton import tuning
 from quant_gru.kernels.triton.launch import Launcher
 from quant_gru.kernels.triton.plans import (
     Plan,
+    check_step_offsets,
     forward_plan,
     interpreted,
     padded,
@@ -373,6 +374,7 @@ def gru_direction_forward(
     with R rounded to TF32 (products.rounded_to_tf32) for the TF32 backward. ``plan``
     overrides the choice of kernel and tiles (plans.forward_plan)."""
     steps, batch, three_h = gates_x.shape
+    check_step_offsets(steps, batch, three_h // 3 * (4 if saved is not None else 3))
     hidden = three_h // 3
     device, dtype = gates_x.device, gates_x.dtype
     out = torch.empty(steps, batch, hidden, device=device, dtype=dtype)

@@ -25,7 +25,13 @@ from quant_gru.kernels.triton.integer_kernel import _integer_gru_kernel
 from quant_gru.kernels.triton.integer_plans import IntegerPlan, integer_plan
 from quant_gru.kernels.triton.integer_projection import input_projection
 from quant_gru.kernels.triton.integer_row_kernel import _integer_gru_row_kernel
-from quant_gru.kernels.triton.plans import Plan, forward_plan, interpreted, resident_programs
+from quant_gru.kernels.triton.plans import (
+    Plan,
+    check_step_offsets,
+    forward_plan,
+    interpreted,
+    resident_programs,
+)
 from quant_gru.kernels.triton.sync import zero_words
 from quant_gru.quantize.program import ACTIVATION_OPERATORS, DirectionProgram
 
@@ -76,6 +82,10 @@ def run_direction(
     steps, batch, _ = wx_codes.shape
     hidden = program.hidden_size
     device = wx_codes.device
+    widest = layout.TRACE_WIDTH * hidden if trace else 3 * hidden
+    if floats is not None:
+        widest = max(widest, floats[0].stride(1))
+    check_step_offsets(steps, batch, widest)
     if floats is None:
         # The kernel writes every element of both (0 at padded steps).
         out = torch.empty(steps, batch, hidden, dtype=torch.int64, device=device)

@@ -107,6 +107,21 @@ class Plan:
         return padded(hidden) // self.block_k if self.resident else 1
 
 
+# The kernels address (T, B, width) tensors with int32 products of step, row and channel.
+INDEX_LIMIT = 2**31
+
+
+def check_step_offsets(steps: int, batch: int, width: int) -> None:
+    """Refuse a sequence whose (T, B, width) tensors the kernels' int32 offsets cannot
+    address, rather than let them overflow."""
+    if steps * batch * width >= INDEX_LIMIT:
+        raise ValueError(
+            f"the Triton kernels address at most 2^31 elements a tensor, and T * B * {width} = "
+            f"{steps} * {batch} * {width} is {steps * batch * width}: split the sequence into "
+            "chunks (passing h_n on as hx) or use backend='torch'"
+        )
+
+
 def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
