@@ -49,6 +49,7 @@ def quantized_inference(
     out = torch.empty(steps, batch, num_dirs * hidden, dtype=x.dtype, device=x.device)
     h_n = torch.empty(len(programs), batch, hidden, dtype=x.dtype, device=x.device)
     below: list[Tensor] = []
+    x_codes: Tensor | None = None  # layer 0's input codes, zero-corrected, where the kernels refuse
     for layer in range(shape.num_layers):
         outputs: list[Tensor] = []
         last = layer == shape.num_layers - 1
@@ -64,11 +65,13 @@ def quantized_inference(
             else:
                 wx = None
             if wx is None:
-                codes = (
-                    input_codes(x, programs) - programs[0].formats["input.x"].zero_point
-                    if layer == 0
-                    else layer_input(program, below)
-                )
+                if layer > 0:
+                    codes = layer_input(program, below)
+                else:
+                    if x_codes is None:  # once for both directions
+                        x_zero = programs[0].formats["input.x"].zero_point
+                        x_codes = input_codes(x, programs) - x_zero
+                    codes = x_codes
                 wx = input_projection(program, codes)
             floats = None
             if last:

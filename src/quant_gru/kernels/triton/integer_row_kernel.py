@@ -17,7 +17,12 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from quant_gru.kernels.triton.gru_forward import _lengths, _program_tile, _step_time
+from quant_gru.kernels.triton.gru_forward import (
+    _lengths,
+    _program_tile,
+    _step_time,
+    _weight_chunk,
+)
 from quant_gru.kernels.triton.integer_kernel import (
     _channel_constants,
     _gru_step,
@@ -26,15 +31,6 @@ from quant_gru.kernels.triton.integer_kernel import (
     _wx_step,
 )
 from quant_gru.kernels.triton.sync import _await_bits, _publish_bits
-
-
-@triton.jit
-def _weight_rows(digits_ptr, gate, units, unit_ok, hidden, BK: tl.constexpr):
-    """R_gate^T's rows for this program's units, (1, BK, BH) int32 (zeros past H)."""
-    ks = tl.arange(0, BK)
-    offsets = gate * hidden * hidden + units[None, :] * hidden + ks[:, None]
-    mask = (ks < hidden)[:, None] & unit_ok[None, :]
-    return tl.load(digits_ptr + offsets, mask=mask, other=0).to(tl.int32)[None, :, :]
 
 
 @triton.jit
@@ -138,9 +134,10 @@ def _integer_gru_row_kernel(
         state_mask = row_ok[:, None] & (ks < width)[None, :]
     else:
         width = hidden
-        w_r = _weight_rows(digits_ptr, 0, units, unit_ok, hidden, BK)
-        w_z = _weight_rows(digits_ptr, 1, units, unit_ok, hidden, BK)
-        w_n = _weight_rows(digits_ptr, 2, units, unit_ok, hidden, BK)
+        w_r, w_z, w_n = _weight_chunk(digits_ptr, units, unit_ok, 0, hidden, BK)
+        w_r = w_r.to(tl.int32)[None, :, :]  # (1, BK, BH) against the state's (BB, BK, 1)
+        w_z = w_z.to(tl.int32)[None, :, :]
+        w_n = w_n.to(tl.int32)[None, :, :]
         ks = tl.arange(0, BK)
         state_mask = row_ok[:, None] & (ks < width)[None, :]
     plane = batch * width
