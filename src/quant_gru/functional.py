@@ -96,8 +96,11 @@ def quantized_gru(
     elif records_gradient(x, h0, weights) or dropout_between_layers(dropout, training):
         # Imported here: importing the package must not import triton (kernels/triton/ops.py).
         from quant_gru.kernels.triton.integer_gru import triton_integer_gru
+        from quant_gru.kernels.triton.integer_qat import KernelQat
 
-        model = dataclasses.replace(model, realization=triton_integer_gru)
+        model = dataclasses.replace(
+            model, realization=triton_integer_gru, straight_through=KernelQat
+        )
         out, h_n = quantized_forward(x, h0, lengths, weights, shape, model, dropout, training)
     else:
         # Inference: float to float on the kernels, the same values to the bit.

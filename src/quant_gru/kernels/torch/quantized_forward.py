@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -26,13 +27,45 @@ from quant_gru.kernels.torch.stack import (
     run_layers,
 )
 from quant_gru.quantize.params import DirectionQuant
-from quant_gru.quantize.program import DirectionConstants, DirectionProgram, with_weights
+from quant_gru.quantize.program import (
+    ActivationFormat,
+    DirectionConstants,
+    DirectionProgram,
+    with_weights,
+)
 from quant_gru.quantize.scales import dequantize, per_row, quantize
 
 # (programs, x_codes, h0_codes, lengths, num_layers, bidirectional, trace) ->
 # (out_codes, h_n_codes, traces): the contract of kernels/torch/quant_gru.quantized_gru and
 # reference/integer_gru.integer_gru.
-Realization = Callable[..., tuple[Tensor, Tensor, list[dict[str, Tensor]] | None]]
+Realization = Callable[..., tuple[Tensor, Tensor, list[Any] | None]]
+
+
+class StraightThrough(Protocol):
+    """Another realization of QAT's gradients than the graph of hooks below, for one call:
+    ``realization`` gives the codes and, as its traces, whatever ``direction`` reads; then
+    ``direction`` gives each (layer, direction)'s outputs and final state, valued as the
+    dequantized codes, with the straight-through gradients."""
+
+    realization: Realization
+
+    def direction(
+        self,
+        index: int,
+        program: DirectionProgram,
+        record: Any,
+        x: Tensor,
+        h0: Tensor,
+        weights: DirectionWeights,
+        lengths: Tensor | None,
+        reverse: bool,
+    ) -> tuple[Tensor, Tensor]: ...
+
+
+# (programs, quant, the model's dtype) -> the StraightThrough of one call.
+StraightThroughFactory = Callable[
+    [Sequence[DirectionProgram], Sequence[DirectionQuant], torch.dtype], StraightThrough
+]
 _WEIGHT_FIELDS = {
     "weight.W": "weight_W",
     "weight.R": "weight_R",
@@ -75,6 +108,8 @@ class QuantizedModel:
     quant: Sequence[DirectionQuant]
     constants: Sequence[DirectionConstants]
     realization: Realization = quantized_gru
+    # QAT's gradients: None for the graph of hooks (_straight_through).
+    straight_through: StraightThroughFactory | None = None
     programs: ProgramCache = field(default_factory=ProgramCache, compare=False, repr=False)
 
 
@@ -93,9 +128,13 @@ def quantized_forward(
     h0_codes = initial_codes(h0, programs, x)
     records = records_gradient(x, h0, weights)
     masks = _dropout_masks(x, shape, dropout, training)
+    kernel = None
+    if records and model.straight_through is not None:
+        kernel = model.straight_through(programs, model.quant, x.dtype)
     out_codes, h_n_codes, traces = _integer_model(
-        x, h0_codes, lengths, shape, programs, model.realization, masks, records
-    )
+        x, h0_codes, lengths, shape, programs,
+        model.realization if kernel is None else kernel.realization, masks, records,
+    )  # fmt: skip
     num_dirs = shape.num_directions
     last_layer = programs[-num_dirs:]
     hidden = shape.hidden_size
@@ -117,6 +156,10 @@ def quantized_forward(
         index: int, x_in: Tensor, h_in: Tensor | None, lens: Tensor | None, reverse: bool
     ) -> tuple[Tensor, Tensor]:
         assert h_in is not None  # run_layers slices `start` below
+        if kernel is not None:
+            return kernel.direction(
+                index, programs[index], traces[index], x_in, h_in, weights[index], lens, reverse
+            )
         hook = _straight_through(
             programs[index], model.quant[index], traces[index], h0_codes[index]
         )
@@ -171,7 +214,7 @@ def _integer_model(
     realization: Realization,
     masks: Sequence[Tensor] | None,
     trace: bool,
-) -> tuple[Tensor, Tensor, list[dict[str, Tensor]] | None]:
+) -> tuple[Tensor, Tensor, list[Any] | None]:
     """The codes of the whole stack. Without dropout the realization runs every layer (layer
     boundaries stay integer, §8); with dropout in training each layer runs alone and the
     dropped-out dequantized output is quantized again for the next layer."""
@@ -182,7 +225,7 @@ def _integer_model(
         )
     num_dirs, hidden = shape.num_directions, shape.hidden_size
     finals: list[Tensor] = []
-    traces: list[dict[str, Tensor]] = []
+    traces: list[Any] = []
     for layer in range(shape.num_layers):
         pairs = slice(layer * num_dirs, (layer + 1) * num_dirs)
         out_codes, h_n_codes, layer_traces = realization(
@@ -240,11 +283,7 @@ def _straight_through(
 
     def hook(name: str, value: Tensor, valid: Tensor | None, step: int | None) -> Tensor:
         if name in _WEIGHT_FIELDS:
-            codes: Tensor = getattr(program, _WEIGHT_FIELDS[name])
-            rows = per_row(quant[name].scale, value.shape[0]).to(value.device)
-            scale = rows.view((-1,) + (1,) * (value.dim() - 1))
-            zero_point = torch.zeros_like(codes)
-            qmin, qmax = quant[name].qmin, quant[name].qmax
+            dequantized, inside = weight_point(program, quant, name, value)
         else:
             fmt = program.formats[name]
             if step is None:
@@ -253,12 +292,30 @@ def _straight_through(
                 codes = h0_codes
             else:
                 codes = trace[name][step]
-            scale = torch.tensor(fmt.scale, dtype=torch.float64, device=value.device)
-            zero_point = torch.tensor(fmt.zero_point, device=value.device)
-            qmin, qmax = fmt.qmin, fmt.qmax
-        level = torch.floor(value.detach().double() / scale + 0.5) + zero_point
-        inside = ((level >= qmin) & (level <= qmax)).to(value.dtype)
+            dequantized = dequantize(codes, fmt.scale, fmt.zero_point).to(value.dtype)
+            inside = point_mask(value, fmt)
         kept = value * inside
-        return dequantize(codes, scale, zero_point).to(value.dtype) + (kept - kept.detach())
+        return dequantized + (kept - kept.detach())
 
     return hook
+
+
+def point_mask(value: Tensor, fmt: ActivationFormat) -> Tensor:
+    """1 where the float ``value`` of a point rounds inside its code range (§8), else 0, in
+    value's type: the straight-through estimator's clamp mask."""
+    scale = torch.tensor(fmt.scale, dtype=torch.float64, device=value.device)
+    level = torch.floor(value.detach().double() / scale + 0.5) + fmt.zero_point
+    return ((level >= fmt.qmin) & (level <= fmt.qmax)).to(value.dtype)
+
+
+def weight_point(
+    program: DirectionProgram, quant: DirectionQuant, name: str, value: Tensor
+) -> tuple[Tensor, Tensor]:
+    """A weight point's dequantized codes and clamp mask for its float weight ``value``, both
+    in value's type."""
+    codes: Tensor = getattr(program, _WEIGHT_FIELDS[name])
+    rows = per_row(quant[name].scale, value.shape[0]).to(value.device)
+    scale = rows.view((-1,) + (1,) * (value.dim() - 1))
+    level = torch.floor(value.detach().double() / scale + 0.5)
+    inside = ((level >= quant[name].qmin) & (level <= quant[name].qmax)).to(value.dtype)
+    return dequantize(codes, scale, 0).to(value.dtype), inside

@@ -17,13 +17,19 @@ Value = TypeVar("Value")
 
 
 class DerivedCache(Generic[Value]):
-    """make(owner) once per (owner, device), dropped when the owner is collected."""
+    """make(owner) once per (owner, device, variant), dropped when the owner is collected."""
 
     def __init__(self) -> None:
-        self._entries: dict[tuple[int, str], Value] = {}
+        self._entries: dict[tuple[int, str, object], Value] = {}
 
-    def get(self, owner: object, device: torch.device, make: Callable[[], Value]) -> Value:
-        key = (id(owner), str(device))
+    def get(
+        self,
+        owner: object,
+        device: torch.device,
+        make: Callable[[], Value],
+        variant: object = None,
+    ) -> Value:
+        key = (id(owner), str(device), variant)
         value = self._entries.get(key)
         if value is None:
             value = make()

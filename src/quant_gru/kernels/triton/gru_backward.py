@@ -126,6 +126,100 @@ def _step_gradients(
 
 
 @triton.jit
+def _qat_step_inputs(
+    t, grad_out_ptr, grad_out_step, grad_out_offsets, saved_ptr, mask_ptr, rows, units, own,
+    own_offsets, batch, hidden,
+):  # fmt: skip
+    """QAT's counterpart of _step_inputs: the output's gradient, the five coefficients and the
+    mask byte the integer kernel saved for step ``t`` (qat_save.py)."""
+    grad_out = tl.load(grad_out_ptr + t * grad_out_step + grad_out_offsets, mask=own, other=0.0)
+    five = saved_ptr + t * batch * 5 * hidden + rows[:, None] * (5 * hidden) + units[None, :]
+    p = tl.load(five, mask=own, other=0.0)
+    e_z = tl.load(five + hidden, mask=own, other=0.0)
+    e_g = tl.load(five + 2 * hidden, mask=own, other=0.0)
+    e_r = tl.load(five + 3 * hidden, mask=own, other=0.0)
+    e_n = tl.load(five + 4 * hidden, mask=own, other=0.0)
+    masks = tl.load(mask_ptr + t * batch * hidden + own_offsets, mask=own, other=0).to(tl.int32)
+    return grad_out, p, e_z, e_g, e_r, e_n, masks
+
+
+@triton.jit
+def _qat_step_gradients(
+    carry, t, length, grad_out, p, e_z, e_g, e_r, e_n, masks, grad_gx_ptr, grad_rb_ptr,
+    grad_rh_ptr, rows, units, own, batch, hidden,
+):  # fmt: skip
+    """QAT's counterpart of _step_gradients (qat_save.py's formulas): stores the gradients of
+    the gate pre-activations (dgx), of op.Rh_add_br and of matmul.Rh, each (T, B, 3H), and
+    returns (dh, P, active, matmul.Rh's gradient per gate)."""
+    active = (t < length)[:, None]
+    dh = carry + tl.where(active, grad_out.to(tl.float32), 0.0)
+    d_z = tl.where(active, dh * e_z, 0.0)
+    d_g = tl.where(active, dh * e_g, 0.0)
+    d_r = d_g * e_r
+    rb_r = tl.where((masks & 1) != 0, d_r, 0.0)
+    rb_z = tl.where((masks & 2) != 0, d_z, 0.0)
+    rb_n = tl.where((masks & 4) != 0, d_g * e_n, 0.0)
+    rh_r = tl.where((masks & 8) != 0, rb_r, 0.0)
+    rh_z = tl.where((masks & 16) != 0, rb_z, 0.0)
+    rh_n = tl.where((masks & 32) != 0, rb_n, 0.0)
+
+    three = t * batch * 3 * hidden + rows[:, None] * (3 * hidden) + units[None, :]
+    gx_type = grad_gx_ptr.dtype.element_ty
+    tl.store(grad_gx_ptr + three, d_r.to(gx_type), mask=own)
+    tl.store(grad_gx_ptr + three + hidden, d_z.to(gx_type), mask=own)
+    tl.store(grad_gx_ptr + three + 2 * hidden, d_g.to(gx_type), mask=own)
+    tl.store(grad_rb_ptr + three, rb_r, mask=own)
+    tl.store(grad_rb_ptr + three + hidden, rb_z, mask=own)
+    tl.store(grad_rb_ptr + three + 2 * hidden, rb_n, mask=own)
+    tl.store(grad_rh_ptr + three, rh_r, mask=own)
+    tl.store(grad_rh_ptr + three + hidden, rh_z, mask=own)
+    tl.store(grad_rh_ptr + three + 2 * hidden, rh_n, mask=own)
+    return dh, p.to(tl.float32), active, rh_r, rh_z, rh_n
+
+
+@triton.jit
+def _inputs(
+    t, steps, length, grad_out_ptr, grad_out_step, grad_out_offsets, out_ptr, saved_ptr,
+    mask_ptr, rows, units, own, own_offsets, batch, hidden, REVERSE: tl.constexpr,
+    QAT: tl.constexpr,
+):  # fmt: skip
+    """Step ``t``'s inputs: _step_inputs', or (QAT) _qat_step_inputs'."""
+    if QAT:
+        inputs = _qat_step_inputs(
+            t, grad_out_ptr, grad_out_step, grad_out_offsets, saved_ptr, mask_ptr, rows, units,
+            own, own_offsets, batch, hidden,
+        )  # fmt: skip
+    else:
+        inputs = _step_inputs(
+            t, steps, length, grad_out_ptr, grad_out_step, grad_out_offsets, out_ptr, saved_ptr,
+            rows, units, own, own_offsets, batch, hidden, REVERSE,
+        )  # fmt: skip
+    return inputs
+
+
+@triton.jit
+def _gradients(
+    carry, h0, t, length, inputs, grad_gx_ptr, grad_ghn_ptr, grad_rh_ptr, rows, units, own,
+    own_offsets, batch, hidden, REVERSE: tl.constexpr, QAT: tl.constexpr,
+):  # fmt: skip
+    """Step ``t``'s gradients from its ``inputs`` (_inputs): (dh, the coefficient of dh in
+    dh_{t-1}, active, the recurrent pre-activations' gradient per gate)."""
+    if QAT:
+        grad_out, p, e_z, e_g, e_r, e_n, masks = inputs
+        result = _qat_step_gradients(
+            carry, t, length, grad_out, p, e_z, e_g, e_r, e_n, masks, grad_gx_ptr, grad_ghn_ptr,
+            grad_rh_ptr, rows, units, own, batch, hidden,
+        )  # fmt: skip
+    else:
+        grad_out, r, z, n, ghn, h_prev = inputs
+        result = _step_gradients(
+            carry, h0, t, length, grad_out, r, z, n, ghn, h_prev, grad_gx_ptr, grad_ghn_ptr,
+            rows, units, own, own_offsets, batch, hidden, REVERSE,
+        )  # fmt: skip
+    return result
+
+
+@triton.jit
 def _column_chunk(w_ptr, gate, units, unit_ok, k0, hidden, BK: tl.constexpr):
     """Rows [k0, k0 + BK) of gate ``gate``'s block of R, this program's columns (units):
     a (BK, BH) tile, zeros past H."""
@@ -161,6 +255,8 @@ def _gru_backward_tile_kernel(
     grad_ghn_ptr,  # (T, B, H) out: grad of R_n h + b_n (ops.recurrent_grad_type)
     grad_gx_ptr,  # (T, B, 3H) out
     grad_h0_ptr,  # (B, H) float32 out
+    grad_rh_ptr,  # QAT: (T, B, 3H) float32 out, matmul.Rh's gradient
+    mask_ptr,  # QAT: (T, B, H) int8, the saved masks
     exchange_ptr,  # (2, B, 3H): float32, or the weights' type when 16-bit (what tl.dot reads)
     counter_ptr,  # (batch tiles,) int32, zeros
     steps,
@@ -181,6 +277,8 @@ def _gru_backward_tile_kernel(
     HAS_H0: tl.constexpr,  # else the state started at zeros (h0_ptr unused)
     HAS_GRAD_H_N: tl.constexpr,  # else h_n's gradient is zeros (grad_h_n_ptr unused)
     GRAD_OUT_CONTIGUOUS: tl.constexpr,  # grad_out's strides are (B * H, H, 1)
+    QAT: tl.constexpr = False,  # saved_ptr: QAT's coefficients (qat_save.py); grad_ghn_ptr:
+    # op.Rh_add_br's gradient (T, B, 3H)
 ):
     rows, units, row_ok, unit_ok, own, own_offsets = _program_tile(batch, hidden, BB, BH)
     hidden_tiles = tl.num_programs(1)
@@ -199,28 +297,28 @@ def _gru_backward_tile_kernel(
     # A step's inputs are loaded a step ahead where the registers allow (PREFETCH): they do
     # not depend on the carry, so their latency hides behind the previous step's work.
     if PREFETCH:
-        inputs = _step_inputs(
+        inputs = _inputs(
             0 if REVERSE else steps - 1, steps, length, grad_out_ptr, grad_out_step,
-            grad_out_offsets, out_ptr, saved_ptr, rows, units, own, own_offsets, batch, hidden,
-            REVERSE,
+            grad_out_offsets, out_ptr, saved_ptr, mask_ptr, rows, units, own, own_offsets,
+            batch, hidden, REVERSE, QAT,
         )  # fmt: skip
 
     for step in range(steps):
         t, t_next = _step_time(step, steps, not REVERSE)  # time runs backwards
         if PREFETCH:
-            grad_out, r, z, n, ghn, h_prev = inputs
-            inputs = _step_inputs(
+            current = inputs
+            inputs = _inputs(
                 t_next, steps, length, grad_out_ptr, grad_out_step, grad_out_offsets, out_ptr,
-                saved_ptr, rows, units, own, own_offsets, batch, hidden, REVERSE,
+                saved_ptr, mask_ptr, rows, units, own, own_offsets, batch, hidden, REVERSE, QAT,
             )  # fmt: skip
         else:
-            grad_out, r, z, n, ghn, h_prev = _step_inputs(
+            current = _inputs(
                 t, steps, length, grad_out_ptr, grad_out_step, grad_out_offsets, out_ptr,
-                saved_ptr, rows, units, own, own_offsets, batch, hidden, REVERSE,
+                saved_ptr, mask_ptr, rows, units, own, own_offsets, batch, hidden, REVERSE, QAT,
             )  # fmt: skip
-        dh, z, active, da_r, da_z, dghn = _step_gradients(
-            carry, h0, t, length, grad_out, r, z, n, ghn, h_prev, grad_gx_ptr, grad_ghn_ptr,
-            rows, units, own, own_offsets, batch, hidden, REVERSE,
+        dh, z, active, da_r, da_z, dghn = _gradients(
+            carry, h0, t, length, current, grad_gx_ptr, grad_ghn_ptr, grad_rh_ptr, rows, units,
+            own, own_offsets, batch, hidden, REVERSE, QAT,
         )  # fmt: skip
         buffer = exchange_ptr + (step % 2) * batch * 3 * hidden
         mine = rows[:, None] * (3 * hidden) + units[None, :]
@@ -263,6 +361,8 @@ def _gru_backward_row_kernel(
     grad_ghn_ptr,  # (T, B, H) out: grad of R_n h + b_n
     grad_gx_ptr,  # (T, B, 3H) out
     grad_h0_ptr,  # (B, H) float32 out
+    grad_rh_ptr,  # QAT: (T, B, 3H) float32 out, matmul.Rh's gradient
+    mask_ptr,  # QAT: (T, B, H) int8, the saved masks
     words_ptr,  # (2, B, 3H) int64, zeros: dgh of loop iteration s, tagged s + 1 (sync.py)
     steps,
     batch,
@@ -280,6 +380,7 @@ def _gru_backward_row_kernel(
     HAS_GRAD_H_N: tl.constexpr,  # else h_n's gradient is zeros (grad_h_n_ptr unused)
     GRAD_OUT_CONTIGUOUS: tl.constexpr,  # grad_out's strides are (B * H, H, 1)
     COMPILED: tl.constexpr,  # False under TRITON_INTERPRET=1
+    QAT: tl.constexpr = False,  # as the tile kernel's
 ):
     rows, units, row_ok, unit_ok, own, own_offsets = _program_tile(batch, hidden, BB, BH)
     length = _lengths(lengths_ptr, rows, row_ok, steps, BB, HAS_LENGTHS)
@@ -311,22 +412,22 @@ def _gru_backward_row_kernel(
 
     # A step's inputs are loaded a step ahead: they do not depend on the carry, so their
     # latency hides behind the previous step's work.
-    inputs = _step_inputs(
+    inputs = _inputs(
         0 if REVERSE else steps - 1, steps, length, grad_out_ptr, grad_out_step,
-        grad_out_offsets, out_ptr, saved_ptr, rows, units, own, own_offsets, batch, hidden,
-        REVERSE,
+        grad_out_offsets, out_ptr, saved_ptr, mask_ptr, rows, units, own, own_offsets, batch,
+        hidden, REVERSE, QAT,
     )  # fmt: skip
 
     for step in range(steps):
         t, t_next = _step_time(step, steps, not REVERSE)  # time runs backwards
-        grad_out, r, z, n, ghn, h_prev = inputs
-        inputs = _step_inputs(
+        current = inputs
+        inputs = _inputs(
             t_next, steps, length, grad_out_ptr, grad_out_step, grad_out_offsets, out_ptr,
-            saved_ptr, rows, units, own, own_offsets, batch, hidden, REVERSE,
+            saved_ptr, mask_ptr, rows, units, own, own_offsets, batch, hidden, REVERSE, QAT,
         )  # fmt: skip
-        dh, z, active, da_r, da_z, dghn = _step_gradients(
-            carry, h0, t, length, grad_out, r, z, n, ghn, h_prev, grad_gx_ptr, grad_ghn_ptr,
-            rows, units, own, own_offsets, batch, hidden, REVERSE,
+        dh, z, active, da_r, da_z, dghn = _gradients(
+            carry, h0, t, length, current, grad_gx_ptr, grad_ghn_ptr, grad_rh_ptr, rows, units,
+            own, own_offsets, batch, hidden, REVERSE, QAT,
         )  # fmt: skip
         if SINGLE:  # units past H hold zeros
             acc = tl.sum(da_r[:, :, None] * w_r_columns, axis=1)
@@ -383,6 +484,61 @@ def gru_direction_backward(
             )
     grad_ghn = torch.empty(steps, batch, hidden, device=device, dtype=recurrent_grad_type(w_hh))
     grad_gx = torch.empty(steps, batch, 3 * hidden, device=device, dtype=gx_dtype)
+    grad_h0 = _launch(
+        plan, grad_out, grad_h_n, out, h0, saved, w_hh, lengths, reverse, grad_gx, grad_ghn,
+        None, rounded,
+    )  # fmt: skip
+    return grad_gx, grad_h0, grad_ghn
+
+
+def qat_direction_backward(
+    grad_out: Tensor,
+    grad_h_n: Tensor | None,
+    coefficients: Tensor,
+    masks: Tensor,
+    w_hh: Tensor,
+    lengths: Tensor | None,
+    reverse: bool,
+    gx_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """QAT's backward of one direction from what the integer kernel saved (qat_save.py:
+    ``coefficients`` (T, B, 5H) float32, ``masks`` (T, B, H) int8) and the dequantized R
+    ``w_hh``: the gradients of the gate pre-activations (T, B, 3H, ``gx_dtype``), of h0's
+    value (B, H) float32, of op.Rh_add_br and of matmul.Rh (T, B, 3H each, float32)."""
+    steps, batch, hidden = masks.shape
+    check_step_offsets(steps, batch, 5 * hidden)
+    plan = backward_plan(batch, hidden, w_hh.element_size(), masks.device)
+    grad_gx = torch.empty(steps, batch, 3 * hidden, device=masks.device, dtype=gx_dtype)
+    grad_rb = torch.empty(steps, batch, 3 * hidden, device=masks.device, dtype=torch.float32)
+    grad_rh = torch.empty_like(grad_rb)
+    grad_h0 = _launch(
+        plan, grad_out, grad_h_n, grad_out, None, coefficients, w_hh, lengths, reverse, grad_gx,
+        grad_rb, (grad_rh, masks), None,
+    )  # fmt: skip
+    return grad_gx, grad_h0, grad_rb, grad_rh
+
+
+def _launch(
+    plan: Plan,
+    grad_out: Tensor,
+    grad_h_n: Tensor | None,
+    out: Tensor,
+    h0: Tensor | None,
+    saved: Tensor,
+    w_hh: Tensor,
+    lengths: Tensor | None,
+    reverse: bool,
+    grad_gx: Tensor,
+    grad_ghn: Tensor,
+    qat: tuple[Tensor, Tensor] | None,
+    rounded: Tensor | None,
+) -> Tensor:
+    """Run ``plan``'s backward kernel into ``grad_gx`` and ``grad_ghn`` (QAT: op.Rh_add_br's
+    gradient, and ``qat``: matmul.Rh's gradient out, the saved masks); returns h0's
+    gradient."""
+    steps, batch, three_h = grad_gx.shape
+    hidden = three_h // 3
+    device = grad_gx.device
     grad_h0 = torch.empty(batch, hidden, device=device, dtype=torch.float32)
     grid = plan.grid(batch, hidden)
     # Absent inputs take the out tensor's place: the kernels do not read them then.
@@ -391,6 +547,7 @@ def gru_direction_backward(
         "HAS_H0": h0 is not None,
         "HAS_GRAD_H_N": grad_h_n is not None,
         "GRAD_OUT_CONTIGUOUS": grad_out.is_contiguous(),
+        "QAT": qat is not None,
     }
     operands = (
         grad_out,
@@ -399,7 +556,10 @@ def gru_direction_backward(
         out if h0 is None else h0.contiguous(),
         saved,
     )
-    outputs = (w_hh.contiguous(), out if lengths is None else lengths, grad_ghn, grad_gx, grad_h0)
+    outputs = (
+        w_hh.contiguous(), out if lengths is None else lengths, grad_ghn, grad_gx, grad_h0,
+        *(qat if qat is not None else (grad_gx, grad_gx)),
+    )  # fmt: skip
     if plan.rows:
         words = grad_gx if plan.single else zero_words(2, batch, 3 * hidden, device=device)
         _launch_rows(
@@ -411,8 +571,9 @@ def gru_direction_backward(
             ),
             plan.warps,
         )  # fmt: skip
-        return grad_gx, grad_h0, grad_ghn
-    exchange = torch.empty(2, batch, 3 * hidden, device=device, dtype=grad_ghn.dtype)
+        return grad_h0
+    exchange_type = recurrent_grad_type(w_hh)
+    exchange = torch.empty(2, batch, 3 * hidden, device=device, dtype=exchange_type)
     counters = torch.zeros(grid[0], device=device, dtype=torch.int32)
     precision = dot_precision(w_hh.dtype)
     if precision == TF32:
@@ -428,4 +589,4 @@ def gru_direction_backward(
         ),
         plan.warps,
     )  # fmt: skip
-    return grad_gx, grad_h0, grad_ghn
+    return grad_h0

@@ -9,6 +9,7 @@ constants integer_constants.py derives from each DirectionProgram.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -61,6 +62,22 @@ def row_plan_for(
     return plan if plan.rows else None
 
 
+@dataclass(frozen=True)
+class QatSave:
+    """The integer kernel's QAT outputs for one direction (qat_save.py): its constants, the
+    coefficients (T, B, 5H) float32 and the recurrent masks (T, B, H) int8 it fills, and the
+    model type's rounding."""
+
+    constants: Tensor
+    coefficients: Tensor
+    masks: Tensor
+    rounding: int
+
+    @property
+    def operands(self) -> tuple[Tensor, Tensor, Tensor]:
+        return self.constants, self.coefficients, self.masks
+
+
 def run_direction(
     program: DirectionProgram,
     constants: KernelConstants,
@@ -70,6 +87,7 @@ def run_direction(
     reverse: bool,
     trace: bool,
     floats: tuple[Tensor, Tensor] | None = None,
+    save: QatSave | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """The recurrence over matmul.Wx's codes ``wx_codes`` (T, B, 3H, contiguous) from the
     zero-corrected state ``h0`` (B, H): zero-corrected outputs (T, B, H; 0 at padded steps),
@@ -77,8 +95,9 @@ def run_direction(
     integer_layout.TRACE_BLOCKS). ``floats``: float destinations (out (T, B, H), a view
     whose rows may be longer; h_n (B, H), contiguous) that get the dequantized outputs and
     final state instead (output.h's scale, quantize.scales.dequantize) and are returned.
-    Small batches of one-digit models run on the row kernel, the rest and traced runs on the
-    tile kernel."""
+    ``save``: where the kernel stores what QAT's backward reads (qat_save.py).
+    Small batches of one-digit models run on the row kernel, the rest, traced runs and saving
+    runs on the tile kernel."""
     steps, batch, _ = wx_codes.shape
     hidden = program.hidden_size
     device = wx_codes.device
@@ -108,7 +127,7 @@ def run_direction(
         h_n.copy_((h0.double() * scale).float())
         return out, h_n, traced
     lengths32 = out if lengths is None else lengths.to(device=device, dtype=torch.int32)
-    rows = None if trace else row_plan_for(batch, hidden, constants, device)
+    rows = None if trace or save is not None else row_plan_for(batch, hidden, constants, device)
     if rows is not None:
         # Four digits a word where R has words and programs hold 16 units or more. Measured on
         # an H100 against a digit a word: 1.45x at (16, H=128), 1.30x at (64, H=256), but
@@ -135,14 +154,14 @@ def run_direction(
         _integer_gru_kernel[grid](
             wx_codes, constants.digits, constants.rh, constants.rb_bias,
             constants.tables, h0, lengths32, out, h_n, scale,
-            out if traced is None else traced, exchange, counters, steps, batch, hidden,
-            out.stride(1), start, end,
+            out if traced is None else traced, *(save.operands if save else (out, out, out)),
+            exchange, counters, steps, batch, hidden, out.stride(1), start, end,
             REVERSE=reverse, BB=plan.block_b, BH=plan.block_h, BK=plan.block_k,
             H_DIGITS=constants.h_digits, R_DIGITS=constants.r_digits,
             HAS_LENGTHS=lengths is not None, TRACE=traced is not None, NARROW=constants.narrow,
             RESIDENT=plan.resident, CHUNKS=plan.chunks(hidden), C=constants.specialization,
-            OUT_FLOAT=floats is not None,
-            num_warps=plan.warps,
+            OUT_FLOAT=floats is not None, SAVE=save is not None,
+            ROUND=save.rounding if save else 0, num_warps=plan.warps,
         )  # fmt: skip
     return out, h_n, traced
 

@@ -53,6 +53,7 @@ from quant_gru.kernels.triton.integer_layout import (
     TERM_Z_FROM_WX,
     WX_ZERO_POINT,
 )
+from quant_gru.kernels.triton.qat_save import COEFFICIENTS, _qat_channels, _qat_save
 from quant_gru.kernels.triton.sync import _barrier
 
 _TERM_BOUND = tl.constexpr(2**60)  # §4: every term saturates to [-2^60, 2^60]
@@ -404,6 +405,9 @@ def _integer_gru_kernel(
     h_n_ptr,  # (B, H): the final state, int64 (OUT_FLOAT: both dequantized, in their type)
     scale_ptr,  # (1,) float64: output.h's scale (OUT_FLOAT)
     trace_ptr,  # (T, B, 15H) int64 (TRACE only; integer_layout.TRACE_BLOCKS)
+    qat_ptr,  # float64: qat_save.qat_constants (SAVE only)
+    save_ptr,  # (T, B, 5H) float32: QAT's coefficients (SAVE only; qat_save.py)
+    mask_ptr,  # (T, B, H) int8: QAT's recurrent masks (SAVE only)
     exchange_ptr,  # (2, H_DIGITS, B, H) int8: the state's digits, double-buffered
     counter_ptr,  # (number of batch tiles,) int32, zeros
     steps,
@@ -425,6 +429,8 @@ def _integer_gru_kernel(
     CHUNKS: tl.constexpr,  # RESIDENT: CHUNKS * BK covers H
     C: tl.constexpr,  # the specialization: integer_layout's constants (KernelConstants)
     OUT_FLOAT: tl.constexpr,  # outputs and final state as floats s * (q - zp) (quantize.scales)
+    SAVE: tl.constexpr = False,  # store what QAT's backward reads (qat_save.py)
+    ROUND: tl.constexpr = 0,  # SAVE: the model's type (qat_save.rounding)
 ):
     rows = row_start + tl.program_id(0) * BB + tl.arange(0, BB)
     units = tl.program_id(1) * BH + tl.arange(0, BH)
@@ -445,6 +451,8 @@ def _integer_gru_kernel(
     _barrier(counter, hidden_tiles)
 
     channels = _channel_constants(rh_ptr, rb_bias_ptr, units, unit_ok, hidden, C)
+    if SAVE:
+        qat_channels = _qat_channels(qat_ptr, units, unit_ok, hidden)
 
     if RESIDENT:
         w_r_all, w_z_all, w_n_all = _resident_digits(digits_ptr, units, unit_ok, hidden, BK, CHUNKS)
@@ -486,6 +494,14 @@ def _integer_gru_kernel(
             row += units[None, :]
             for i in tl.static_range(15):  # integer_layout.TRACE_BLOCKS
                 tl.store(row + i * hidden, values[i], mask=own)
+        if SAVE:
+            offsets = (t * batch + rows[:, None]) * hidden + units[None, :]
+            save_row = save_ptr + (t * batch + rows[:, None]) * (COEFFICIENTS * hidden)
+            _qat_save(
+                sum_r + channels[6], sum_z + channels[7], sum_n + channels[8], wx_r, wx_z, wx_n,
+                h, values, qat_channels, qat_ptr, save_row + units[None, :], mask_ptr + offsets,
+                hidden, own, ROUND,
+            )  # fmt: skip
         h = tl.where(active, h_new, h)
         wx_r, wx_z, wx_n = next_r, next_z, next_n
 

@@ -1,0 +1,216 @@
+"""QAT on the Triton kernels: the integer GRU's forward on the integer kernel, which also saves
+what the gradients need (qat_save.py), and a backward on the float backward kernels
+(gru_backward.py with QAT), in place of the plain-PyTorch straight-through graph that
+kernels/torch/quantized_forward.py builds a step at a time.
+
+The gradients are that graph's (the float GRU's at the dequantized codes, each point's gradient
+blocked where its float value rounds outside its range), the recurrence's values computed in
+the kernel in the model's type: they agree with the graph's to float rounding, and a mask may
+differ where a value lies within rounding of a range's edge.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from quant_gru.kernels.torch.quant_gru import prepared_codes
+from quant_gru.kernels.torch.quantized_forward import point_mask, weight_point
+from quant_gru.kernels.torch.stack import DirectionWeights
+from quant_gru.kernels.triton.gru_backward import qat_direction_backward
+from quant_gru.kernels.triton.integer_constants import kernel_constants
+from quant_gru.kernels.triton.integer_gru import QatSave, layer_input, run_direction
+from quant_gru.kernels.triton.integer_projection import input_projection
+from quant_gru.kernels.triton.ops import recurrent_weight_grad
+from quant_gru.kernels.triton.qat_save import COEFFICIENTS, qat_constants, rounding
+from quant_gru.quantize.params import DirectionQuant
+from quant_gru.quantize.program import DirectionProgram
+from quant_gru.quantize.scales import dequantize
+
+__all__ = ["KernelQat"]
+
+
+@dataclass(frozen=True)
+class DirectionRecord:
+    """What one (layer, direction)'s backward reads from its forward: zero-corrected codes of
+    the layer input (T, B, I), the outputs (T, B, H; 0 at padded steps) and h0 (B, H), and
+    the final state (B, H), and the kernel's save."""
+
+    x: Tensor
+    out: Tensor
+    h0: Tensor
+    h_n: Tensor
+    save: QatSave
+
+
+class KernelQat:
+    """QAT's forward and gradients on the kernels for one call of the quantized forward with
+    ``programs`` (quantized_forward.StraightThrough): ``realization`` (the contract of
+    kernels/torch/quant_gru.quantized_gru, its traces DirectionRecords) and ``direction``."""
+
+    def __init__(
+        self,
+        programs: Sequence[DirectionProgram],
+        quant: Sequence[DirectionQuant],
+        dtype: torch.dtype,
+    ) -> None:
+        self.quant, self.dtype, self.rounding = quant, dtype, rounding(dtype)
+        # Realizations may get a layer's programs alone (dropout between layers).
+        self._index = {id(program): i for i, program in enumerate(programs)}
+
+    def realization(
+        self,
+        programs: Sequence[DirectionProgram],
+        x_codes: Tensor,
+        h0_codes: Tensor,
+        lengths: Tensor | None,
+        num_layers: int,
+        bidirectional: bool,
+        trace: bool = False,
+    ) -> tuple[Tensor, Tensor, list[Any]]:
+        """The integer GRU's codes, as integer_gru.triton_integer_gru's, and a DirectionRecord
+        per (layer, direction) of ``programs`` (those of this call, from any layer)."""
+        num_dirs = 2 if bidirectional else 1
+        x_codes, h0_codes, _ = prepared_codes(
+            programs, x_codes, h0_codes, lengths, num_layers, num_dirs
+        )
+        records: list[Any] = []
+        finals: list[Tensor] = []
+        below: list[Tensor] = []
+        for layer in range(num_layers):
+            outputs: list[Tensor] = []
+            for direction in range(num_dirs):
+                index = layer * num_dirs + direction
+                program = programs[index]
+                if layer == 0:
+                    x = x_codes - program.formats["input.x"].zero_point
+                else:
+                    x = layer_input(program, below)
+                h_zero = program.formats["output.h"].zero_point
+                h0 = h0_codes[index] - h_zero
+                save = self._save(program, self.quant[self._index[id(program)]], x)
+                out, h_n, _ = run_direction(
+                    program, kernel_constants(program, x.device), input_projection(program, x),
+                    h0, lengths, direction == 1, False, save=save,
+                )  # fmt: skip
+                outputs.append(out)
+                finals.append(h_n + h_zero)
+                records.append(DirectionRecord(x, out, h0, h_n, save))
+            below = outputs
+        last = programs[-num_dirs:]
+        out_codes = torch.cat(
+            [o + p.formats["output.h"].zero_point for o, p in zip(below, last, strict=True)],
+            dim=-1,
+        )
+        return out_codes, torch.stack(finals), records
+
+    def _save(self, program: DirectionProgram, quant: DirectionQuant, x: Tensor) -> QatSave:
+        steps, batch, _ = x.shape
+        hidden = program.hidden_size
+        return QatSave(
+            constants=qat_constants(program, quant, self.dtype, x.device),
+            coefficients=torch.empty(
+                steps, batch, COEFFICIENTS * hidden, dtype=torch.float32, device=x.device
+            ),
+            masks=torch.empty(steps, batch, hidden, dtype=torch.int8, device=x.device),
+            rounding=self.rounding,
+        )
+
+    def direction(
+        self,
+        index: int,
+        program: DirectionProgram,
+        record: Any,
+        x: Tensor,
+        h0: Tensor,
+        weights: DirectionWeights,
+        lengths: Tensor | None,
+        reverse: bool,
+    ) -> tuple[Tensor, Tensor]:
+        """The direction's outputs (T, B, H) and final state, their values the dequantized
+        codes and their gradients the straight-through ones, from the layer input ``x`` and
+        initial state ``h0`` of the gradient graph."""
+        context = _Context(program, self.quant[index], record, lengths, reverse)
+        return _KernelQatDirection.apply(context, x, h0, *weights)  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True)
+class _Context:
+    program: DirectionProgram
+    quant: DirectionQuant
+    record: DirectionRecord
+    lengths: Tensor | None
+    reverse: bool
+
+
+class _KernelQatDirection(torch.autograd.Function):
+    """One direction of QAT's gradient graph: values from the integer forward, gradients from
+    the QAT backward kernel and products over all steps."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        context: _Context,
+        x: Tensor,
+        h0: Tensor,
+        w_ih: Tensor,
+        w_hh: Tensor,
+        b_ih: Tensor | None,
+        b_hh: Tensor | None,
+    ) -> tuple[Tensor, Tensor]:
+        ctx.context = context
+        ctx.save_for_backward(x, h0, w_ih, w_hh, b_ih, b_hh)
+        scale = context.program.formats["output.h"].scale
+        out = dequantize(context.record.out, scale, 0).to(x.dtype)
+        return out, dequantize(context.record.h_n, scale, 0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor, grad_h_n: Tensor) -> tuple[Tensor | None, ...]:
+        context: _Context = ctx.context
+        x, h0, w_ih, w_hh, b_ih, b_hh = ctx.saved_tensors
+        program, quant, record = context.program, context.quant, context.record
+        dtype, fmt = x.dtype, program.formats
+        w_value, w_mask = weight_point(program, quant, "weight.W", w_ih)
+        r_value, r_mask = weight_point(program, quant, "weight.R", w_hh)
+        bw_value, bw_mask = weight_point(program, quant, "weight.bw", _bias(b_ih, w_ih))
+        _, br_mask = weight_point(program, quant, "weight.br", _bias(b_hh, w_hh))
+        lengths = None if context.lengths is None else context.lengths.to(x.device, torch.int32)
+        grad_gx, grad_h0, grad_rb, grad_rh = qat_direction_backward(
+            grad_out, grad_h_n, record.save.coefficients, record.save.masks, r_value, lengths,
+            context.reverse, dtype,
+        )  # fmt: skip
+
+        x_value = dequantize(record.x, fmt["input.x"].scale, 0).to(dtype)
+        wx_value = F.linear(x_value, w_value, bw_value)
+        grad_gx = grad_gx * point_mask(wx_value, fmt["matmul.Wx"])
+        rows = grad_gx.flatten(0, 1)
+        grad_x = (grad_gx @ w_value) * point_mask(x, fmt["input.x"])
+        grad_w_ih = (rows.t() @ x_value.flatten(0, 1)) * w_mask
+        grad_b_ih = rows.sum(0) * bw_mask
+
+        h_scale = fmt["output.h"].scale
+        out_value = dequantize(record.out, h_scale, 0).float()
+        h0_value = dequantize(record.h0, h_scale, 0).float()
+        grad_w_hh = torch.empty(w_hh.shape, dtype=torch.float32, device=x.device)
+        recurrent_weight_grad([(grad_rh, grad_w_hh)], out_value, h0_value, lengths, context.reverse)
+        grad_w_hh = grad_w_hh.to(dtype) * r_mask
+        grad_b_hh = grad_rb.flatten(0, 1).sum(0).to(dtype) * br_mask
+        grad_h = grad_h0.to(dtype) * point_mask(h0, fmt["output.h"])
+        return (
+            None,
+            grad_x,
+            grad_h,
+            grad_w_ih,
+            grad_w_hh,
+            None if b_ih is None else grad_b_ih,
+            None if b_hh is None else grad_b_hh,
+        )
+
+
+def _bias(bias: Tensor | None, weight: Tensor) -> Tensor:
+    return bias if bias is not None else weight.new_zeros(weight.shape[0])

@@ -1,0 +1,211 @@
+"""What the integer kernel saves for QAT's backward (integer_kernel.py with SAVE), and the
+constants it needs for it.
+
+QAT's gradients are the float GRU's, evaluated at the dequantized codes of every operator, with
+each quantization point's gradient blocked where the point's float value rounds outside its
+code range (kernels/torch/quantized_forward.py). Per step the forward kernel holds every code,
+so it computes those float values itself, in the model's type, in §7's order of operations
+(matmul.Rh's from its exact integer sum, which a float product only approximates), and folds
+the masks and the float functions' derivatives into five coefficients a unit, from which
+the backward (gru_backward.py with QAT) has one step's gradients:
+
+    a     = dh (the gradient of h_t)
+    dz^   = a Ez        (gate.z_pre's gradient)
+    dg^   = a Eg        (gate.g_pre's)
+    dr^   = dg^ Er      (gate.r_pre's)
+    drb_n = dg^ En      (op.Rh_add_br's n part, before its own mask)
+    dh_{t-1} = a P + (matmul.Rh's gradient) R
+
+with P = m_h m_old z, Ez = m_zpre m_zout σ'(z^) (m_h m_old h - m_h m_new g),
+Eg = m_gpre m_gout (1 - tanh²(g^)) m_h m_new (1 - z), Er = m_rpre m_rout σ'(r^) m_rRh rb_n,
+En = m_rRh r; and a byte of six masks a unit: op.Rh_add_br's (bits 0-2) and matmul.Rh's
+(bits 3-5) per gate.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from quant_gru.kernels.triton.derived import DerivedCache
+from quant_gru.quantize.params import DirectionQuant
+from quant_gru.quantize.program import DirectionProgram
+from quant_gru.quantize.scales import dequantize, per_row
+
+# Per operator, four float64 values: the scale, its inverse, and the zero-corrected code range.
+POINTS = (
+    "output.h",
+    "matmul.Rh",
+    "op.Rh_add_br",
+    "gate.r_pre",
+    "gate.z_pre",
+    "gate.r_out",
+    "gate.z_out",
+    "op.rRh",
+    "gate.g_pre",
+    "gate.g_out",
+    "op.old_contrib",
+    "op.new_contrib",
+    "matmul.Wx",
+)
+Q_H = tl.constexpr(0)
+Q_RH = tl.constexpr(4)
+Q_RB = tl.constexpr(8)
+Q_R_PRE = tl.constexpr(12)
+Q_Z_PRE = tl.constexpr(16)
+Q_R = tl.constexpr(20)
+Q_Z = tl.constexpr(24)
+Q_RRH = tl.constexpr(28)
+Q_G_PRE = tl.constexpr(32)
+Q_G = tl.constexpr(36)
+Q_OLD = tl.constexpr(40)
+Q_NEW = tl.constexpr(44)
+Q_WX = tl.constexpr(48)
+Q_CHANNELS = tl.constexpr(52)  # then per channel (3H each): matmul.Rh's σ, weight.br's value
+COEFFICIENTS = 5  # P, Ez, Eg, Er, En: blocks of H a (step, row) of the save
+
+# The model's type, for rounding each float operation's result as the PyTorch path does.
+ROUND_FLOAT32, ROUND_BFLOAT16, ROUND_FLOAT16 = 0, 1, 2
+_ROUNDING = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def rounding(dtype: torch.dtype) -> int:
+    """The kernel's ROUND for a model of ``dtype`` (float32, bfloat16 or float16)."""
+    if dtype not in _ROUNDING:
+        raise ValueError(f"QAT on the Triton kernels takes float32, bfloat16 or float16, got {dtype}")
+    return _ROUNDING[dtype]
+
+
+_CONSTANTS: DerivedCache[Tensor] = DerivedCache()
+
+
+def qat_constants(
+    program: DirectionProgram, quant: DirectionQuant, dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """The float64 vector the kernel reads at Q_*: every point's scale, inverse and range, then
+    matmul.Rh's term scale per channel (the state's times R's row's, times 2^(e_a + e_c)) and
+    weight.br's dequantized values in ``dtype``. Made once per program and type."""
+    return _CONSTANTS.get(
+        program, device, lambda: _make_constants(program, quant, dtype, device), dtype
+    )
+
+
+def _make_constants(
+    program: DirectionProgram, quant: DirectionQuant, dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    values: list[float] = []
+    for name in POINTS:
+        fmt = program.formats[name]
+        scale = float(fmt.scale)
+        values += [scale, 1.0 / scale, fmt.qmin - fmt.zero_point, fmt.qmax - fmt.zero_point]
+    rows = 3 * program.hidden_size
+    shifts = sum(program.terms["matmul.Rh"][0].operand_shifts)
+    r_scales = per_row(quant["weight.R"].scale.double(), rows)
+    sigma = r_scales * float(program.formats["output.h"].scale) * 2.0**shifts
+    br_scales = per_row(quant["weight.br"].scale.double(), rows)
+    bias = dequantize(program.bias_r.cpu(), br_scales, 0).to(dtype).double().expand(rows)
+    head = torch.tensor(values, dtype=torch.float64)
+    return torch.cat([head, sigma.cpu(), bias]).to(device)
+
+
+@triton.jit
+def _rounded(v, ROUND: tl.constexpr):
+    """float32 ``v`` rounded to the model's type (to nearest even) and back."""
+    if ROUND == 1:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits += ((bits >> 16) & 1) + 0x7FFF
+        v = (bits & 0xFFFF0000).to(tl.float32, bitcast=True)
+    elif ROUND == 2:
+        v = v.to(tl.float16).to(tl.float32)
+    return v
+
+
+@triton.jit
+def _value(code, qat, POINT: tl.constexpr, ROUND: tl.constexpr):
+    """The dequantized value of zero-corrected codes, s (q - zp) in float64, in the model's
+    type (quantize.scales.dequantize, then the type's conversion)."""
+    return _rounded((code.to(tl.float64) * tl.load(qat + POINT)).to(tl.float32), ROUND)
+
+
+@triton.jit
+def _inside(value, qat, POINT: tl.constexpr):
+    """Whether floor(value / s + 1/2) lies in the point's zero-corrected range (the
+    straight-through mask of quantized_forward._straight_through)."""
+    level = tl.floor(value.to(tl.float64) * tl.load(qat + POINT + 1) + 0.5)
+    return (level >= tl.load(qat + POINT + 2)) & (level <= tl.load(qat + POINT + 3))
+
+
+@triton.jit
+def _qat_channels(qat, units, unit_ok, hidden):
+    """This program's per-channel QAT constants, (1, BH) rows: matmul.Rh's σ per gate, then
+    weight.br's values per gate."""
+    channels = ()
+    for block in tl.static_range(6):
+        row = tl.load(qat + Q_CHANNELS + block * hidden + units, mask=unit_ok, other=0.0)
+        channels = channels + (row[None, :],)  # noqa: RUF005 (Triton's tuples take `+` only)
+    return channels
+
+
+@triton.jit
+def _recurrent_masks(v, channels, rh, qat, ROUND: tl.constexpr):
+    """Per gate: matmul.Rh's mask from its exact integer sums ``v`` (its float value σ v) and
+    op.Rh_add_br's from matmul.Rh's codes ``rh`` and the bias; as bits 3-5 and 0-2."""
+    bits = tl.zeros(v[0].shape, dtype=tl.int32)
+    for gate in tl.static_range(3):
+        product = _rounded((v[gate].to(tl.float64) * channels[gate]).to(tl.float32), ROUND)
+        bits |= _inside(product, qat, Q_RH).to(tl.int32) << (3 + gate)
+        biased = _value(rh[gate], qat, Q_RH, ROUND) + channels[3 + gate].to(tl.float32)
+        bits |= _inside(_rounded(biased, ROUND), qat, Q_RB).to(tl.int32) << gate
+    return bits
+
+
+@triton.jit
+def _qat_save(
+    v_r, v_z, v_n, wx_r, wx_z, wx_n, h, values, channels, qat, save_row, mask_row, hidden, own,
+    ROUND: tl.constexpr,
+):  # fmt: skip
+    """Store one step's coefficients (at ``save_row``: five blocks of H) and mask bytes (at
+    ``mask_row``) for this program's units, from the step's codes: the recurrent sums ``v_*``
+    (with the digit offset's correction), matmul.Wx's values, the state before the step and
+    ``values`` (integer_kernel._gru_step's, zero-corrected)."""
+    rh_r, rh_z, rh_n, rb_r, rb_z, rb_n, r_pre, z_pre, r, z, rrh, g_pre, g, old, new, _ = values
+    bits = _recurrent_masks((v_r, v_z, v_n), channels, (rh_r, rh_z, rh_n), qat, ROUND)
+
+    rb_n_value = _value(rb_n, qat, Q_RB, ROUND)
+    r_in = _value(wx_r, qat, Q_WX, ROUND) + _value(rb_r, qat, Q_RB, ROUND)
+    z_in = _value(wx_z, qat, Q_WX, ROUND) + _value(rb_z, qat, Q_RB, ROUND)
+    r_sigmoid = _rounded(tl.sigmoid(_value(r_pre, qat, Q_R_PRE, ROUND)), ROUND)
+    z_sigmoid = _rounded(tl.sigmoid(_value(z_pre, qat, Q_Z_PRE, ROUND)), ROUND)
+    r_value = _value(r, qat, Q_R, ROUND)
+    z_value = _value(z, qat, Q_Z, ROUND)
+    rrh_product = _rounded(r_value * rb_n_value, ROUND)
+    g_in = _value(wx_n, qat, Q_WX, ROUND) + _value(rrh, qat, Q_RRH, ROUND)
+    g_tanh = _rounded(2.0 * tl.sigmoid(2.0 * _value(g_pre, qat, Q_G_PRE, ROUND)) - 1.0, ROUND)
+    g_value = _value(g, qat, Q_G, ROUND)
+    h_value = _value(h, qat, Q_H, ROUND)
+    old_product = _rounded(z_value * h_value, ROUND)
+    new_product = _rounded(_rounded(1.0 - z_value, ROUND) * g_value, ROUND)
+    h_sum = _value(old, qat, Q_OLD, ROUND) + _value(new, qat, Q_NEW, ROUND)
+
+    keep_h = _inside(_rounded(h_sum, ROUND), qat, Q_H)
+    keep_old = keep_h & _inside(old_product, qat, Q_OLD)
+    keep_new = keep_h & _inside(new_product, qat, Q_NEW)
+    keep_rrh = _inside(rrh_product, qat, Q_RRH)
+    keep_r = _inside(_rounded(r_in, ROUND), qat, Q_R_PRE) & _inside(r_sigmoid, qat, Q_R)
+    keep_z = _inside(_rounded(z_in, ROUND), qat, Q_Z_PRE) & _inside(z_sigmoid, qat, Q_Z)
+    keep_g = _inside(_rounded(g_in, ROUND), qat, Q_G_PRE) & _inside(g_tanh, qat, Q_G)
+
+    p = tl.where(keep_old, z_value, 0.0)
+    carried = tl.where(keep_old, h_value, 0.0) - tl.where(keep_new, g_value, 0.0)
+    e_z = tl.where(keep_z, z_sigmoid * (1.0 - z_sigmoid), 0.0) * carried
+    e_g = tl.where(keep_g & keep_new, (1.0 - z_value) * (1.0 - g_tanh * g_tanh), 0.0)
+    e_r = tl.where(keep_r & keep_rrh, rb_n_value * (r_sigmoid * (1.0 - r_sigmoid)), 0.0)
+    e_n = tl.where(keep_rrh, r_value, 0.0)
+    tl.store(save_row, p, mask=own)
+    tl.store(save_row + hidden, e_z, mask=own)
+    tl.store(save_row + 2 * hidden, e_g, mask=own)
+    tl.store(save_row + 3 * hidden, e_r, mask=own)
+    tl.store(save_row + 4 * hidden, e_n, mask=own)
+    tl.store(mask_row, bits.to(tl.int8), mask=own)
