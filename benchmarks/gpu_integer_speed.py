@@ -4,11 +4,11 @@ beside our float kernels and cuDNN's nn.GRU, in one run.
 Shapes (B, T, I, H) of gpu_float_speed.py, one layer. The model is calibrated on one random
 batch with the default 8-bit configuration. Inference is forward under no_grad, eagerly (one
 call at a time, host costs included); QAT training is forward plus backward with
-use_quantization on (straight-through gradients; --no-qat skips it). Beside them: our float
-inference and training in float32 and TF32 (the faster of the two is the fp32 family's),
-cuDNN's best, and the seed's 8-bit inference from DESIGN.md §4 (the same H100 model). Median
-of CUDA-event timings after warm-up, in alternation; peak memory above the inputs and
-weights. Writes benchmarks/results/gpu_integer_speed.json.
+use_quantization on (straight-through gradients; in float32 and in TF32; --no-qat skips it).
+Beside them: our float inference and training in float32 and TF32 (the faster of the two is
+the fp32 family's), cuDNN's best, and the seed's 8-bit inference from DESIGN.md §4 (the same
+H100 model). Median of CUDA-event timings after warm-up, in alternation; peak memory above
+the inputs and weights. Writes benchmarks/results/gpu_integer_speed.json.
 """
 
 from __future__ import annotations
@@ -90,8 +90,12 @@ def measure(shape: tuple[int, int, int, int], repeats: int, qat: bool) -> dict:
     int_infer, _ = paired_ms(_infer(model, x), _infer(cudnn, x), repeats)
     row["int8"] = {"infer_ms": int_infer, "infer_peak_mb": peak_mb(_infer(model, x))}
     if qat:
-        qat_train, _ = paired_ms(_train(model, x), _train(cudnn, x), max(3, repeats // 4))
-        row["int8"].update(qat_train_ms=qat_train, qat_train_peak_mb=peak_mb(_train(model, x)))
+        for tf32 in (False, True):
+            name = "tf32" if tf32 else "fp32"
+            _quantized(model, True, tf32)
+            qat_train, _ = paired_ms(_train(model, x), _train(cudnn, x), max(3, repeats // 4))
+            row["int8"][f"qat_train_{name}_ms"] = qat_train
+        row["int8"]["qat_train_peak_mb"] = peak_mb(_train(model, x))
     _quantized(model, False, False)  # torch's TF32 flags back to their defaults
     return row
 
@@ -106,10 +110,13 @@ def summary(row: dict) -> str:
         f"({ours_float / int8['infer_ms']:.2f}x our float {ours_float:.2f}; "
         f"{seed / int8['infer_ms'] if seed else float('nan'):.1f}x the seed's {seed})"
     )
-    if "qat_train_ms" in int8:
+    if "qat_train_tf32_ms" in int8:
+        qat = min(int8["qat_train_fp32_ms"], int8["qat_train_tf32_ms"])
         text += (
-            f"; QAT step {int8['qat_train_ms']:.2f} ms "
-            f"({int8['qat_train_ms'] / float_train:.2f}x our float step {float_train:.2f})"
+            f"; QAT step {qat:.2f} ms ({qat / float_train:.2f}x our float step "
+            f"{float_train:.2f}; float32 {int8['qat_train_fp32_ms']:.2f} vs "
+            f"{row['fp32']['ours_train_ms']:.2f}, TF32 {int8['qat_train_tf32_ms']:.2f} vs "
+            f"{row['tf32']['ours_train_ms']:.2f})"
         )
     return text
 

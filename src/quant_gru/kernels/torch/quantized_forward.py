@@ -47,7 +47,9 @@ class StraightThrough(Protocol):
     ``direction`` gives each (layer, direction)'s outputs and final state, valued as the
     dequantized codes, with the straight-through gradients."""
 
-    realization: Realization
+    def realization(
+        self, *arguments: Any, **options: Any
+    ) -> tuple[Tensor, Tensor, list[Any] | None]: ...
 
     def direction(
         self,

@@ -38,6 +38,7 @@ from quant_gru.kernels.triton.plans import (
     tile_candidates,
 )
 from quant_gru.kernels.triton.products import TF32, _product, dot_precision, rounded_to_tf32
+from quant_gru.kernels.triton.qat_save import COEFFICIENTS, SAVE_BLOCKS
 from quant_gru.kernels.triton.sync import _await_state, _barrier, _publish, zero_words
 
 # The tile backward loads a step's six input tiles a step ahead up to this many elements a
@@ -133,7 +134,8 @@ def _qat_step_inputs(
     """QAT's counterpart of _step_inputs: the output's gradient, the five coefficients and the
     mask byte the integer kernel saved for step ``t`` (qat_save.py)."""
     grad_out = tl.load(grad_out_ptr + t * grad_out_step + grad_out_offsets, mask=own, other=0.0)
-    five = saved_ptr + t * batch * 5 * hidden + rows[:, None] * (5 * hidden) + units[None, :]
+    step = saved_ptr + t * batch * SAVE_BLOCKS * hidden
+    five = step + rows[:, None] * (SAVE_BLOCKS * hidden) + units[None, :]
     p = tl.load(five, mask=own, other=0.0)
     e_z = tl.load(five + hidden, mask=own, other=0.0)
     e_g = tl.load(five + 2 * hidden, mask=own, other=0.0)
@@ -506,7 +508,7 @@ def qat_direction_backward(
     ``w_hh``: the gradients of the gate pre-activations (T, B, 3H, ``gx_dtype``), of h0's
     value (B, H) float32, of op.Rh_add_br and of matmul.Rh (T, B, 3H each, float32)."""
     steps, batch, hidden = masks.shape
-    check_step_offsets(steps, batch, 5 * hidden)
+    check_step_offsets(steps, batch, COEFFICIENTS * hidden)
     plan = backward_plan(batch, hidden, w_hh.element_size(), masks.device)
     grad_gx = torch.empty(steps, batch, 3 * hidden, device=masks.device, dtype=gx_dtype)
     grad_rb = torch.empty(steps, batch, 3 * hidden, device=masks.device, dtype=torch.float32)

@@ -136,7 +136,7 @@ class KernelQat:
         codes and their gradients the straight-through ones, from the layer input ``x`` and
         initial state ``h0`` of the gradient graph."""
         context = _Context(program, self.quant[index], record, lengths, reverse)
-        return _KernelQatDirection.apply(context, x, h0, *weights)  # type: ignore[no-any-return]
+        return _KernelQatDirection.apply(context, x, h0, *weights)
 
 
 @dataclass(frozen=True)
@@ -153,7 +153,7 @@ class _KernelQatDirection(torch.autograd.Function):
     the QAT backward kernel and products over all steps."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         context: _Context,
         x: Tensor,

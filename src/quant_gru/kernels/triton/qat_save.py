@@ -65,6 +65,7 @@ Q_NEW = tl.constexpr(44)
 Q_WX = tl.constexpr(48)
 Q_CHANNELS = tl.constexpr(52)  # then per channel (3H each): matmul.Rh's σ, weight.br's value
 COEFFICIENTS = 5  # P, Ez, Eg, Er, En: blocks of H a (step, row) of the save
+SAVE_BLOCKS = tl.constexpr(COEFFICIENTS)  # the same, for the kernels
 
 # The model's type, for rounding each float operation's result as the PyTorch path does.
 ROUND_FLOAT32, ROUND_BFLOAT16, ROUND_FLOAT16 = 0, 1, 2
@@ -74,7 +75,9 @@ _ROUNDING = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 def rounding(dtype: torch.dtype) -> int:
     """The kernel's ROUND for a model of ``dtype`` (float32, bfloat16 or float16)."""
     if dtype not in _ROUNDING:
-        raise ValueError(f"QAT on the Triton kernels takes float32, bfloat16 or float16, got {dtype}")
+        raise ValueError(
+            f"QAT on the Triton kernels takes float32, bfloat16 or float16, got {dtype}"
+        )
     return _ROUNDING[dtype]
 
 

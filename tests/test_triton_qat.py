@@ -1,0 +1,121 @@
+"""QAT on the Triton kernels (kernels/triton/integer_qat.py) against the plain path's graph of
+straight-through hooks (kernels/torch/quantized_forward.py), which test_qat_gradients.py holds
+to a hand-written backward.
+
+Forward values: the integer model's on both, to the bit. Gradients, the ratio-to-reference
+rung: the kernels' error against the graph run in float64 (same codes) is at most twice the
+graph's own error at the model's precision. Inputs are wider than the calibration data, so
+points saturate and the masks matter.
+
+Without a GPU the kernels run under TRITON_INTERPRET=1 at small sizes (one hidden tile a batch
+tile); on a GPU, at sizes with several.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from quant_gru import QuantGRU
+
+from tolerance import assert_ratio_to_reference
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # read when the kernel modules are first imported
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+GPU = DEVICE.type == "cuda"
+# The float32 oracle can be exact on a gradient; then an error this small is accepted.
+FLOOR = {torch.float32: 1e-6, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+def calibrated(
+    input_size: int, hidden: int, layers: int, bidirectional: bool, bits: int, dropout: float
+) -> QuantGRU:
+    torch.manual_seed(0)
+    model = QuantGRU(
+        input_size, hidden, num_layers=layers, bidirectional=bidirectional, dropout=dropout
+    )
+    if bits != 8:
+        model.set_all_bitwidth(bits, is_symmetric=False)
+    model = model.to(DEVICE)
+    model.calibrating = True
+    with torch.no_grad():
+        model(torch.randn(6, 3, input_size, device=DEVICE))
+    model.calibrating = False
+    model.use_quantization = True
+    return model.train()
+
+
+def run(model: QuantGRU, backend: str, dtype: torch.dtype, inputs: dict) -> dict:
+    """Outputs and every gradient of Σ out * d_out + Σ h_n * d_hn, as float64 on the CPU
+    (the same dropout masks on every run)."""
+    model = copy.deepcopy(model).to(dtype)
+    torch.manual_seed(5)
+    model.backend = backend
+    x = inputs["x"].to(dtype, copy=True).requires_grad_()
+    hx = None if inputs["hx"] is None else inputs["hx"].to(dtype, copy=True).requires_grad_()
+    source = x
+    if inputs["lengths"] is not None:
+        source = torch.nn.utils.rnn.pack_padded_sequence(x, inputs["lengths"], enforce_sorted=False)
+    out, h_n = model(source, hx)
+    if inputs["lengths"] is not None:
+        out, _ = torch.nn.utils.rnn.pad_packed_sequence(out, total_length=x.shape[0])
+    loss = (out * inputs["d_out"].to(dtype)).sum() + (h_n * inputs["d_hn"].to(dtype)).sum()
+    loss.backward()
+    results = {"out": out, "h_n": h_n, "grad x": x.grad}
+    if hx is not None:
+        results["grad hx"] = hx.grad
+    results.update({f"grad {name}": p.grad for name, p in model.named_parameters()})
+    return {name: value.detach().double().cpu() for name, value in results.items()}
+
+
+CASES = {
+    "one layer, hx": dict(layers=1, bidirectional=False, lengths=False, hx=True, bits=8),
+    "two layers, both directions": dict(
+        layers=2, bidirectional=True, lengths=False, hx=False, bits=8
+    ),
+    "packed, hx": dict(layers=2, bidirectional=True, lengths=True, hx=True, bits=8),
+    "4-bit": dict(layers=1, bidirectional=True, lengths=False, hx=True, bits=4),
+    "three layers, dropout": dict(
+        layers=3, bidirectional=False, lengths=False, hx=True, bits=8, dropout=0.4
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("case", "dtype"),
+    [(case, torch.float32) for case in CASES] + [("one layer, hx", torch.bfloat16)],
+)
+def test_qat_on_the_kernels_matches_the_graph(case: str, dtype: torch.dtype) -> None:
+    spec = CASES[case]
+    input_size, hidden, batch, steps = (24, 48, 5, 9) if GPU else (5, 7, 3, 4)
+    model = calibrated(
+        input_size, hidden, spec["layers"], spec["bidirectional"], spec["bits"],
+        spec.get("dropout", 0.0),
+    )  # fmt: skip
+    directions = 2 if spec["bidirectional"] else 1
+    generator = torch.Generator().manual_seed(1)
+    states = (spec["layers"] * directions, batch, hidden)
+    inputs = {
+        "x": torch.randn(steps, batch, input_size, generator=generator).to(DEVICE) * 1.8,
+        "hx": torch.randn(*states, generator=generator).to(DEVICE) * 0.8 if spec["hx"] else None,
+        "lengths": torch.tensor([steps, 1, steps - 1, 2, 3][:batch]) if spec["lengths"] else None,
+        "d_out": torch.randn(steps, batch, directions * hidden, generator=generator).to(DEVICE),
+        "d_hn": torch.randn(*states, generator=generator).to(DEVICE),
+    }
+    exact = run(model, "torch", torch.float64, inputs)
+    oracle = run(model, "torch", dtype, inputs)
+    actual = run(model, "triton", dtype, inputs)
+    assert torch.equal(actual["out"], oracle["out"])
+    assert torch.equal(actual["h_n"], oracle["h_n"])
+    for name in exact:
+        if name.startswith("grad"):
+            assert_ratio_to_reference(
+                actual[name], oracle[name], exact[name], f"{case}: {name}", FLOOR[dtype]
+            )
