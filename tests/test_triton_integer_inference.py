@@ -36,6 +36,7 @@ from quant_gru.kernels.triton.integer_constants import kernel_constants  # noqa:
 from quant_gru.kernels.triton.integer_gru import layer_input  # noqa: E402
 from quant_gru.kernels.triton.integer_projection import (  # noqa: E402
     codes_input_projection,
+    digit_input_projection,
     float_input_projection,
     input_projection,
 )
@@ -107,8 +108,9 @@ def test_dtypes_layers_directions_batch_first(dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize("width", [4, 8, 16])
 def test_projection_kernel_equals_plain_projection(width: int) -> None:
-    """Quantization (NaN to the zero point, infinities clamped) and matmul.Wx on the kernels
-    give the codes of the plain path; inputs wider than one digit are left to it."""
+    """Quantization (NaN to the zero point, infinities clamped) and matmul.Wx on the kernels,
+    from floats or from codes, give the codes of the plain path; inputs wider than one digit
+    are left to it."""
     case = case_with(uniform_config(width, False, False, "float"), input_size=40, hidden_size=24)
     model, _, _, _ = calibrated_case(case)
     programs = build_programs(model._quantized_model(), model._direction_weights())
@@ -119,6 +121,8 @@ def test_projection_kernel_equals_plain_projection(width: int) -> None:
     expected = input_projection(program, codes.to(DEVICE))
     actual = float_input_projection(program, x.to(DEVICE))
     assert_codes_or_refused(actual, expected, refused=width > 8)
+    from_codes = digit_input_projection(program, codes.to(DEVICE))
+    assert_codes_or_refused(from_codes, expected, refused=width > 8)
 
 
 @pytest.mark.parametrize(

@@ -29,6 +29,9 @@ if importlib.util.find_spec("triton") is None:
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # read when the kernel modules are first imported
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+from quant_gru.kernels.triton import integer_gru  # noqa: E402
+
 GPU = DEVICE.type == "cuda"
 # The float32 oracle can be exact on a gradient; then an error this small is accepted.
 FLOOR = {torch.float32: 1e-6, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
@@ -89,10 +92,18 @@ CASES = {
 
 
 @pytest.mark.parametrize(
-    ("case", "dtype"),
-    [(case, torch.float32) for case in CASES] + [("one layer, hx", torch.bfloat16)],
+    ("case", "dtype", "kernel"),
+    [(case, torch.float32, "planned") for case in CASES]
+    + [("one layer, hx", torch.bfloat16, "planned")]
+    + [(case, torch.float32, "tiles") for case in ("packed, hx", "4-bit")],
 )
-def test_qat_on_the_kernels_matches_the_graph(case: str, dtype: torch.dtype) -> None:
+def test_qat_on_the_kernels_matches_the_graph(
+    case: str, dtype: torch.dtype, kernel: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``kernel``: as planned (small batches of one-digit models on the row kernel), or every
+    recurrence on the tile kernel."""
+    if kernel == "tiles":
+        monkeypatch.setattr(integer_gru, "row_plan_for", lambda *arguments: None)
     spec = CASES[case]
     input_size, hidden, batch, steps = (24, 48, 5, 9) if GPU else (5, 7, 3, 4)
     model = calibrated(

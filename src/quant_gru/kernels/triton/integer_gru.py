@@ -96,8 +96,8 @@ def run_direction(
     whose rows may be longer; h_n (B, H), contiguous) that get the dequantized outputs and
     final state instead (output.h's scale, quantize.scales.dequantize) and are returned.
     ``save``: where the kernel stores what QAT's backward reads (qat_save.py).
-    Small batches of one-digit models run on the row kernel, the rest, traced runs and saving
-    runs on the tile kernel."""
+    Small batches of one-digit models run on the row kernel, the rest and traced runs on the
+    tile kernel."""
     steps, batch, _ = wx_codes.shape
     hidden = program.hidden_size
     device = wx_codes.device
@@ -127,7 +127,7 @@ def run_direction(
         h_n.copy_((h0.double() * scale).float())
         return out, h_n, traced
     lengths32 = out if lengths is None else lengths.to(device=device, dtype=torch.int32)
-    rows = None if trace or save is not None else row_plan_for(batch, hidden, constants, device)
+    rows = None if trace else row_plan_for(batch, hidden, constants, device)
     if rows is not None:
         # Four digits a word where R has words and programs hold 16 units or more. Measured on
         # an H100 against a digit a word: 1.45x at (16, H=128), 1.30x at (64, H=256), but
@@ -137,12 +137,13 @@ def run_direction(
         words = out if rows.single else zero_words(2, batch, width, device=device)
         _integer_gru_row_kernel[rows.grid(batch, hidden)](
             wx_codes, constants.words if packed else constants.digits, constants.rh,
-            constants.rb_bias, constants.tables, h0, lengths32, out, h_n, scale, words, steps,
-            batch, hidden, out.stride(1),
+            constants.rb_bias, constants.tables, h0, lengths32, out, h_n, scale, words,
+            *(save.operands if save else (out, out, out)), steps, batch, hidden, out.stride(1),
             REVERSE=reverse, BB=rows.block_b, BH=rows.block_h, BK=rows.block_k,
             SINGLE=rows.single, HAS_LENGTHS=lengths is not None, NARROW=constants.narrow,
             C=constants.specialization, OUT_FLOAT=floats is not None, PACKED=packed,
-            COMPILED=not interpreted(), num_warps=rows.warps,
+            COMPILED=not interpreted(), SAVE=save is not None,
+            ROUND=save.rounding if save else 0, num_warps=rows.warps,
         )  # fmt: skip
         return out, h_n, traced
     plan = plan_for(batch, hidden, constants, device)

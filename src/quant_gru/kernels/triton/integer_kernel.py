@@ -53,7 +53,7 @@ from quant_gru.kernels.triton.integer_layout import (
     TERM_Z_FROM_WX,
     WX_ZERO_POINT,
 )
-from quant_gru.kernels.triton.qat_save import SAVE_BLOCKS, _qat_channels, _qat_save
+from quant_gru.kernels.triton.qat_save import _qat_channels, _qat_save
 from quant_gru.kernels.triton.sync import _barrier
 
 _TERM_BOUND = tl.constexpr(2**60)  # §4: every term saturates to [-2^60, 2^60]
@@ -495,12 +495,9 @@ def _integer_gru_kernel(
             for i in tl.static_range(15):  # integer_layout.TRACE_BLOCKS
                 tl.store(row + i * hidden, values[i], mask=own)
         if SAVE:
-            offsets = (t * batch + rows[:, None]) * hidden + units[None, :]
-            save_row = save_ptr + (t * batch + rows[:, None]) * (SAVE_BLOCKS * hidden)
             _qat_save(
-                sum_r + channels[6], sum_z + channels[7], sum_n + channels[8], wx_r, wx_z, wx_n,
-                h, values, qat_channels, qat_ptr, save_row + units[None, :], mask_ptr + offsets,
-                hidden, own, ROUND,
+                save_ptr, mask_ptr, t, batch, rows, units, hidden, own, (sum_r, sum_z, sum_n),
+                (wx_r, wx_z, wx_n), h, values, qat_channels, channels, qat_ptr, ROUND,
             )  # fmt: skip
         h = tl.where(active, h_new, h)
         wx_r, wx_z, wx_n = next_r, next_z, next_n

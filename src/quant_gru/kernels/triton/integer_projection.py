@@ -176,6 +176,19 @@ def float_input_projection(program: DirectionProgram, x: Tensor) -> Tensor | Non
     return _digit_projection(program, operands, digits).view(steps, batch, -1)
 
 
+def digit_input_projection(program: DirectionProgram, x: Tensor) -> Tensor | None:
+    """matmul.Wx's codes (T, B, 3H) of zero-corrected input.x values ``x`` (T, B, I) on the
+    kernel, equal to input_projection's; None when the operands do not take one digit
+    each."""
+    operands = projection_operands(program, x.device)
+    if operands.digits is None:
+        return None
+    steps, batch, depth = x.shape
+    operand = rounding_right_shift(x, operands.x_shift) - operands.x_offset
+    digits = operand.to(torch.int8).reshape(steps * batch, depth)
+    return _digit_projection(program, operands, digits).view(steps, batch, -1)
+
+
 def codes_input_projection(program: DirectionProgram, below: Sequence[Tensor]) -> Tensor | None:
     """matmul.Wx's codes (T, B, 3H) of a layer above the first from the zero-corrected outputs
     of each direction of the layer below (T, B, H, int64; §8's terms and clamp on the kernels),

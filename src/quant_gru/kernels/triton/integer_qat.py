@@ -25,7 +25,7 @@ from quant_gru.kernels.torch.stack import DirectionWeights
 from quant_gru.kernels.triton.gru_backward import qat_direction_backward
 from quant_gru.kernels.triton.integer_constants import kernel_constants
 from quant_gru.kernels.triton.integer_gru import QatSave, layer_input, run_direction
-from quant_gru.kernels.triton.integer_projection import input_projection
+from quant_gru.kernels.triton.integer_projection import digit_input_projection, input_projection
 from quant_gru.kernels.triton.ops import recurrent_weight_grad
 from quant_gru.kernels.triton.qat_save import COEFFICIENTS, qat_constants, rounding
 from quant_gru.quantize.params import DirectionQuant
@@ -94,9 +94,12 @@ class KernelQat:
                 h_zero = program.formats["output.h"].zero_point
                 h0 = h0_codes[index] - h_zero
                 save = self._save(program, self.quant[self._index[id(program)]], x)
+                wx = digit_input_projection(program, x)
+                if wx is None:
+                    wx = input_projection(program, x)
                 out, h_n, _ = run_direction(
-                    program, kernel_constants(program, x.device), input_projection(program, x),
-                    h0, lengths, direction == 1, False, save=save,
+                    program, kernel_constants(program, x.device), wx, h0, lengths,
+                    direction == 1, False, save=save,
                 )  # fmt: skip
                 outputs.append(out)
                 finals.append(h_n + h_zero)

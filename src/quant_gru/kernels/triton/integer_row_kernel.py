@@ -30,6 +30,7 @@ from quant_gru.kernels.triton.integer_kernel import (
     _state_digit,
     _wx_step,
 )
+from quant_gru.kernels.triton.qat_save import _qat_channels, _qat_save
 from quant_gru.kernels.triton.sync import _await_bits, _publish_bits
 
 
@@ -105,6 +106,9 @@ def _integer_gru_row_kernel(
     scale_ptr,  # (1,) float64 (OUT_FLOAT)
     words_ptr,  # (2, B, H) int64, zeros: the state's digits tagged with their step (not
     # SINGLE); PACKED: (2, B, H/4), four digits a word
+    qat_ptr,  # as integer_kernel's (SAVE only)
+    save_ptr,
+    mask_ptr,
     steps,
     batch,
     hidden,
@@ -120,11 +124,15 @@ def _integer_gru_row_kernel(
     OUT_FLOAT: tl.constexpr,
     PACKED: tl.constexpr,  # H and BH multiples of 4: products of four digits at a time (dp4a)
     COMPILED: tl.constexpr,  # False under TRITON_INTERPRET=1
+    SAVE: tl.constexpr = False,  # as integer_kernel's
+    ROUND: tl.constexpr = 0,
 ):
     rows, units, row_ok, unit_ok, own, own_offsets = _program_tile(batch, hidden, BB, BH)
     length = _lengths(lengths_ptr, rows, row_ok, steps, BB, HAS_LENGTHS)
     h = tl.load(h0_ptr + own_offsets, mask=own, other=0)
     channels = _channel_constants(rh_ptr, rb_bias_ptr, units, unit_ok, hidden, C)
+    if SAVE:
+        qat_channels = _qat_channels(qat_ptr, units, unit_ok, hidden)
     if PACKED:
         width = hidden // 4  # the state's words a row
         w_r = _word_rows(digits_ptr, 0, units, unit_ok, hidden, BK)
@@ -174,6 +182,11 @@ def _integer_gru_row_kernel(
         active = (t < length)[:, None]
         out = out_ptr + (t * batch + rows[:, None]) * out_stride + units[None, :]
         tl.store(out, _output(tl.where(active, h_new, 0), scale_ptr, out_ptr, OUT_FLOAT), mask=own)
+        if SAVE:
+            _qat_save(
+                save_ptr, mask_ptr, t, batch, rows, units, hidden, own, (sum_r, sum_z, sum_n),
+                (wx_r, wx_z, wx_n), h, values, qat_channels, channels, qat_ptr, ROUND,
+            )  # fmt: skip
         h = tl.where(active, h_new, h)
         wx_r, wx_z, wx_n = next_r, next_z, next_n
         if not SINGLE:

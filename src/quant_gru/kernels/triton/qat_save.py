@@ -166,13 +166,20 @@ def _recurrent_masks(v, channels, rh, qat, ROUND: tl.constexpr):
 
 @triton.jit
 def _qat_save(
-    v_r, v_z, v_n, wx_r, wx_z, wx_n, h, values, channels, qat, save_row, mask_row, hidden, own,
-    ROUND: tl.constexpr,
+    save_ptr, mask_ptr, t, batch, rows, units, hidden, own, sums, wx, h, values, channels,
+    kernel_channels, qat, ROUND: tl.constexpr,
 ):  # fmt: skip
-    """Store one step's coefficients (at ``save_row``: five blocks of H) and mask bytes (at
-    ``mask_row``) for this program's units, from the step's codes: the recurrent sums ``v_*``
-    (with the digit offset's correction), matmul.Wx's values, the state before the step and
-    ``values`` (integer_kernel._gru_step's, zero-corrected)."""
+    """Store step ``t``'s coefficients ((T, B, 5H) at ``save_ptr``) and mask bytes ((T, B, H)
+    at ``mask_ptr``) for this program's block, from the step's codes: the recurrent sums
+    (before the digit offset's correction, which ``kernel_channels``, integer_kernel's
+    _channel_constants, hold), matmul.Wx's values, the state before the step and ``values``
+    (integer_kernel._gru_step's, zero-corrected); ``channels``: _qat_channels'."""
+    save_row = save_ptr + (t * batch + rows[:, None]) * (SAVE_BLOCKS * hidden) + units[None, :]
+    mask_row = mask_ptr + (t * batch + rows[:, None]) * hidden + units[None, :]
+    v_r = sums[0] + kernel_channels[6]
+    v_z = sums[1] + kernel_channels[7]
+    v_n = sums[2] + kernel_channels[8]
+    wx_r, wx_z, wx_n = wx
     rh_r, rh_z, rh_n, rb_r, rb_z, rb_n, r_pre, z_pre, r, z, rrh, g_pre, g, old, new, _ = values
     bits = _recurrent_masks((v_r, v_z, v_n), channels, (rh_r, rh_z, rh_n), qat, ROUND)
 
