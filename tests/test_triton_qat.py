@@ -85,6 +85,7 @@ CASES = {
     ),
     "packed, hx": dict(layers=2, bidirectional=True, lengths=True, hx=True, bits=8),
     "4-bit": dict(layers=1, bidirectional=True, lengths=False, hx=True, bits=4),
+    "16-bit": dict(layers=1, bidirectional=False, lengths=False, hx=True, bits=16),
     "three layers, dropout": dict(
         layers=3, bidirectional=False, lengths=False, hx=True, bits=8, dropout=0.4
     ),
@@ -130,3 +131,38 @@ def test_qat_on_the_kernels_matches_the_graph(
             assert_ratio_to_reference(
                 actual[name], oracle[name], exact[name], f"{case}: {name}", FLOOR[dtype]
             )
+
+
+@pytest.mark.parametrize(
+    ("scale", "zero_point", "qmin", "qmax"),
+    [
+        (0.0123, 3, -128, 127),
+        (2.0**-7, 0, 0, 255),
+        (0.37, -2, -8, 7),
+        (1e-30, 0, -(2**31), 2**31 - 1),
+    ],
+)
+def test_mask_thresholds_equal_the_rounding_rule(
+    scale: float, zero_point: int, qmin: int, qmax: int
+) -> None:
+    """Two float32 comparisons give quantized_forward.point_mask's clamp mask for every
+    float32 value, the neighbours of each threshold included."""
+    from quant_gru.kernels.torch.quantized_forward import point_mask
+    from quant_gru.kernels.triton.qat_save import point_thresholds
+    from quant_gru.quantize.program import ActivationFormat
+
+    scale = float(torch.tensor(scale, dtype=torch.float32))  # scales are float32 values
+    fmt = ActivationFormat(scale, zero_point, qmin, qmax)
+    low, high = point_thresholds(fmt)
+    edges = torch.tensor([low, high], dtype=torch.float32)
+    values = torch.cat(
+        [
+            edges,
+            torch.nextafter(edges, torch.full_like(edges, float("inf"))),
+            torch.nextafter(edges, torch.full_like(edges, -float("inf"))),
+            torch.randn(1000) * scale * (qmax - qmin),
+        ]
+    )
+    inside = (values >= low) & (values < high)
+    assert torch.equal(inside.float(), point_mask(values, fmt))
+    assert inside[0] and not inside[1]  # low is inside, high is not

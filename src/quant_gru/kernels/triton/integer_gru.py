@@ -66,12 +66,14 @@ def row_plan_for(
 class QatSave:
     """The integer kernel's QAT outputs for one direction (qat_save.py): its constants, the
     coefficients (T, B, 5H) float32 and the recurrent masks (T, B, H) int8 it fills, and the
-    model type's rounding."""
+    model type's rounding; and matmul.Wx's masks (T, B, 3H) int8 where the projection kernel
+    made them (integer_projection.WxMasks)."""
 
     constants: Tensor
     coefficients: Tensor
     masks: Tensor
     rounding: int
+    wx_masks: Tensor | None = None
 
     @property
     def operands(self) -> tuple[Tensor, Tensor, Tensor]:

@@ -405,7 +405,7 @@ def _integer_gru_kernel(
     h_n_ptr,  # (B, H): the final state, int64 (OUT_FLOAT: both dequantized, in their type)
     scale_ptr,  # (1,) float64: output.h's scale (OUT_FLOAT)
     trace_ptr,  # (T, B, 15H) int64 (TRACE only; integer_layout.TRACE_BLOCKS)
-    qat_ptr,  # float64: qat_save.qat_constants (SAVE only)
+    qat_ptr,  # float32: qat_save.qat_constants (SAVE only)
     save_ptr,  # (T, B, 5H) float32: QAT's coefficients (SAVE only; qat_save.py)
     mask_ptr,  # (T, B, H) int8: QAT's recurrent masks (SAVE only)
     exchange_ptr,  # (2, H_DIGITS, B, H) int8: the state's digits, double-buffered

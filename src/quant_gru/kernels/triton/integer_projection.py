@@ -176,17 +176,32 @@ def float_input_projection(program: DirectionProgram, x: Tensor) -> Tensor | Non
     return _digit_projection(program, operands, digits).view(steps, batch, -1)
 
 
-def digit_input_projection(program: DirectionProgram, x: Tensor) -> Tensor | None:
+def digit_input_projection(
+    program: DirectionProgram, x: Tensor, masks: WxMasks | None = None
+) -> Tensor | None:
     """matmul.Wx's codes (T, B, 3H) of zero-corrected input.x values ``x`` (T, B, I) on the
-    kernel, equal to input_projection's; None when the operands do not take one digit
-    each."""
+    kernel, equal to input_projection's, and QAT's clamp masks into ``masks``; None when the
+    operands do not take one digit each."""
     operands = projection_operands(program, x.device)
     if operands.digits is None:
         return None
     steps, batch, depth = x.shape
     operand = rounding_right_shift(x, operands.x_shift) - operands.x_offset
     digits = operand.to(torch.int8).reshape(steps * batch, depth)
-    return _digit_projection(program, operands, digits).view(steps, batch, -1)
+    return _digit_projection(program, operands, digits, masks).view(steps, batch, -1)
+
+
+@dataclass(frozen=True)
+class WxMasks:
+    """Where the projection kernel writes QAT's clamp masks of matmul.Wx (``out``, (T, B, 3H)
+    int8) and what it computes them from: the float value's scale per channel and the bias
+    (``values``, (2, 3H) float32), the thresholds, the model type's rounding."""
+
+    out: Tensor
+    values: Tensor
+    low: float
+    high: float
+    rounding: int
 
 
 def codes_input_projection(program: DirectionProgram, below: Sequence[Tensor]) -> Tensor | None:
@@ -216,9 +231,13 @@ def codes_input_projection(program: DirectionProgram, below: Sequence[Tensor]) -
 
 
 def _digit_projection(
-    program: DirectionProgram, operands: ProjectionOperands, digits: Tensor
+    program: DirectionProgram,
+    operands: ProjectionOperands,
+    digits: Tensor,
+    masks: WxMasks | None = None,
 ) -> Tensor:
-    """matmul.Wx's codes (rows, 3H) of the input operand's digits (rows, I), on the kernel."""
+    """matmul.Wx's codes (rows, 3H) of the input operand's digits (rows, I), on the kernel
+    (and ``masks``' masks)."""
     assert operands.digits is not None and operands.correction is not None
     assert operands.multiplier is not None and operands.shift is not None
     rows, depth = digits.shape
@@ -233,8 +252,11 @@ def _digit_projection(
         dot = program.terms["matmul.Wx"][0]
         _projection_kernel[grid](
             digits, operands.digits, operands.multiplier, operands.shift, operands.correction,
-            operands.bias, codes, rows, columns, depth, wx.qmin, wx.qmax,
+            operands.bias, codes, *((masks.out, masks.values) if masks else (codes, codes)),
+            rows, columns, depth, wx.qmin, wx.qmax,
+            *((masks.low, masks.high) if masks else (0.0, 0.0)),
             BM=block_m, BN=block_n, BK=block_k, PRE_SHIFT=dot.pre_shift, NARROW=operands.narrow,
+            MASKS=masks is not None, ROUND=masks.rounding if masks else 0,
             num_warps=8 if block_m * block_n >= 128 * 128 else 4, num_stages=3,
         )  # fmt: skip
     return codes

@@ -20,17 +20,26 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from quant_gru.kernels.torch.quant_gru import prepared_codes
-from quant_gru.kernels.torch.quantized_forward import point_mask, weight_point
+from quant_gru.kernels.torch.quantized_forward import weight_point
 from quant_gru.kernels.torch.stack import DirectionWeights
 from quant_gru.kernels.triton.gru_backward import qat_direction_backward
 from quant_gru.kernels.triton.integer_constants import kernel_constants
 from quant_gru.kernels.triton.integer_gru import QatSave, layer_input, run_direction
-from quant_gru.kernels.triton.integer_projection import digit_input_projection, input_projection
+from quant_gru.kernels.triton.integer_projection import (
+    WxMasks,
+    digit_input_projection,
+    input_projection,
+)
 from quant_gru.kernels.triton.ops import recurrent_weight_grad
-from quant_gru.kernels.triton.qat_save import COEFFICIENTS, qat_constants, rounding
+from quant_gru.kernels.triton.qat_save import (
+    COEFFICIENTS,
+    point_thresholds,
+    projection_mask_values,
+    qat_constants,
+    rounding,
+)
 from quant_gru.quantize.params import DirectionQuant
-from quant_gru.quantize.program import DirectionProgram
-from quant_gru.quantize.scales import dequantize
+from quant_gru.quantize.program import ActivationFormat, DirectionProgram
 
 __all__ = ["KernelQat"]
 
@@ -93,10 +102,13 @@ class KernelQat:
                     x = layer_input(program, below)
                 h_zero = program.formats["output.h"].zero_point
                 h0 = h0_codes[index] - h_zero
-                save = self._save(program, self.quant[self._index[id(program)]], x)
-                wx = digit_input_projection(program, x)
+                quant = self.quant[self._index[id(program)]]
+                wx_masks: WxMasks | None = self._wx_masks(program, quant, x)
+                wx = digit_input_projection(program, x, wx_masks)
                 if wx is None:
+                    wx_masks = None
                     wx = input_projection(program, x)
+                save = self._save(program, quant, x, wx_masks)
                 out, h_n, _ = run_direction(
                     program, kernel_constants(program, x.device), wx, h0, lengths,
                     direction == 1, False, save=save,
@@ -112,7 +124,20 @@ class KernelQat:
         )
         return out_codes, torch.stack(finals), records
 
-    def _save(self, program: DirectionProgram, quant: DirectionQuant, x: Tensor) -> QatSave:
+    def _wx_masks(self, program: DirectionProgram, quant: DirectionQuant, x: Tensor) -> WxMasks:
+        steps, batch, _ = x.shape
+        low, high = point_thresholds(program.formats["matmul.Wx"])
+        out = torch.empty(steps, batch, 3 * program.hidden_size, dtype=torch.int8, device=x.device)
+        values = projection_mask_values(program, quant, self.dtype, x.device)
+        return WxMasks(out, values, low, high, self.rounding)
+
+    def _save(
+        self,
+        program: DirectionProgram,
+        quant: DirectionQuant,
+        x: Tensor,
+        wx_masks: WxMasks | None,
+    ) -> QatSave:
         steps, batch, _ = x.shape
         hidden = program.hidden_size
         return QatSave(
@@ -122,6 +147,7 @@ class KernelQat:
             ),
             masks=torch.empty(steps, batch, hidden, dtype=torch.int8, device=x.device),
             rounding=self.rounding,
+            wx_masks=None if wx_masks is None else wx_masks.out,
         )
 
     def direction(
@@ -167,15 +193,15 @@ class _KernelQatDirection(torch.autograd.Function):
         b_hh: Tensor | None,
     ) -> tuple[Tensor, Tensor]:
         ctx.context = context
-        ctx.save_for_backward(x, h0, w_ih, w_hh, b_ih, b_hh)
         scale = context.program.formats["output.h"].scale
-        out = dequantize(context.record.out, scale, 0).to(x.dtype)
-        return out, dequantize(context.record.h_n, scale, 0).to(x.dtype)
+        out = _dequantized(context.record.out, scale, x.dtype)
+        ctx.save_for_backward(x, h0, w_ih, w_hh, b_ih, b_hh, out)
+        return out, _dequantized(context.record.h_n, scale, x.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor, grad_h_n: Tensor) -> tuple[Tensor | None, ...]:
         context: _Context = ctx.context
-        x, h0, w_ih, w_hh, b_ih, b_hh = ctx.saved_tensors
+        x, h0, w_ih, w_hh, b_ih, b_hh, out = ctx.saved_tensors
         program, quant, record = context.program, context.quant, context.record
         dtype, fmt = x.dtype, program.formats
         w_value, w_mask = weight_point(program, quant, "weight.W", w_ih)
@@ -188,22 +214,23 @@ class _KernelQatDirection(torch.autograd.Function):
             context.reverse, dtype,
         )  # fmt: skip
 
-        x_value = dequantize(record.x, fmt["input.x"].scale, 0).to(dtype)
-        wx_value = F.linear(x_value, w_value, bw_value)
-        grad_gx = grad_gx * point_mask(wx_value, fmt["matmul.Wx"])
+        x_value = _dequantized(record.x, fmt["input.x"].scale, dtype)
+        if record.save.wx_masks is None:
+            wx_value = F.linear(x_value, w_value, bw_value)
+            grad_gx.mul_(_mask(wx_value, fmt["matmul.Wx"]))
+        else:
+            grad_gx.mul_(record.save.wx_masks)
         rows = grad_gx.flatten(0, 1)
-        grad_x = (grad_gx @ w_value) * point_mask(x, fmt["input.x"])
-        grad_w_ih = (rows.t() @ x_value.flatten(0, 1)) * w_mask
-        grad_b_ih = rows.sum(0) * bw_mask
+        grad_x = (grad_gx @ w_value).mul_(_mask(x, fmt["input.x"]))
+        grad_w_ih = (rows.t() @ x_value.flatten(0, 1)).mul_(w_mask)
+        grad_b_ih = rows.sum(0).mul_(bw_mask)
 
-        h_scale = fmt["output.h"].scale
-        out_value = dequantize(record.out, h_scale, 0).float()
-        h0_value = dequantize(record.h0, h_scale, 0).float()
+        h0_value = _dequantized(record.h0, fmt["output.h"].scale, dtype)
         grad_w_hh = torch.empty(w_hh.shape, dtype=torch.float32, device=x.device)
-        recurrent_weight_grad([(grad_rh, grad_w_hh)], out_value, h0_value, lengths, context.reverse)
-        grad_w_hh = grad_w_hh.to(dtype) * r_mask
-        grad_b_hh = grad_rb.flatten(0, 1).sum(0).to(dtype) * br_mask
-        grad_h = grad_h0.to(dtype) * point_mask(h0, fmt["output.h"])
+        recurrent_weight_grad([(grad_rh, grad_w_hh)], out, h0_value, lengths, context.reverse)
+        grad_w_hh = grad_w_hh.to(dtype).mul_(r_mask)
+        grad_b_hh = grad_rb.flatten(0, 1).sum(0).to(dtype).mul_(br_mask)
+        grad_h = grad_h0.to(dtype).mul_(_mask(h0, fmt["output.h"]))
         return (
             None,
             grad_x,
@@ -213,6 +240,21 @@ class _KernelQatDirection(torch.autograd.Function):
             None if b_ih is None else grad_b_ih,
             None if b_hh is None else grad_b_hh,
         )
+
+
+def _dequantized(codes: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
+    """Zero-corrected codes' values s (q - zp) in ``dtype``: quantize.scales.dequantize's, to
+    the bit in float32 for codes below 2^24 in magnitude (one rounding of the exact product
+    either way), in one pass of float32 arithmetic."""
+    return (codes.to(torch.float32) * float(scale)).to(dtype)
+
+
+def _mask(value: Tensor, fmt: ActivationFormat) -> Tensor:
+    """quantized_forward.point_mask of a float32, bfloat16 or float16 ``value``, by two
+    comparisons in float32 (qat_save.point_thresholds)."""
+    low, high = point_thresholds(fmt)
+    wide = value.detach().float()
+    return ((wide >= low) & (wide < high)).to(value.dtype)
 
 
 def _bias(bias: Tensor | None, weight: Tensor) -> Tensor:

@@ -17,6 +17,7 @@ from quant_gru.kernels.triton.integer_kernel import (
     _saturated,
     _shift_right,
 )
+from quant_gru.kernels.triton.qat_save import _rounded
 
 
 @triton.jit
@@ -54,19 +55,28 @@ def _projection_kernel(
     correction_ptr,  # (N,) int64: o * rowsum(W), undoing the offset
     bias_ptr,  # (N,) int64: the bias term's values plus matmul.Wx's zero point
     codes_ptr,  # (M, N): matmul.Wx's codes
+    mask_ptr,  # (M, N) int8 out (MASKS): QAT's clamp mask of matmul.Wx
+    mask_values_ptr,  # (2, N) float32 (MASKS): the float value's scale per channel, the bias
     rows,
     columns,
     depth,
     qmin,
     qmax,
+    mask_low,  # MASKS: the mask's thresholds (qat_save.point_thresholds)
+    mask_high,
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
     PRE_SHIFT: tl.constexpr,  # the dot term's p
     NARROW: tl.constexpr,  # the sums and the term fit int32 (KernelConstants' NARROW test)
+    MASKS: tl.constexpr = False,
+    ROUND: tl.constexpr = 0,  # MASKS: the model's type (qat_save.rounding)
 ):
     """codes = clamp(term(Σ_k x_k W_k) + bias + zp, qmin, qmax): §4's dot term on exact int32
-    sums of digit products (K at most integer_digits.MAX_PRODUCT_TERMS), §5's clamp."""
+    sums of digit products (K at most integer_digits.MAX_PRODUCT_TERMS), §5's clamp. MASKS:
+    also whether the float value of the product, (Σ_k x_k W_k) σ + b in the model's type,
+    rounds inside matmul.Wx's range (what quantized_forward's graph computes as
+    F.linear of the dequantized input and weights)."""
     row = tl.program_id(0) * BM + tl.arange(0, BM)
     column = tl.program_id(1) * BN + tl.arange(0, BN)
     row_ok = row < rows
@@ -95,11 +105,14 @@ def _projection_kernel(
     codes = term + tl.load(bias_ptr + column, mask=column_ok, other=0)[None, :]
     codes = tl.minimum(tl.maximum(codes, qmin), qmax)
     offsets = row.to(tl.int64)[:, None] * columns + column[None, :]
-    tl.store(
-        codes_ptr + offsets,
-        codes.to(codes_ptr.dtype.element_ty),
-        mask=row_ok[:, None] & column_ok[None, :],
-    )
+    own = row_ok[:, None] & column_ok[None, :]
+    tl.store(codes_ptr + offsets, codes.to(codes_ptr.dtype.element_ty), mask=own)
+    if MASKS:
+        sigma = tl.load(mask_values_ptr + column, mask=column_ok, other=0.0)[None, :]
+        bias = tl.load(mask_values_ptr + columns + column, mask=column_ok, other=0.0)[None, :]
+        value = _rounded(_rounded(sums.to(tl.float32) * sigma, ROUND) + bias, ROUND)
+        inside = (value >= mask_low) & (value < mask_high)
+        tl.store(mask_ptr + offsets, inside.to(tl.int8), mask=own)
 
 
 @triton.jit

@@ -24,6 +24,11 @@ En = m_rRh r; and a byte of six masks a unit: op.Rh_add_br's (bits 0-2) and matm
 
 from __future__ import annotations
 
+import functools
+import math
+from fractions import Fraction
+
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -31,10 +36,11 @@ from torch import Tensor
 
 from quant_gru.kernels.triton.derived import DerivedCache
 from quant_gru.quantize.params import DirectionQuant
-from quant_gru.quantize.program import DirectionProgram
+from quant_gru.quantize.program import ActivationFormat, DirectionProgram
 from quant_gru.quantize.scales import dequantize, per_row
 
-# Per operator, four float64 values: the scale, its inverse, and the zero-corrected code range.
+# Per operator, four float32 values: the scale, the thresholds of its clamp mask
+# (point_thresholds) and one unused.
 POINTS = (
     "output.h",
     "matmul.Rh",
@@ -87,9 +93,10 @@ _CONSTANTS: DerivedCache[Tensor] = DerivedCache()
 def qat_constants(
     program: DirectionProgram, quant: DirectionQuant, dtype: torch.dtype, device: torch.device
 ) -> Tensor:
-    """The float64 vector the kernel reads at Q_*: every point's scale, inverse and range, then
-    matmul.Rh's term scale per channel (the state's times R's row's, times 2^(e_a + e_c)) and
-    weight.br's dequantized values in ``dtype``. Made once per program and type."""
+    """The float32 vector the kernel reads at Q_*: every point's scale and mask thresholds,
+    then matmul.Rh's term scale per channel (the state's times R's row's, times
+    2^(e_a + e_c)) and weight.br's dequantized values in ``dtype``. Made once per program and
+    type."""
     return _CONSTANTS.get(
         program, device, lambda: _make_constants(program, quant, dtype, device), dtype
     )
@@ -101,8 +108,7 @@ def _make_constants(
     values: list[float] = []
     for name in POINTS:
         fmt = program.formats[name]
-        scale = float(fmt.scale)
-        values += [scale, 1.0 / scale, fmt.qmin - fmt.zero_point, fmt.qmax - fmt.zero_point]
+        values += [float(fmt.scale), *point_thresholds(fmt), 0.0]
     rows = 3 * program.hidden_size
     shifts = sum(program.terms["matmul.Rh"][0].operand_shifts)
     r_scales = per_row(quant["weight.R"].scale.double(), rows)
@@ -110,7 +116,59 @@ def _make_constants(
     br_scales = per_row(quant["weight.br"].scale.double(), rows)
     bias = dequantize(program.bias_r.cpu(), br_scales, 0).to(dtype).double().expand(rows)
     head = torch.tensor(values, dtype=torch.float64)
-    return torch.cat([head, sigma.cpu(), bias]).to(device)
+    return torch.cat([head, sigma.cpu(), bias]).to(device, torch.float32)
+
+
+_PROJECTION: DerivedCache[Tensor] = DerivedCache()
+
+
+def projection_mask_values(
+    program: DirectionProgram, quant: DirectionQuant, dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """(2, 3H) float32: matmul.Wx's float value per unit of the exact product of the input's
+    and W's codes (s_x times W's row scale), and weight.bw's dequantized values in ``dtype``:
+    what the projection kernel computes QAT's matmul.Wx masks from. Once per program and
+    type."""
+
+    def make() -> Tensor:
+        rows = 3 * program.hidden_size
+        x_scale = float(program.formats["input.x"].scale)
+        sigma = per_row(quant["weight.W"].scale.double(), rows).cpu() * x_scale
+        bias_scales = per_row(quant["weight.bw"].scale.double(), rows).cpu()
+        bias = dequantize(program.bias_w.cpu(), bias_scales, 0).to(dtype).double()
+        return torch.stack([sigma, bias.expand(rows)]).to(device, torch.float32).contiguous()
+
+    return _PROJECTION.get(program, device, make, dtype)
+
+
+@functools.lru_cache(maxsize=1024)
+def point_thresholds(fmt: ActivationFormat) -> tuple[float, float]:
+    """(low, high), float32 values: a float32 value v rounds inside the point's range,
+    qmin <= floor(v / s + 1/2) + zp <= qmax, exactly when low <= v < high (v >= (qmin - zp -
+    1/2) s and v < (qmax - zp + 1/2) s, each bound moved up to the next float32)."""
+    scale = Fraction(float(fmt.scale))
+    low = (Fraction(2 * (fmt.qmin - fmt.zero_point) - 1, 2)) * scale
+    high = (Fraction(2 * (fmt.qmax - fmt.zero_point) + 1, 2)) * scale
+    return _float32_at_or_above(low), _float32_at_or_above(high)
+
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _float32_at_or_above(value: Fraction) -> float:
+    """The least float32 value >= ``value`` (infinity above the largest)."""
+    if value > _FLOAT32_MAX:
+        return math.inf
+    if value < -_FLOAT32_MAX:
+        return -_FLOAT32_MAX
+    candidate = np.float32(float(value))  # within an ulp or two of value
+    while Fraction(float(candidate)) < value:
+        candidate = np.nextafter(candidate, np.float32(math.inf))
+    while True:
+        below = np.nextafter(candidate, np.float32(-math.inf))
+        if Fraction(float(below)) < value:
+            return float(candidate)
+        candidate = below
 
 
 @triton.jit
@@ -127,17 +185,17 @@ def _rounded(v, ROUND: tl.constexpr):
 
 @triton.jit
 def _value(code, qat, POINT: tl.constexpr, ROUND: tl.constexpr):
-    """The dequantized value of zero-corrected codes, s (q - zp) in float64, in the model's
-    type (quantize.scales.dequantize, then the type's conversion)."""
-    return _rounded((code.to(tl.float64) * tl.load(qat + POINT)).to(tl.float32), ROUND)
+    """The dequantized value of zero-corrected codes, s (q - zp), in the model's type: in
+    float32, one rounding of the exact product as quantize.scales.dequantize's float64 one
+    then the type's conversion (codes below 2^24 in magnitude; wider ones round first)."""
+    return _rounded(code.to(tl.float32) * tl.load(qat + POINT), ROUND)
 
 
 @triton.jit
 def _inside(value, qat, POINT: tl.constexpr):
-    """Whether floor(value / s + 1/2) lies in the point's zero-corrected range (the
-    straight-through mask of quantized_forward._straight_through)."""
-    level = tl.floor(value.to(tl.float64) * tl.load(qat + POINT + 1) + 0.5)
-    return (level >= tl.load(qat + POINT + 2)) & (level <= tl.load(qat + POINT + 3))
+    """Whether ``value`` rounds inside the point's range (point_thresholds): the
+    straight-through mask of quantized_forward._straight_through."""
+    return (value >= tl.load(qat + POINT + 1)) & (value < tl.load(qat + POINT + 2))
 
 
 @triton.jit
@@ -157,9 +215,9 @@ def _recurrent_masks(v, channels, rh, qat, ROUND: tl.constexpr):
     op.Rh_add_br's from matmul.Rh's codes ``rh`` and the bias; as bits 3-5 and 0-2."""
     bits = tl.zeros(v[0].shape, dtype=tl.int32)
     for gate in tl.static_range(3):
-        product = _rounded((v[gate].to(tl.float64) * channels[gate]).to(tl.float32), ROUND)
+        product = _rounded(v[gate].to(tl.float32) * channels[gate], ROUND)
         bits |= _inside(product, qat, Q_RH).to(tl.int32) << (3 + gate)
-        biased = _value(rh[gate], qat, Q_RH, ROUND) + channels[3 + gate].to(tl.float32)
+        biased = _value(rh[gate], qat, Q_RH, ROUND) + channels[3 + gate]
         bits |= _inside(_rounded(biased, ROUND), qat, Q_RB).to(tl.int32) << gate
     return bits
 
