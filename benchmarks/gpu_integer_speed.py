@@ -4,7 +4,9 @@ beside our float kernels and cuDNN's nn.GRU, in one run.
 Shapes (B, T, I, H) of gpu_float_speed.py, one layer. The model is calibrated on one random
 batch with the default 8-bit configuration. Inference is forward under no_grad, eagerly (one
 call at a time, host costs included); QAT training is forward plus backward with
-use_quantization on (straight-through gradients; in float32 and in TF32; --no-qat skips it).
+use_quantization on (straight-through gradients; in float32 and in TF32; --no-qat skips it),
+with the weights fixed and with every weight changed in place after each step (as an
+optimizer would: QAT then makes the weights' integer programs again every step).
 Beside them: our float inference and training in float32 and TF32 (the faster of the two is
 the fp32 family's), cuDNN's best, and the seed's 8-bit inference from DESIGN.md §4 (the same
 H100 model). Median of CUDA-event timings after warm-up, in alternation; peak memory above
@@ -54,10 +56,17 @@ def _infer(model: QuantGRU, x: torch.Tensor) -> Callable[[], object]:
     return run
 
 
-def _train(model: QuantGRU, x: torch.Tensor) -> Callable[[], object]:
+def _train(model: QuantGRU, x: torch.Tensor, update: bool = False) -> Callable[[], object]:
+    """A training step; ``update``: then every weight changes in place, as an optimizer's
+    step does (for QAT, the weights' integer programs are made again every step)."""
+    parameters = list(model.parameters())
+
     def run() -> object:
         out, _ = model(x.requires_grad_())
         out.sum().backward()
+        if update:
+            with torch.no_grad():
+                torch._foreach_add_(parameters, 0.0)
         return out
 
     return run
@@ -93,8 +102,15 @@ def measure(shape: tuple[int, int, int, int], repeats: int, qat: bool) -> dict:
         for tf32 in (False, True):
             name = "tf32" if tf32 else "fp32"
             _quantized(model, True, tf32)
-            qat_train, _ = paired_ms(_train(model, x), _train(cudnn, x), max(3, repeats // 4))
+            count = max(3, repeats // 4)
+            qat_train, _ = paired_ms(_train(model, x), _train(cudnn, x), count)
             row["int8"][f"qat_train_{name}_ms"] = qat_train
+            _quantized(model, False, tf32)
+            float_step, _ = paired_ms(_train(model, x, True), _train(cudnn, x, True), count)
+            _quantized(model, True, tf32)
+            qat_step, _ = paired_ms(_train(model, x, True), _train(cudnn, x, True), count)
+            row["int8"][f"qat_updated_{name}_ms"] = qat_step
+            row[name]["ours_train_updated_ms"] = float_step
         row["int8"]["qat_train_peak_mb"] = peak_mb(_train(model, x))
     _quantized(model, False, False)  # torch's TF32 flags back to their defaults
     return row
@@ -112,11 +128,14 @@ def summary(row: dict) -> str:
     )
     if "qat_train_tf32_ms" in int8:
         qat = min(int8["qat_train_fp32_ms"], int8["qat_train_tf32_ms"])
+        updated = min(int8["qat_updated_fp32_ms"], int8["qat_updated_tf32_ms"])
+        float_updated = min(row[p]["ours_train_updated_ms"] for p in ("fp32", "tf32"))
         text += (
             f"; QAT step {qat:.2f} ms ({qat / float_train:.2f}x our float step "
             f"{float_train:.2f}; float32 {int8['qat_train_fp32_ms']:.2f} vs "
             f"{row['fp32']['ours_train_ms']:.2f}, TF32 {int8['qat_train_tf32_ms']:.2f} vs "
-            f"{row['tf32']['ours_train_ms']:.2f})"
+            f"{row['tf32']['ours_train_ms']:.2f}); weights updated every step: "
+            f"{updated:.2f} ms ({updated / float_updated:.2f}x our float {float_updated:.2f})"
         )
     return text
 
