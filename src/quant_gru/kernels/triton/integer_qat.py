@@ -22,6 +22,7 @@ from torch import Tensor
 from quant_gru.kernels.torch.quant_gru import prepared_codes
 from quant_gru.kernels.torch.quantized_forward import weight_point
 from quant_gru.kernels.torch.stack import DirectionWeights
+from quant_gru.kernels.triton.derived import DerivedCache
 from quant_gru.kernels.triton.gru_backward import qat_direction_backward
 from quant_gru.kernels.triton.integer_constants import kernel_constants
 from quant_gru.kernels.triton.integer_gru import QatSave, layer_input, run_direction
@@ -204,10 +205,13 @@ class _KernelQatDirection(torch.autograd.Function):
         x, h0, w_ih, w_hh, b_ih, b_hh, out = ctx.saved_tensors
         program, quant, record = context.program, context.quant, context.record
         dtype, fmt = x.dtype, program.formats
-        w_value, w_mask = weight_point(program, quant, "weight.W", w_ih)
-        r_value, r_mask = weight_point(program, quant, "weight.R", w_hh)
-        bw_value, bw_mask = weight_point(program, quant, "weight.bw", _bias(b_ih, w_ih))
-        _, br_mask = weight_point(program, quant, "weight.br", _bias(b_hh, w_hh))
+        points = _WEIGHT_POINTS.get(
+            program,
+            x.device,
+            lambda: _weight_points(program, quant, (w_ih, w_hh, b_ih, b_hh)),
+            dtype,
+        )
+        (w_value, w_mask), (r_value, r_mask), (bw_value, bw_mask), (_, br_mask) = points
         lengths = None if context.lengths is None else context.lengths.to(x.device, torch.int32)
         grad_gx, grad_h0, grad_rb, grad_rh = qat_direction_backward(
             grad_out, grad_h_n, record.save.coefficients, record.save.masks, r_value, lengths,
@@ -240,6 +244,22 @@ class _KernelQatDirection(torch.autograd.Function):
             None if b_ih is None else grad_b_ih,
             None if b_hh is None else grad_b_hh,
         )
+
+
+# The weights' points of a program: the program is made again whenever its weights change
+# (quantized_forward.ProgramCache), so its entry holds for every backward through it.
+_WEIGHT_POINTS: DerivedCache[list[tuple[Tensor, Tensor]]] = DerivedCache()
+
+
+def _weight_points(
+    program: DirectionProgram, quant: DirectionQuant, weights: DirectionWeights
+) -> list[tuple[Tensor, Tensor]]:
+    """(dequantized codes, clamp mask) of weight.W, weight.R, weight.bw and weight.br, in the
+    weights' type (absent biases: zeros)."""
+    w_ih, w_hh, b_ih, b_hh = weights
+    names = ("weight.W", "weight.R", "weight.bw", "weight.br")
+    values = (w_ih, w_hh, _bias(b_ih, w_ih), _bias(b_hh, w_hh))
+    return [weight_point(program, quant, n, v) for n, v in zip(names, values, strict=True)]
 
 
 def _dequantized(codes: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
