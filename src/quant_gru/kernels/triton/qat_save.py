@@ -111,12 +111,24 @@ def _make_constants(
         values += [float(fmt.scale), *point_thresholds(fmt), 0.0]
     rows = 3 * program.hidden_size
     shifts = sum(program.terms["matmul.Rh"][0].operand_shifts)
-    r_scales = per_row(quant["weight.R"].scale.double(), rows)
-    sigma = r_scales * float(program.formats["output.h"].scale) * 2.0**shifts
-    br_scales = per_row(quant["weight.br"].scale.double(), rows)
-    bias = dequantize(program.bias_r.cpu(), br_scales, 0).to(dtype).double().expand(rows)
-    head = torch.tensor(values, dtype=torch.float64)
-    return torch.cat([head, sigma.cpu(), bias]).to(device, torch.float32)
+    scale = float(program.formats["output.h"].scale) * 2.0**shifts
+    sigma = _row_scales(quant, "weight.R", rows, device) * scale
+    bias = _values(program.bias_r, quant, "weight.br", dtype, device).expand(rows)
+    head = torch.tensor(values, dtype=torch.float64, device=device)
+    return torch.cat([head, sigma, bias]).float()
+
+
+def _row_scales(quant: DirectionQuant, name: str, rows: int, device: torch.device) -> Tensor:
+    """A weight point's scale per row, float64 on ``device`` (no read back from it)."""
+    return per_row(quant[name].scale.to(device, torch.float64), rows)
+
+
+def _values(
+    codes: Tensor, quant: DirectionQuant, name: str, dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """A weight point's dequantized codes in ``dtype``, as float64 on ``device``."""
+    scales = _row_scales(quant, name, codes.shape[0], device)
+    return dequantize(codes.to(device), scales, 0).to(dtype).double()
 
 
 _PROJECTION: DerivedCache[Tensor] = DerivedCache()
@@ -133,10 +145,9 @@ def projection_mask_values(
     def make() -> Tensor:
         rows = 3 * program.hidden_size
         x_scale = float(program.formats["input.x"].scale)
-        sigma = per_row(quant["weight.W"].scale.double(), rows).cpu() * x_scale
-        bias_scales = per_row(quant["weight.bw"].scale.double(), rows).cpu()
-        bias = dequantize(program.bias_w.cpu(), bias_scales, 0).to(dtype).double()
-        return torch.stack([sigma, bias.expand(rows)]).to(device, torch.float32).contiguous()
+        sigma = _row_scales(quant, "weight.W", rows, device) * x_scale
+        bias = _values(program.bias_w, quant, "weight.bw", dtype, device).expand(rows)
+        return torch.stack([sigma, bias]).float()
 
     return _PROJECTION.get(program, device, make, dtype)
 
