@@ -47,9 +47,9 @@ __all__ = ["KernelQat"]
 
 @dataclass(frozen=True)
 class DirectionRecord:
-    """What one (layer, direction)'s backward reads from its forward: zero-corrected codes of
-    the layer input (T, B, I), the outputs (T, B, H; 0 at padded steps) and h0 (B, H), and
-    the final state (B, H), and the kernel's save."""
+    """What one (layer, direction)'s backward reads from its forward: the zero-corrected codes
+    of the layer input (T, B, I), the outputs (T, B, H; 0 at padded steps), h0 and the final
+    state (B, H each); and the kernel's save."""
 
     x: Tensor
     out: Tensor
@@ -84,7 +84,8 @@ class KernelQat:
         trace: bool = False,
     ) -> tuple[Tensor, Tensor, list[Any]]:
         """The integer GRU's codes, as integer_gru.triton_integer_gru's, and a DirectionRecord
-        per (layer, direction) of ``programs`` (those of this call, from any layer)."""
+        per (layer, direction) of ``programs`` (those of this call, from any layer) as its
+        traces, whatever ``trace`` says."""
         num_dirs = 2 if bidirectional else 1
         x_codes, h0_codes, _ = prepared_codes(
             programs, x_codes, h0_codes, lengths, num_layers, num_dirs

@@ -36,40 +36,34 @@ from torch import Tensor
 
 from quant_gru.kernels.triton.derived import DerivedCache
 from quant_gru.quantize.params import DirectionQuant
-from quant_gru.quantize.program import ActivationFormat, DirectionProgram
+from quant_gru.quantize.program import ACTIVATION_OPERATORS, ActivationFormat, DirectionProgram
 from quant_gru.quantize.scales import dequantize, per_row
 
 # Per operator, four float32 values: the scale, the thresholds of its clamp mask
-# (point_thresholds) and one unused.
-POINTS = (
-    "output.h",
-    "matmul.Rh",
-    "op.Rh_add_br",
-    "gate.r_pre",
-    "gate.z_pre",
-    "gate.r_out",
-    "gate.z_out",
-    "op.rRh",
-    "gate.g_pre",
-    "gate.g_out",
-    "op.old_contrib",
-    "op.new_contrib",
-    "matmul.Wx",
-)
-Q_H = tl.constexpr(0)
-Q_RH = tl.constexpr(4)
-Q_RB = tl.constexpr(8)
-Q_R_PRE = tl.constexpr(12)
-Q_Z_PRE = tl.constexpr(16)
-Q_R = tl.constexpr(20)
-Q_Z = tl.constexpr(24)
-Q_RRH = tl.constexpr(28)
-Q_G_PRE = tl.constexpr(32)
-Q_G = tl.constexpr(36)
-Q_OLD = tl.constexpr(40)
-Q_NEW = tl.constexpr(44)
-Q_WX = tl.constexpr(48)
-Q_CHANNELS = tl.constexpr(52)  # then per channel (3H each): matmul.Rh's σ, weight.br's value
+# (point_thresholds) and one unused; Q_* say where each operator's start.
+POINTS = tuple(name for name in ACTIVATION_OPERATORS if name != "input.x")
+
+
+def _point(name: str) -> tl.constexpr:
+    return tl.constexpr(4 * POINTS.index(name))
+
+
+Q_H = _point("output.h")
+Q_RH = _point("matmul.Rh")
+Q_RB = _point("op.Rh_add_br")
+Q_R_PRE = _point("gate.r_pre")
+Q_Z_PRE = _point("gate.z_pre")
+Q_R = _point("gate.r_out")
+Q_Z = _point("gate.z_out")
+Q_RRH = _point("op.rRh")
+Q_G_PRE = _point("gate.g_pre")
+Q_G = _point("gate.g_out")
+Q_OLD = _point("op.old_contrib")
+Q_NEW = _point("op.new_contrib")
+Q_WX = _point("matmul.Wx")
+Q_CHANNELS = tl.constexpr(
+    4 * len(POINTS)
+)  # then per channel (3H each): matmul.Rh's σ, weight.br's value
 COEFFICIENTS = 5  # P, Ez, Eg, Er, En: blocks of H a (step, row) of the save
 SAVE_BLOCKS = tl.constexpr(COEFFICIENTS)  # the same, for the kernels
 
