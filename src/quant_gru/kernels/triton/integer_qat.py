@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from quant_gru.kernels.torch.quant_gru import prepared_codes
 from quant_gru.kernels.torch.quantized_forward import weight_point
@@ -201,6 +202,7 @@ class _KernelQatDirection(torch.autograd.Function):
         return out, _dequantized(context.record.h_n, scale, x.dtype)
 
     @staticmethod
+    @once_differentiable  # the kernels' backward is not itself recorded
     def backward(ctx: Any, grad_out: Tensor, grad_h_n: Tensor) -> tuple[Tensor | None, ...]:
         context: _Context = ctx.context
         x, h0, w_ih, w_hh, b_ih, b_hh, out = ctx.saved_tensors
