@@ -94,15 +94,25 @@ def quantize(
 ) -> Tensor:
     """Float to int64 codes by §8: floor(x / s + 1/2) + zp in float64, clamped; NaN -> zp."""
     x64 = x.detach().double()
-    scale64 = torch.as_tensor(scale, dtype=torch.float64, device=x64.device)
-    zp = torch.as_tensor(zero_point, dtype=torch.int64, device=x64.device)
-    rounded = torch.floor(x64 / scale64 + 0.5)
+    rounded = torch.floor(x64 / _operand(scale, torch.float64, x64.device) + 0.5)
     rounded = torch.where(torch.isnan(rounded), torch.zeros_like(rounded), rounded)
-    clamped = torch.maximum(torch.minimum(rounded, (qmax - zp).double()), (qmin - zp).double())
-    return clamped.to(torch.int64) + zp
+    if isinstance(zero_point, Tensor):
+        zp = zero_point.to(device=x64.device, dtype=torch.int64)
+        clamped = torch.maximum(torch.minimum(rounded, (qmax - zp).double()), (qmin - zp).double())
+        return clamped.to(torch.int64) + zp
+    return rounded.clamp(qmin - zero_point, qmax - zero_point).to(torch.int64) + zero_point
 
 
 def dequantize(codes: Tensor, scale: Tensor | float, zero_point: Tensor | int) -> Tensor:
     """int64 codes to float64 values: s * (q - zp)."""
-    scale64 = torch.as_tensor(scale, dtype=torch.float64, device=codes.device)
-    return scale64 * (codes - torch.as_tensor(zero_point, device=codes.device)).double()
+    if isinstance(zero_point, Tensor):
+        zero_point = zero_point.to(codes.device)
+    return (codes - zero_point).double() * _operand(scale, torch.float64, codes.device)
+
+
+def _operand(value: Tensor | float, dtype: torch.dtype, device: torch.device) -> Tensor | float:
+    """A scale as an operand: a Python number as it is (a tensor made of it on the host would
+    be copied to the device, which waits for the device's queue), a tensor on ``device``."""
+    if isinstance(value, Tensor):
+        return value.to(device=device, dtype=dtype)
+    return float(value)

@@ -263,8 +263,12 @@ def initial_codes(h0: Tensor | None, programs: Sequence[DirectionProgram], x: Te
     """Codes of h0 per (layer, direction) (§8): hx quantized, or the code of zero."""
     batch, hidden = x.shape[1], programs[0].hidden_size
     if h0 is None:
-        zero_points = [p.formats["output.h"].zero_point for p in programs]
-        return torch.tensor(zero_points, device=x.device).view(-1, 1, 1).repeat(1, batch, hidden)
+        # Filled in place: a tensor of the zero points made on the host would be copied to the
+        # device, waiting for its queue.
+        codes = torch.empty(len(programs), batch, hidden, dtype=torch.int64, device=x.device)
+        for i, program in enumerate(programs):
+            codes[i].fill_(program.formats["output.h"].zero_point)
+        return codes
     return torch.stack([_quantize(h0[i], p, "output.h") for i, p in enumerate(programs)])
 
 
