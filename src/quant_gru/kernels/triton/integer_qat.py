@@ -50,12 +50,13 @@ __all__ = ["KernelQat"]
 class DirectionRecord:
     """What one (layer, direction)'s backward reads from its forward: the zero-corrected codes
     of the layer input (T, B, I), the outputs (T, B, H; 0 at padded steps), h0 and the final
-    state (B, H each); and the kernel's save."""
+    state (B, H each); the sequences' lengths; and the kernel's save."""
 
     x: Tensor
     out: Tensor
     h0: Tensor
     h_n: Tensor
+    lengths: Tensor | None  # int32, on the device
     save: QatSave
 
 
@@ -91,6 +92,8 @@ class KernelQat:
         x_codes, h0_codes, _ = prepared_codes(
             programs, x_codes, h0_codes, lengths, num_layers, num_dirs
         )
+        if lengths is not None:  # once for every kernel of the call, forward and backward
+            lengths = lengths.to(x_codes.device, torch.int32)
         records: list[Any] = []
         finals: list[Tensor] = []
         below: list[Tensor] = []
@@ -118,7 +121,7 @@ class KernelQat:
                 )  # fmt: skip
                 outputs.append(out)
                 finals.append(h_n + h_zero)
-                records.append(DirectionRecord(x, out, h0, h_n, save))
+                records.append(DirectionRecord(x, out, h0, h_n, lengths, save))
             below = outputs
         last = programs[-num_dirs:]
         out_codes = torch.cat(
@@ -166,8 +169,9 @@ class KernelQat:
     ) -> tuple[Tensor, Tensor]:
         """The direction's outputs (T, B, H) and final state, their values the dequantized
         codes and their gradients the straight-through ones, from the layer input ``x`` and
-        initial state ``h0`` of the gradient graph."""
-        context = _Context(program, self.quant[index], record, lengths, reverse)
+        initial state ``h0`` of the gradient graph (``lengths``: the record has them on the
+        device already)."""
+        context = _Context(program, self.quant[index], record, reverse)
         return _KernelQatDirection.apply(context, x, h0, *weights)
 
 
@@ -176,7 +180,6 @@ class _Context:
     program: DirectionProgram
     quant: DirectionQuant
     record: DirectionRecord
-    lengths: Tensor | None
     reverse: bool
 
 
@@ -215,7 +218,7 @@ class _KernelQatDirection(torch.autograd.Function):
             dtype,
         )
         (w_value, w_mask), (r_value, r_mask), (bw_value, bw_mask), (_, br_mask) = points
-        lengths = None if context.lengths is None else context.lengths.to(x.device, torch.int32)
+        lengths = record.lengths
         grad_gx, grad_h0, grad_rb, grad_rh = qat_direction_backward(
             grad_out, grad_h_n, record.save.coefficients, record.save.masks, r_value, lengths,
             context.reverse, dtype,
