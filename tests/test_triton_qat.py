@@ -95,8 +95,10 @@ CASES = {
 @pytest.mark.parametrize(
     ("case", "dtype", "kernel"),
     [(case, torch.float32, "planned") for case in CASES]
-    + [("one layer, hx", torch.bfloat16, "planned")]
+    + [("one layer, hx", torch.bfloat16, kernel) for kernel in ("planned", "tiles")]
+    + [("one layer, hx", torch.float16, "planned")]
     + [(case, torch.float32, "tiles") for case in ("packed, hx", "4-bit")],
+    ids=lambda value: str(value).removeprefix("torch.") if isinstance(value, torch.dtype) else None,
 )
 def test_qat_on_the_kernels_matches_the_graph(
     case: str, dtype: torch.dtype, kernel: str, monkeypatch: pytest.MonkeyPatch
