@@ -1,13 +1,13 @@
-"""What the integer kernel saves for QAT's backward (integer_kernel.py with SAVE), and the
-constants it needs for it.
+"""What the integer kernels save for QAT's backward (integer_kernel.py and
+integer_row_kernel.py with SAVE), and the constants they need for it.
 
 QAT's gradients are the float GRU's, evaluated at the dequantized codes of every operator, with
 each quantization point's gradient blocked where the point's float value rounds outside its
 code range (kernels/torch/quantized_forward.py). Per step the forward kernel holds every code,
-so it computes those float values itself, in the model's type, in §7's order of operations
-(matmul.Rh's from its exact integer sum, which a float product only approximates), and folds
-the masks and the float functions' derivatives into five coefficients a unit, from which
-the backward (gru_backward.py with QAT) has one step's gradients:
+so it computes those float values itself, in the model's type, in the order of operations of
+that graph (decomposed_gru.py; matmul.Rh's from its exact integer sum, which a float product
+only approximates), and folds the masks and the float functions' derivatives into five
+coefficients a unit, from which the backward (gru_backward.py with QAT) has one step's gradients:
 
     a     = dh (the gradient of h_t)
     dz^   = a Ez        (gate.z_pre's gradient)
