@@ -8,7 +8,7 @@ constants integer_constants.py derives from each DirectionProgram.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -209,38 +209,63 @@ def triton_integer_gru(
     x_codes, h0_codes, active = prepared_codes(
         programs, x_codes, h0_codes, lengths, num_layers, num_dirs
     )
-    device = x_codes.device
-    constants = [kernel_constants(program, device) for program in programs]
-
-    finals: list[Tensor] = []
     traces: list[dict[str, Tensor]] = []
+
+    def direction(
+        index: int, program: DirectionProgram, x: Tensor, h0: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        wx = input_projection(program, x)
+        constants = kernel_constants(program, x.device)
+        out, h_n, traced = run_direction(
+            program, constants, wx, h0, lengths, index % num_dirs == 1, trace
+        )
+        if traced is not None:
+            traces.append(_trace_codes(program, x, wx, traced, out, active))
+        return out, h_n
+
+    out_codes, h_n_codes = stack_layers(
+        programs, x_codes, h0_codes, num_layers, num_dirs, direction
+    )
+    return out_codes, h_n_codes, traces if trace else None
+
+
+# (index, program, zero-corrected layer input, zero-corrected h0) -> the direction's
+# zero-corrected outputs (T, B, H) and final state (B, H).
+DirectionRun = Callable[[int, DirectionProgram, Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
+def stack_layers(
+    programs: Sequence[DirectionProgram],
+    x_codes: Tensor,
+    h0_codes: Tensor,
+    num_layers: int,
+    num_dirs: int,
+    direction: DirectionRun,
+) -> tuple[Tensor, Tensor]:
+    """The integer GRU's layers over prepared codes (quant_gru.prepared_codes), each
+    (layer, direction) run by ``direction``: the output codes (T, B, D*H) of the last layer
+    and the final state codes (L*D, B, H). Layer inputs above the first by §8
+    (layer_input); the first's is made once for both directions, which share input.x's
+    parameters (§8)."""
+    finals: list[Tensor] = []
     below: list[Tensor] = []
+    first = x_codes - programs[0].formats["input.x"].zero_point
     for layer in range(num_layers):
         outputs: list[Tensor] = []
-        for direction in range(num_dirs):
-            index = layer * num_dirs + direction
+        for index in range(layer * num_dirs, (layer + 1) * num_dirs):
             program = programs[index]
-            if layer == 0:
-                x = x_codes - programs[0].formats["input.x"].zero_point
-            else:
-                x = layer_input(program, below)
+            x = first if layer == 0 else layer_input(program, below)
             h_zero = program.formats["output.h"].zero_point
-            wx = input_projection(program, x)
-            out, h_n, traced = run_direction(
-                program, constants[index], wx, h0_codes[index] - h_zero, lengths,
-                direction == 1, trace,
-            )  # fmt: skip
+            out, h_n = direction(index, program, x, h0_codes[index] - h_zero)
             outputs.append(out)
             finals.append(h_n + h_zero)
-            if traced is not None:
-                traces.append(_trace_codes(program, x, wx, traced, out, active))
         below = outputs
     last = programs[-num_dirs:]
     out_codes = torch.cat(
         [out + p.formats["output.h"].zero_point for out, p in zip(below, last, strict=True)],
         dim=-1,
     )
-    return out_codes, torch.stack(finals), traces if trace else None
+    return out_codes, torch.stack(finals)
 
 
 def layer_input(program: DirectionProgram, below: Sequence[Tensor]) -> Tensor:

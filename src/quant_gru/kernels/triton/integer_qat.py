@@ -26,7 +26,7 @@ from quant_gru.kernels.torch.stack import DirectionWeights
 from quant_gru.kernels.triton.derived import DerivedCache
 from quant_gru.kernels.triton.gru_backward import qat_direction_backward
 from quant_gru.kernels.triton.integer_constants import kernel_constants
-from quant_gru.kernels.triton.integer_gru import QatSave, layer_input, run_direction
+from quant_gru.kernels.triton.integer_gru import QatSave, run_direction, stack_layers
 from quant_gru.kernels.triton.integer_projection import (
     WxMasks,
     digit_input_projection,
@@ -95,40 +95,28 @@ class KernelQat:
         if lengths is not None:  # once for every kernel of the call, forward and backward
             lengths = lengths.to(x_codes.device, torch.int32)
         records: list[Any] = []
-        finals: list[Tensor] = []
-        below: list[Tensor] = []
-        for layer in range(num_layers):
-            outputs: list[Tensor] = []
-            for direction in range(num_dirs):
-                index = layer * num_dirs + direction
-                program = programs[index]
-                if layer == 0:
-                    x = x_codes - program.formats["input.x"].zero_point
-                else:
-                    x = layer_input(program, below)
-                h_zero = program.formats["output.h"].zero_point
-                h0 = h0_codes[index] - h_zero
-                quant = self.quant[self._index[id(program)]]
-                wx_masks: WxMasks | None = self._wx_masks(program, quant, x)
-                wx = digit_input_projection(program, x, wx_masks)
-                if wx is None:
-                    wx_masks = None
-                    wx = input_projection(program, x)
-                save = self._save(program, quant, x, wx_masks)
-                out, h_n, _ = run_direction(
-                    program, kernel_constants(program, x.device), wx, h0, lengths,
-                    direction == 1, False, save=save,
-                )  # fmt: skip
-                outputs.append(out)
-                finals.append(h_n + h_zero)
-                records.append(DirectionRecord(x, out, h0, h_n, lengths, save))
-            below = outputs
-        last = programs[-num_dirs:]
-        out_codes = torch.cat(
-            [o + p.formats["output.h"].zero_point for o, p in zip(below, last, strict=True)],
-            dim=-1,
+
+        def direction(
+            index: int, program: DirectionProgram, x: Tensor, h0: Tensor
+        ) -> tuple[Tensor, Tensor]:
+            quant = self.quant[self._index[id(program)]]
+            wx_masks: WxMasks | None = self._wx_masks(program, quant, x)
+            wx = digit_input_projection(program, x, wx_masks)
+            if wx is None:
+                wx_masks = None
+                wx = input_projection(program, x)
+            save = self._save(program, quant, x, wx_masks)
+            out, h_n, _ = run_direction(
+                program, kernel_constants(program, x.device), wx, h0, lengths,
+                index % num_dirs == 1, False, save=save,
+            )  # fmt: skip
+            records.append(DirectionRecord(x, out, h0, h_n, lengths, save))
+            return out, h_n
+
+        out_codes, h_n_codes = stack_layers(
+            programs, x_codes, h0_codes, num_layers, num_dirs, direction
         )
-        return out_codes, torch.stack(finals), records
+        return out_codes, h_n_codes, records
 
     def _wx_masks(self, program: DirectionProgram, quant: DirectionQuant, x: Tensor) -> WxMasks:
         steps, batch, _ = x.shape
