@@ -213,18 +213,41 @@ def test_module_backends_agree() -> None:
 
 @pytest.mark.parametrize(
     ("width", "scale_type", "expected"),
-    [(8, "float", True), (16, "float", False), (32, "float", False)],
+    [(8, "float", 2), (16, "float", 0), (32, "float", 0)],
 )
 def test_narrow_kernel_where_every_value_fits_32_bits(
-    width: int, scale_type: str, expected: bool
+    width: int, scale_type: str, expected: int
 ) -> None:
-    """8-bit float-scale models take the NARROW kernel (int32 values, plain rounding shifts);
-    16- and 32-bit ones the general int64 one. test_uniform_widths checks both exact."""
+    """8-bit float-scale models take the SHORT kernel (NARROW 2: every value and term in
+    int32); 16- and 32-bit ones the general int64 one. test_uniform_widths checks both exact."""
     from quant_gru.kernels.triton.integer_constants import kernel_constants
 
     case = case_with(uniform_config(width, False, False, scale_type))
     _, _, _, _, programs, _, _ = run_both(case, DEVICE, triton_integer_gru)
-    assert kernel_constants(programs[0], DEVICE).narrow is expected
+    assert kernel_constants(programs[0], DEVICE).narrow == expected
+
+
+@pytest.mark.parametrize("level", [0, 1])
+def test_wider_kernels_give_the_short_kernels_codes(
+    level: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SHORT model (8 bits, float scales) run on the NARROW 1 kernel (int32 values, int64
+    terms) and on the general int64 one: the reference's codes on each, so each level's code
+    path is held to the reference on one model."""
+    from quant_gru.kernels.triton import integer_constants
+
+    real = integer_host.kernel_constants
+
+    def widened(*args: object) -> integer_constants.KernelConstants:
+        constants = real(*args)  # type: ignore[arg-type]
+        assert constants.narrow == 2
+        return dataclasses.replace(constants, narrow=level)
+
+    monkeypatch.setattr(integer_host, "kernel_constants", widened)
+    config = uniform_config(8, False, False, "float")
+    case = case_with(config, num_layers=2, bidirectional=True, lengths=[4, 1, 3], seed=3)
+    _, _, _, _, _, expected, actual = run_both(case, DEVICE, triton_integer_gru)
+    assert_same_run(actual, expected)
 
 
 @pytest.mark.parametrize(("low", "high"), [(-128, 127), (0, 255), (-250, 5), (-7, 7)])

@@ -1,13 +1,20 @@
 """The integer kernel's constants for one (layer, direction), derived from its DirectionProgram:
 the scalar vector of integer_layout.py, matmul.Rh's per-channel constants, R in the digits of
-integer_digits.py, the activation tables' knots; and whether the kernel may run NARROW.
+integer_digits.py, the activation tables' knots; and how narrow the kernel may run.
 
-NARROW (``KernelConstants.narrow``): every value the kernel carries and every term integer
-stays below 2^31 in magnitude, and every term is a plain rounding right shift of v * m (no
-pre-shift, no operand shift, 1 <= n <= 62, no saturation at 2^60). The bounds come from the
-operators' code ranges (|v| <= 2^B of §4, made exact), so the narrow kernel computes the very
-integers of §4. An 8-bit configuration with float scales is narrow; wide widths and
-power-of-two scales whose ratios are left shifts are not.
+``KernelConstants.narrow``, the kernel's NARROW:
+- 1: every value the kernel carries and every term integer stays below 2^31 in magnitude, and
+  every term is a plain rounding right shift of v * m (no pre-shift, no operand shift,
+  1 <= n <= 62, no saturation at 2^60); the kernel carries values in int32 and forms terms in
+  int64.
+- 2 (SHORT): besides, every value and every term stays below 2^29 (SHORT_LIMIT), so a sum of
+  two terms and a bias fits int32, and the activation tables' interpolation does too: the
+  kernel keeps everything but the products v * m in int32 (half the registers, and 32-bit
+  compares and additions instead of pairs of them).
+- 0: the general int64 kernel.
+The bounds come from the operators' code ranges (|v| <= 2^B of §4, made exact), so the narrow
+kernels compute the very integers of §4. An 8-bit configuration with float scales is SHORT;
+wide widths and power-of-two scales whose ratios are left shifts are not narrow.
 
 The constants of the quantization parameters are made once per calibration (``_STATIC``);
 those of the weights (R's digits, its row sums, the recurrent bias term) once per program,
@@ -35,6 +42,8 @@ from quant_gru.quantize.program import ActivationFormat, DirectionProgram
 from quant_gru.quantize.requant import Term
 
 _NARROW_LIMIT = 2**31  # int32 magnitudes
+SHORT_LIMIT = 2**29  # NARROW 2: values and terms below this (two terms and a bias fit int32)
+_SHORT_BIAS = 2**30  # NARROW 2: op.Rh_add_br's bias term saturated here (see _make_constants)
 _TERM_LIMIT_BITS = 60  # §4's saturation bound
 _LONGEST_SHIFT = 62  # §3: rshr by more gives 0
 
@@ -52,7 +61,7 @@ class KernelConstants:
     output_scale: Tensor  # (1,) float64: output.h's scale (the kernel's float outputs)
     h_digits: int
     r_digits: int
-    narrow: bool
+    narrow: int  # the kernel's NARROW: 0, 1 or 2 (the module's docstring)
 
 
 def zero_corrected_range(fmt: ActivationFormat) -> tuple[int, int]:
@@ -92,6 +101,7 @@ class _Static:
     h_offset: int
     h_magnitude: int  # the largest |rshr(q - zp, e_c)| of the state
     narrow_terms: bool  # every term but matmul.Rh's passes the NARROW test
+    short_terms: bool  # and the SHORT one (with the tables)
 
 
 # Static parts by (id of the program's terms, device). A DirectionProgram shares its terms
@@ -159,6 +169,7 @@ def _make_static(program: DirectionProgram, device: torch.device) -> _Static:
         h_offset=offset,
         h_magnitude=max(abs(h_low), abs(h_high)),
         narrow_terms=_narrow_terms(program),
+        short_terms=_short_terms(program),
     )
 
 
@@ -190,6 +201,12 @@ def _make_constants(program: DirectionProgram, device: torch.device) -> KernelCo
     rb_bias = apply_term(program.bias_r.to(device, torch.int64), terms["op.Rh_add_br"][1])
     recurrent_bound = max(abs(weight_low), abs(weight_high)) * static.h_magnitude * hidden
     narrow = static.narrow_terms and plain_term(rh_dot, recurrent_bound)
+    short = narrow and static.short_terms and term_bound(rh_dot, recurrent_bound) < SHORT_LIMIT
+    if short:
+        # clamp(t + b, lo, hi) with |t|, |lo|, |hi| < 2^29 is the same for b and for b
+        # saturated at +-2^30 (both sums lie past the range, on b's side), which the
+        # SHORT kernel reads in int32.
+        rb_bias = rb_bias.clamp(-_SHORT_BIAS, _SHORT_BIAS)
     multipliers = static.rh_multipliers
     specialization = static.specialization
     if static.rh_shared is not None and (narrow or static.rh_shared_any):
@@ -208,7 +225,7 @@ def _make_constants(program: DirectionProgram, device: torch.device) -> KernelCo
         output_scale=static.output_scale,
         h_digits=static.h_digits,
         r_digits=r_digits,
-        narrow=narrow,
+        narrow=2 if short else int(narrow),
     )
 
 
@@ -262,13 +279,18 @@ def plain_term(term: Term, bound: int) -> bool:
     return bound * int(m.max()) < 2 ** (_TERM_LIMIT_BITS + int(n.min()) - 1)
 
 
-def _narrow_terms(program: DirectionProgram) -> bool:
-    """Whether the NARROW kernel computes ``program``'s every value and every term but the
-    recurrent product's exactly (that one's bound depends on the weights)."""
-    fmt, terms = program.formats, program.terms
-    mag = {name: magnitude(f) for name, f in fmt.items()}
-    # Each term with the bound of its integer (products of two codes: the product's).
-    checks = [
+def term_bound(term: Term, bound: int) -> int:
+    """The largest |rshr(v * m, n)| of a plain term (``plain_term``) over |v| <= bound, over
+    all its channels."""
+    n, m = int(term.n.min()), int(term.m.to(torch.int64).abs().max())
+    return (bound * m + (1 << (n - 1))) >> n
+
+
+def _term_checks(program: DirectionProgram) -> list[tuple[Term, int]]:
+    """Every term but matmul.Rh's with the bound of its integer (products of two codes: the
+    product's)."""
+    terms, mag = program.terms, {name: magnitude(f) for name, f in program.formats.items()}
+    return [
         (terms["op.Rh_add_br"][0], mag["matmul.Rh"]),
         (terms["gate.r_pre"][0], mag["matmul.Wx"]),
         (terms["gate.r_pre"][1], mag["op.Rh_add_br"]),
@@ -283,7 +305,36 @@ def _narrow_terms(program: DirectionProgram) -> bool:
         (terms["output.h"][0], mag["op.old_contrib"]),
         (terms["output.h"][1], mag["op.new_contrib"]),
     ]
+
+
+def _short_terms(program: DirectionProgram) -> bool:
+    """Whether the SHORT kernel computes ``program``'s every value, every term but the
+    recurrent product's, and the tables exactly in int32 (given ``_narrow_terms``): values and
+    terms below SHORT_LIMIT; in a table, the offset pre-activation, the span of its segments
+    and a segment's rise times its remainder below 2^31."""
+    fmt = program.formats
+    if not _narrow_terms(program) or any(magnitude(f) >= SHORT_LIMIT for f in fmt.values()):
+        return False
+    if any(term_bound(term, bound) >= SHORT_LIMIT for term, bound in _term_checks(program)):
+        return False
+    sources = {"gate.r_out": "gate.r_pre", "gate.z_out": "gate.z_pre", "gate.g_out": "gate.g_pre"}
+    for name, source in sources.items():
+        table, out = program.tables[name], fmt[name]
+        offset = abs(fmt[source].zero_point - table.c_lo)
+        rise = (out.qmax - out.qmin) << table.k
+        if (
+            magnitude(fmt[source]) + offset >= SHORT_LIMIT
+            or max(rise, 512 << table.k) >= SHORT_LIMIT
+        ):
+            return False
+    return True
+
+
+def _narrow_terms(program: DirectionProgram) -> bool:
+    """Whether the NARROW kernel computes ``program``'s every value and every term but the
+    recurrent product's exactly (that one's bound depends on the weights)."""
+    mag = {name: magnitude(f) for name, f in program.formats.items()}
     # Every operator's values are carried in int32 too (the gate pre-activations are no term's
     # integer: they index the tables).
     fits = all(bound < _NARROW_LIMIT for bound in mag.values())
-    return fits and all(plain_term(term, bound) for term, bound in checks)
+    return fits and all(plain_term(term, bound) for term, bound in _term_checks(program))

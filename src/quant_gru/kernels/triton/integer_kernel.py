@@ -104,12 +104,24 @@ def _term(v, C: tl.constexpr, TERM: tl.constexpr, NARROW: tl.constexpr):
     """§4: the term t = clamp(rshr(rshr(v, p) * m, n), -2^60, 2^60) of v with the constants
     (m, n, p) at ``TERM`` of the specialization C (n <= 0: the saturated left shift).
     NARROW: v is int32, p = 0, 1 <= n <= 62 and |t| < 2^60 (KernelConstants.narrow), so the
-    term is one widening multiply and a rounding shift. Returns int64."""
+    term is one widening multiply and a rounding shift. Returns int64, int32 where NARROW is 2
+    (|t| < 2^29)."""
     if NARROW:
         t = _shift_right(v.to(tl.int64) * C[TERM], C[TERM + 1])
     else:
         t = _saturated(_shift_right(v.to(tl.int64), C[TERM + 2]) * C[TERM], C[TERM + 1])
-    return t
+    return _carried(t, NARROW)
+
+
+@triton.jit
+def _carried(v, NARROW: tl.constexpr):
+    """A value as the kernel carries it: int32 where NARROW is 2 (SHORT: every value and term
+    below 2^29, KernelConstants.narrow), else int64."""
+    if NARROW == 2:  # noqa: SIM108  (a constexpr branch)
+        result = v.to(tl.int32)
+    else:
+        result = v.to(tl.int64)
+    return result
 
 
 @triton.jit
@@ -139,18 +151,24 @@ def _clamp(v, C: tl.constexpr, RANGE: tl.constexpr):
 
 
 @triton.jit
-def _activation(pre, C: tl.constexpr, tables, TABLE: tl.constexpr, INDEX: tl.constexpr):
+def _activation(
+    pre, C: tl.constexpr, tables, TABLE: tl.constexpr, INDEX: tl.constexpr, NARROW: tl.constexpr
+):
     """§6: the table at ``TABLE`` of C (its knots: row INDEX of ``tables``) on zero-corrected
-    pre-activations; returns zero-corrected outputs."""
+    pre-activations; returns zero-corrected outputs (int32 where NARROW is 2: the host checked
+    that the interpolation fits)."""
     k: tl.constexpr = C[TABLE + 1]
     knots = tables + INDEX * (_SEGMENTS + 1)
     span: tl.constexpr = 512 << k
-    d = tl.minimum(tl.maximum(pre.to(tl.int64) + (C[TABLE + 2] - C[TABLE]), 0), span)
+    d = tl.minimum(tl.maximum(_carried(pre, NARROW) + (C[TABLE + 2] - C[TABLE]), 0), span)
     j = d >> k
     r = d - (j << k)
-    low = tl.load(knots + j)
-    high = tl.load(knots + tl.minimum(j + 1, _SEGMENTS))
-    return low + _shift_right((high - low) * r, k) - C[TABLE + 3]
+    low = _carried(tl.load(knots + j), NARROW)
+    high = _carried(tl.load(knots + tl.minimum(j + 1, _SEGMENTS)), NARROW)
+    rise = (high - low) * r
+    if k > 0:
+        rise = (rise + (1 << (k - 1))) >> k  # §3's rshr, in the carried type
+    return low + rise - C[TABLE + 3]
 
 
 @triton.jit
@@ -184,17 +202,17 @@ def _rh_term(sums, m, n, correction, C: tl.constexpr, NARROW: tl.constexpr):
         t = _saturated(_shift_right(v.to(tl.int64), C[RH_PRE_SHIFT]) * m, SHIFT)
     else:
         t = _channel_term(v, m, n, C[RH_PRE_SHIFT], NARROW)
-    return t
+    return _carried(t, NARROW)
 
 
 @triton.jit
-def _wx_step(wx_rows, t, batch, hidden, own, C: tl.constexpr):
+def _wx_step(wx_rows, t, batch, hidden, own, C: tl.constexpr, NARROW: tl.constexpr):
     """This program's zero-corrected matmul.Wx values of step ``t``, per gate."""
     step_rows = wx_rows + t * batch * 3 * hidden
-    wx_r = tl.load(step_rows, mask=own, other=0).to(tl.int64) - C[WX_ZERO_POINT]
-    wx_z = tl.load(step_rows + hidden, mask=own, other=0).to(tl.int64) - C[WX_ZERO_POINT]
-    wx_n = tl.load(step_rows + 2 * hidden, mask=own, other=0).to(tl.int64) - C[WX_ZERO_POINT]
-    return wx_r, wx_z, wx_n
+    wx_r = _carried(tl.load(step_rows, mask=own, other=0), NARROW) - C[WX_ZERO_POINT]
+    wx_z = _carried(tl.load(step_rows + hidden, mask=own, other=0), NARROW) - C[WX_ZERO_POINT]
+    wx_n = _carried(tl.load(step_rows + 2 * hidden, mask=own, other=0), NARROW)
+    return wx_r, wx_z, wx_n - C[WX_ZERO_POINT]
 
 
 @triton.jit
@@ -315,10 +333,13 @@ def _store_digits(
 
 
 @triton.jit
-def _channel_constants(rh_ptr, rb_bias_ptr, units, unit_ok, hidden, C: tl.constexpr):
+def _channel_constants(
+    rh_ptr, rb_bias_ptr, units, unit_ok, hidden, C: tl.constexpr, NARROW: tl.constexpr
+):
     """This program's per-channel constants, (1, BH) rows per gate r, z, n: matmul.Rh's
     multipliers, its shifts (with C's shared shift: the multipliers again, unused), the digit
-    offset's corrections, and op.Rh_add_br's term of weight.br. Loaded once, for every step."""
+    offset's corrections, and op.Rh_add_br's term of weight.br (carried as the values are).
+    Loaded once, for every step."""
     m_r = _channel(rh_ptr, 0, units, unit_ok, hidden)
     m_z = _channel(rh_ptr, 1, units, unit_ok, hidden)
     m_n = _channel(rh_ptr, 2, units, unit_ok, hidden)
@@ -333,9 +354,9 @@ def _channel_constants(rh_ptr, rb_bias_ptr, units, unit_ok, hidden, C: tl.conste
     c_r = _channel(rh_ptr + 6 * hidden, 0, units, unit_ok, hidden)
     c_z = _channel(rh_ptr + 6 * hidden, 1, units, unit_ok, hidden)
     c_n = _channel(rh_ptr + 6 * hidden, 2, units, unit_ok, hidden)
-    b_r = _channel(rb_bias_ptr, 0, units, unit_ok, hidden)
-    b_z = _channel(rb_bias_ptr, 1, units, unit_ok, hidden)
-    b_n = _channel(rb_bias_ptr, 2, units, unit_ok, hidden)
+    b_r = _carried(_channel(rb_bias_ptr, 0, units, unit_ok, hidden), NARROW)
+    b_z = _carried(_channel(rb_bias_ptr, 1, units, unit_ok, hidden), NARROW)
+    b_n = _carried(_channel(rb_bias_ptr, 2, units, unit_ok, hidden), NARROW)
     return m_r, m_z, m_n, n_r, n_z, n_n, c_r, c_z, c_n, b_r, b_z, b_n
 
 
@@ -364,14 +385,14 @@ def _gru_step(
     z_pre = _term(wx_z, C, TERM_Z_FROM_WX, NARROW)
     z_pre += _term(rb_z, C, TERM_Z_FROM_RB, NARROW)
     z_pre = _clamp(z_pre, C, RANGE_Z_PRE)
-    r = _activation(r_pre, C, tables, TABLE_R, 0)
-    z = _activation(z_pre, C, tables, TABLE_Z, 1)
+    r = _activation(r_pre, C, tables, TABLE_R, 0, NARROW)
+    z = _activation(z_pre, C, tables, TABLE_Z, 1, NARROW)
     rrh = _product(r, rb_n, C, SHIFTS_RRH, NARROW)
     rrh = _clamp(_term(rrh, C, TERM_RRH, NARROW), C, RANGE_RRH)
     g_pre = _term(wx_n, C, TERM_G_FROM_WX, NARROW)
     g_pre += _term(rrh, C, TERM_G_FROM_RRH, NARROW)
     g_pre = _clamp(g_pre, C, RANGE_G_PRE)
-    g = _activation(g_pre, C, tables, TABLE_G, 2)
+    g = _activation(g_pre, C, tables, TABLE_G, 2, NARROW)
 
     # The new state: old = z * h, new = g - z * g, h' = old + new.
     old = _product(z, h, C, SHIFTS_OLD, NARROW)
@@ -424,7 +445,7 @@ def _integer_gru_kernel(
     R_DIGITS: tl.constexpr,
     HAS_LENGTHS: tl.constexpr,
     TRACE: tl.constexpr,
-    NARROW: tl.constexpr,  # KernelConstants.narrow: int32 values, terms without pre-shift
+    NARROW: tl.constexpr,  # KernelConstants.narrow: 1 int32 values, plain terms; 2 all int32
     RESIDENT: tl.constexpr,  # one digit each: R's slice is loaded once, before the time loop
     CHUNKS: tl.constexpr,  # RESIDENT: CHUNKS * BK covers H
     C: tl.constexpr,  # the specialization: integer_layout's constants (KernelConstants)
@@ -446,11 +467,11 @@ def _integer_gru_kernel(
         length = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
     else:
         length = tl.zeros((BB,), dtype=tl.int32) + steps
-    h = tl.load(h0_ptr + own_offsets, mask=own, other=0)
+    h = _carried(tl.load(h0_ptr + own_offsets, mask=own, other=0), NARROW)
     _store_digits(exchange_ptr, own_offsets, own, h, C, batch, hidden, H_DIGITS)
     _barrier(counter, hidden_tiles)
 
-    channels = _channel_constants(rh_ptr, rb_bias_ptr, units, unit_ok, hidden, C)
+    channels = _channel_constants(rh_ptr, rb_bias_ptr, units, unit_ok, hidden, C, NARROW)
     if SAVE:
         qat_channels = _qat_channels(qat_ptr, units, unit_ok, hidden)
 
@@ -459,11 +480,11 @@ def _integer_gru_kernel(
 
     # matmul.Wx's codes are loaded a step ahead: their latency hides behind the step before.
     wx_rows = wx_ptr + rows[:, None] * (3 * hidden) + units[None, :]
-    wx_r, wx_z, wx_n = _wx_step(wx_rows, steps - 1 if REVERSE else 0, batch, hidden, own, C)
+    wx_r, wx_z, wx_n = _wx_step(wx_rows, steps - 1 if REVERSE else 0, batch, hidden, own, C, NARROW)
 
     for step in range(steps):
         t, t_next = _step_time(step, steps, REVERSE)
-        next_r, next_z, next_n = _wx_step(wx_rows, t_next, batch, hidden, own, C)
+        next_r, next_z, next_n = _wx_step(wx_rows, t_next, batch, hidden, own, C, NARROW)
         planes = exchange_ptr + (step % 2) * plane_set
         if RESIDENT:
             acc_r = tl.zeros((BB, BH), dtype=tl.int32)

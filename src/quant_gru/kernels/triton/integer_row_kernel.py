@@ -24,6 +24,7 @@ from quant_gru.kernels.triton.gru_forward import (
     _weight_chunk,
 )
 from quant_gru.kernels.triton.integer_kernel import (
+    _carried,
     _channel_constants,
     _gru_step,
     _output,
@@ -129,8 +130,8 @@ def _integer_gru_row_kernel(
 ):
     rows, units, row_ok, unit_ok, own, own_offsets = _program_tile(batch, hidden, BB, BH)
     length = _lengths(lengths_ptr, rows, row_ok, steps, BB, HAS_LENGTHS)
-    h = tl.load(h0_ptr + own_offsets, mask=own, other=0)
-    channels = _channel_constants(rh_ptr, rb_bias_ptr, units, unit_ok, hidden, C)
+    h = _carried(tl.load(h0_ptr + own_offsets, mask=own, other=0), NARROW)
+    channels = _channel_constants(rh_ptr, rb_bias_ptr, units, unit_ok, hidden, C, NARROW)
     if SAVE:
         qat_channels = _qat_channels(qat_ptr, units, unit_ok, hidden)
     if PACKED:
@@ -155,11 +156,11 @@ def _integer_gru_row_kernel(
 
     # matmul.Wx's codes are loaded a step ahead: their latency hides behind the step before.
     wx_rows = wx_ptr + rows[:, None] * (3 * hidden) + units[None, :]
-    wx_r, wx_z, wx_n = _wx_step(wx_rows, steps - 1 if REVERSE else 0, batch, hidden, own, C)
+    wx_r, wx_z, wx_n = _wx_step(wx_rows, steps - 1 if REVERSE else 0, batch, hidden, own, C, NARROW)
 
     for step in range(steps):
         t, t_next = _step_time(step, steps, REVERSE)
-        next_r, next_z, next_n = _wx_step(wx_rows, t_next, batch, hidden, own, C)
+        next_r, next_z, next_n = _wx_step(wx_rows, t_next, batch, hidden, own, C, NARROW)
         if SINGLE:  # the units past H meet rows of R that are zero
             y = _state_digit(h, C)
             if PACKED:
