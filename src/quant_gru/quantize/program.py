@@ -37,6 +37,7 @@ ACTIVATION_OPERATORS = (
     "op.new_contrib",
     "output.h",
 )
+WEIGHT_POINTS = ("weight.W", "weight.R", "weight.bw", "weight.br")
 TABLES = {
     "gate.r_out": ("sigmoid", "gate.r_pre"),
     "gate.z_out": ("sigmoid", "gate.z_pre"),
@@ -59,8 +60,10 @@ class DirectionProgram:
     """Everything a realization needs to run one (layer, direction) of the integer GRU.
 
     weight_W (3H, I), weight_R (3H, H), bias_w (3H,), bias_r (3H,): int64 codes, before any
-    operand pre-shift. terms[op]: the terms of operator `op` in §7's order; for `input.x` of a
-    layer above the first, one term per direction of the layer below (empty for layer 0).
+    operand pre-shift; weight_ranges[point]: the (qmin, qmax) those codes lie in (bounds known
+    without reading the codes back from the device). terms[op]: the terms of operator `op` in
+    §7's order; for `input.x` of a layer above the first, one term per direction of the layer
+    below (empty for layer 0).
     """
 
     input_size: int
@@ -72,6 +75,7 @@ class DirectionProgram:
     bias_r: Tensor
     terms: Mapping[str, tuple[Term, ...]]
     tables: Mapping[str, Table]
+    weight_ranges: Mapping[str, tuple[int, int]]
 
 
 def quantize_weight(weight: Tensor, quant: OperatorQuant) -> Tensor:
@@ -91,6 +95,7 @@ class DirectionConstants:
     formats: Mapping[str, ActivationFormat]
     terms: Mapping[str, tuple[Term, ...]]
     tables: Mapping[str, Table]
+    weight_ranges: Mapping[str, tuple[int, int]]
 
 
 def build_program(
@@ -124,6 +129,7 @@ def with_weights(
         bias_r=quantize_weight(b_hh if b_hh is not None else zeros, quant["weight.br"]),
         terms=constants.terms,
         tables=constants.tables,
+        weight_ranges=constants.weight_ranges,
     )
 
 
@@ -209,7 +215,8 @@ def build_constants(
         out: build_table(kind, _code_format(formats[source]), _code_format(formats[out]))
         for out, (kind, source) in TABLES.items()
     }
-    return DirectionConstants(input_size, hidden, formats, terms, tables)
+    weight_ranges = {name: (quant[name].qmin, quant[name].qmax) for name in WEIGHT_POINTS}
+    return DirectionConstants(input_size, hidden, formats, terms, tables, weight_ranges)
 
 
 def _format(quant: OperatorQuant) -> ActivationFormat:

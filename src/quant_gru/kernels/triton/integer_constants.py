@@ -74,12 +74,11 @@ def shifted(value: int, shift: int) -> int:
     return value if shift == 0 else (value + (1 << (shift - 1))) >> shift
 
 
-def value_range(values: Tensor) -> tuple[int, int]:
-    """(min, max) of integer ``values`` ((0, 0) when empty), in one read of the device."""
-    if not values.numel():
-        return 0, 0
-    low, high = torch.aminmax(values)
-    return int(low), int(high)
+def shifted_range(program: DirectionProgram, point: str, shift: int) -> tuple[int, int]:
+    """The (low, high) bounds of a weight point's codes after §4's operand shift by ``shift``
+    (rshr is monotone: bounds shift to bounds)."""
+    low, high = program.weight_ranges[point]
+    return shifted(low, shift), shifted(high, shift)
 
 
 def magnitude(fmt: ActivationFormat) -> int:
@@ -189,7 +188,9 @@ def _make_constants(program: DirectionProgram, device: torch.device) -> KernelCo
     (rh_dot,) = terms["matmul.Rh"]
     weight = program.weight_R.to(device, torch.int64)
     weight = rounding_right_shift(weight, rh_dot.operand_shifts[0])
-    weight_low, weight_high = value_range(weight)
+    # Bounds from the codes' range, not their values: reading those back would wait for the
+    # device's queue every time the weights change (every training step in QAT).
+    weight_low, weight_high = shifted_range(program, "weight.R", rh_dot.operand_shifts[0])
     r_digits = digits_for_values(weight_low, weight_high)
     if hidden * min(static.h_digits, r_digits) > MAX_PRODUCT_TERMS:
         raise ValueError(

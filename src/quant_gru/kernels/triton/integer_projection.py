@@ -24,7 +24,7 @@ from quant_gru.kernels.triton.derived import DerivedCache
 from quant_gru.kernels.triton.integer_constants import (
     plain_term,
     shifted,
-    value_range,
+    shifted_range,
     zero_corrected_range,
 )
 from quant_gru.kernels.triton.integer_digits import (
@@ -94,7 +94,7 @@ def _make_operands(program: DirectionProgram, device: torch.device) -> Projectio
     dot, bias_term = program.terms["matmul.Wx"]
     weight_shift, x_shift = dot.operand_shifts
     weight = rounding_right_shift(program.weight_W.to(device, torch.int64), weight_shift)
-    weight_range = value_range(weight)
+    weight_range = shifted_range(program, "weight.W", weight_shift)  # no read back
     x_range = tuple(shifted(v, x_shift) for v in zero_corrected_range(fmt["input.x"]))
     bias = apply_term(program.bias_w.to(device, torch.int64), bias_term)
     bias = bias + fmt["matmul.Wx"].zero_point
