@@ -38,7 +38,11 @@ from quant_gru.kernels.triton.integer_digits import (  # noqa: E402
     wrap_int64,
 )
 from quant_gru.kernels.triton.integer_gru import triton_integer_gru  # noqa: E402
-from quant_gru.kernels.triton.integer_plans import IntegerPlan, integer_plan  # noqa: E402
+from quant_gru.kernels.triton.integer_plans import (  # noqa: E402
+    RESIDENT_BYTES,
+    IntegerPlan,
+    integer_plan,
+)
 
 
 def uniform_config(width: int, symmetric: bool, unsigned: bool, scale_type: str) -> GRUQuantConfig:
@@ -136,7 +140,7 @@ def test_r_on_chip_or_read_every_step(monkeypatch: pytest.MonkeyPatch, resident:
 
     def forced(*args: object) -> IntegerPlan:
         plan = real(*args)  # type: ignore[arg-type]
-        assert plan.resident  # one digit, and a slice this small fits
+        assert plan.chunks(72) == 2  # the loaded slice covers several chunks of K
         return dataclasses.replace(plan, resident=resident)
 
     monkeypatch.setattr(integer_host, "plan_for", forced)
@@ -287,7 +291,8 @@ def test_plans_keep_every_program_resident() -> None:
             plan = integer_plan(batch, hidden, h_digits, r_digits, 132)
             grid = -(-min(batch, plan.launch_rows) // plan.block_b) * -(-hidden // plan.block_h)
             assert grid <= 132
-            assert plan.resident == (h_digits == r_digits == 1)
+            slice_bytes = 3 * plan.block_h * plan.chunks(hidden) * plan.block_k
+            assert plan.resident == (h_digits == r_digits == 1 and slice_bytes <= RESIDENT_BYTES)
     assert (
         integer_plan(256, 1024, 1, 1, 132).block_b * integer_plan(256, 1024, 1, 1, 132).block_h
         == 2048

@@ -14,6 +14,7 @@ from fractions import Fraction
 
 from torch import Tensor
 
+from quant_gru.quantize.device_copies import device_copy
 from quant_gru.quantize.params import DirectionQuant, OperatorQuant
 from quant_gru.quantize.requant import Term, make_term
 from quant_gru.quantize.scales import per_row, quantize
@@ -80,7 +81,7 @@ class DirectionProgram:
 
 def quantize_weight(weight: Tensor, quant: OperatorQuant) -> Tensor:
     """Weight or bias codes (§8): symmetric, one scale per row after expansion."""
-    scales = per_row(quant.scale, weight.shape[0]).to(weight.device)
+    scales = per_row(device_copy(quant.scale, weight.device), weight.shape[0])
     shape = (-1,) + (1,) * (weight.dim() - 1)
     return quantize(weight, scales.view(shape), 0, quant.qmin, quant.qmax)
 

@@ -275,7 +275,22 @@ def apply_term(v: Tensor, term: Term, negate: bool = False) -> Tensor:
     term has one): pre-shift p, multiply by m, rshr by n or saturated left shift, clamp to
     +-2^60. ``negate``: the term of -v (§5). Operand shifts are the caller's."""
     width = v.shape[-1] if v.dim() else 1
-    return _scaler([(term, width)], None, False, v.device, negate)(v)
+    key = (id(term), width, negate, str(v.device))
+    cached = _APPLIED.get(key)
+    if cached is None or cached[0] is not term:
+        if len(_APPLIED) >= _APPLIED_ENTRIES:
+            _APPLIED.clear()
+        cached = (term, _scaler([(term, width)], None, False, v.device, negate))
+        _APPLIED[key] = cached
+    return cached[1](v)
+
+
+# apply_term's scalers by (id of the term, width, negate, device), with their term: the kernels
+# apply the bias terms whenever the weights change (every QAT step), while the terms live as
+# long as a calibration; making a scaler copies its constants to the device, which waits for
+# the device's queue.
+_APPLIED: dict[tuple[int, int, bool, str], tuple[Term, _Scaler]] = {}
+_APPLIED_ENTRIES = 256
 
 
 def _product(a: Tensor, c: Tensor, shifts: tuple[int, int]) -> Tensor:

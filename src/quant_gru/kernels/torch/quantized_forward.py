@@ -26,6 +26,7 @@ from quant_gru.kernels.torch.stack import (
     records_gradient,
     run_layers,
 )
+from quant_gru.quantize.device_copies import device_copy
 from quant_gru.quantize.params import DirectionQuant
 from quant_gru.quantize.program import (
     ActivationFormat,
@@ -320,7 +321,7 @@ def weight_point(
     """A weight point's dequantized codes and clamp mask for its float weight ``value``, both
     in value's type."""
     codes: Tensor = getattr(program, _WEIGHT_FIELDS[name])
-    rows = per_row(quant[name].scale, value.shape[0]).to(value.device)
+    rows = per_row(device_copy(quant[name].scale, value.device), value.shape[0])
     scale = rows.view((-1,) + (1,) * (value.dim() - 1))
     level = torch.floor(value.detach().double() / scale + 0.5)
     inside = ((level >= quant[name].qmin) & (level <= quant[name].qmax)).to(value.dtype)

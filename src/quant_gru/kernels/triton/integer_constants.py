@@ -253,7 +253,7 @@ def packed_words(digits: Tensor) -> Tensor:
     """int8 digits (..., K), K a multiple of 4, as int32 words of four consecutive digits,
     the first in the lowest byte: the operands of dp4a."""
     parts = digits.to(torch.int64).reshape(*digits.shape[:-1], -1, 4) & 0xFF
-    shifts = torch.tensor([0, 8, 16, 24], device=digits.device)
+    shifts = torch.arange(0, 32, 8, device=digits.device)  # made there: no copy from the host
     words = (parts << shifts).sum(dim=-1)
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
 

@@ -514,7 +514,10 @@ def _integer_gru_kernel(
             row = trace_ptr + t * batch * 15 * hidden + rows[:, None] * (15 * hidden)
             row += units[None, :]
             for i in tl.static_range(15):  # integer_layout.TRACE_BLOCKS
-                tl.store(row + i * hidden, values[i], mask=own)
+                # Through tl.where on the block's mask: storing the values as they are failed
+                # to compile for sm_90a (Triton 3.6: "operand #1 does not dominate this use"
+                # in the layout conversions) for a general (int64) kernel of the sweep.
+                tl.store(row + i * hidden, tl.where(own, values[i], 0), mask=own)
         if SAVE:
             _qat_save(
                 save_ptr, mask_ptr, t, batch, rows, units, hidden, own, (sum_r, sum_z, sum_n),

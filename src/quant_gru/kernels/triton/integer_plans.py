@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import triton
 
-
 ROW_TILES = (16, 32, 64, 128)  # tl.dot takes at least 16 rows
 UNIT_TILES = (16, 32, 64, 128, 256)
 CHUNK = 64  # K chunk of the recurrent product

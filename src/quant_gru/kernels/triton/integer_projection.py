@@ -12,6 +12,7 @@ are unchanged, so inference finds them here.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -39,6 +40,7 @@ from quant_gru.kernels.triton.projection_kernel import (
     _quantize_kernel,
     _requantize_kernel,
 )
+from quant_gru.quantize.device_copies import device_copy
 from quant_gru.quantize.program import ActivationFormat, DirectionProgram
 from quant_gru.quantize.requant import ceil_log2
 
@@ -125,16 +127,21 @@ def _make_operands(program: DirectionProgram, device: torch.device) -> Projectio
         digits=weight.to(torch.int8).contiguous(),
         x_offset=offset,
         correction=weight.sum(dim=1) * offset,
-        multiplier=dot.m.to(device, torch.int64).expand(rows).contiguous(),
-        shift=dot.n.to(device, torch.int64).expand(rows).contiguous(),
+        multiplier=device_copy(dot.m, device, torch.int64).expand(rows).contiguous(),
+        shift=device_copy(dot.n, device, torch.int64).expand(rows).contiguous(),
         narrow=narrow,
-        # float64 on the device: a Python float would reach the kernel as float32.
-        x_format=torch.tensor(
-            [fmt["input.x"].scale, *zero_corrected_range(fmt["input.x"])],
-            dtype=torch.float64,
-            device=device,
-        ),
+        x_format=_input_format(fmt["input.x"], device),
     )
+
+
+# Cached: the operands are remade at every weight update, input.x's format only at a
+# calibration, and a copy from the host to the device waits for the device's queue.
+@functools.lru_cache(maxsize=64)
+def _input_format(fmt: ActivationFormat, device: torch.device) -> Tensor:
+    """input.x's scale, qmin - zp and qmax - zp, float64 on the device (a Python float would
+    reach the kernel as float32)."""
+    values = [fmt.scale, *zero_corrected_range(fmt)]
+    return torch.tensor(values, dtype=torch.float64, device=device)
 
 
 def input_projection(program: DirectionProgram, x: Tensor) -> Tensor:

@@ -35,6 +35,7 @@ import triton.language as tl
 from torch import Tensor
 
 from quant_gru.kernels.triton.derived import DerivedCache
+from quant_gru.quantize.device_copies import device_copy
 from quant_gru.quantize.params import DirectionQuant
 from quant_gru.quantize.program import ACTIVATION_OPERATORS, ActivationFormat, DirectionProgram
 from quant_gru.quantize.scales import dequantize, per_row
@@ -99,22 +100,29 @@ def qat_constants(
 def _make_constants(
     program: DirectionProgram, quant: DirectionQuant, dtype: torch.dtype, device: torch.device
 ) -> Tensor:
-    values: list[float] = []
-    for name in POINTS:
-        fmt = program.formats[name]
-        values += [float(fmt.scale), *point_thresholds(fmt), 0.0]
+    head = _point_constants(tuple(program.formats[name] for name in POINTS), device)
     rows = 3 * program.hidden_size
     shifts = sum(program.terms["matmul.Rh"][0].operand_shifts)
     scale = float(program.formats["output.h"].scale) * 2.0**shifts
     sigma = _row_scales(quant, "weight.R", rows, device) * scale
     bias = _values(program.bias_r, quant, "weight.br", dtype, device).expand(rows)
-    head = torch.tensor(values, dtype=torch.float64, device=device)
     return torch.cat([head, sigma, bias]).float()
+
+
+# Cached: the programs are remade at every weight update, their points' formats only at a
+# calibration, and a copy from the host to the device waits for the device's queue.
+@functools.lru_cache(maxsize=64)
+def _point_constants(formats: tuple[ActivationFormat, ...], device: torch.device) -> Tensor:
+    """Each point's scale, mask thresholds and an unused zero, float64 on ``device``."""
+    values: list[float] = []
+    for fmt in formats:
+        values += [float(fmt.scale), *point_thresholds(fmt), 0.0]
+    return torch.tensor(values, dtype=torch.float64, device=device)
 
 
 def _row_scales(quant: DirectionQuant, name: str, rows: int, device: torch.device) -> Tensor:
     """A weight point's scale per row, float64 on ``device`` (no read back from it)."""
-    return per_row(quant[name].scale.to(device, torch.float64), rows)
+    return per_row(device_copy(quant[name].scale, device, torch.float64), rows)
 
 
 def _values(
