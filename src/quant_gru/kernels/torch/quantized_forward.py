@@ -45,8 +45,10 @@ Realization = Callable[..., tuple[Tensor, Tensor, list[Any] | None]]
 class StraightThrough(Protocol):
     """Another realization of QAT's gradients than the graph of hooks below, for one call:
     ``realization`` gives the codes and, as its traces, whatever ``direction`` reads; then
-    ``direction`` gives each (layer, direction)'s outputs and final state, valued as the
-    dequantized codes, with the straight-through gradients."""
+    ``direction`` gives each (layer, direction)'s outputs and final state with the
+    straight-through gradients, valued to the bit as the dequantized codes in the input's
+    type (quantize.scales.dequantize's float64 values, converted): those are then the
+    forward's values themselves."""
 
     def realization(
         self, *arguments: Any, **options: Any
@@ -138,21 +140,9 @@ def quantized_forward(
         x, h0_codes, lengths, shape, programs,
         model.realization if kernel is None else kernel.realization, masks, records,
     )  # fmt: skip
-    num_dirs = shape.num_directions
-    last_layer = programs[-num_dirs:]
     hidden = shape.hidden_size
-    out = torch.cat(
-        [
-            _dequantize(out_codes[..., d * hidden : (d + 1) * hidden], p, "output.h")
-            for d, p in enumerate(last_layer)
-        ],
-        dim=-1,
-    ).to(x.dtype)
-    h_n = torch.stack(
-        [_dequantize(h_n_codes[i], p, "output.h") for i, p in enumerate(programs)]
-    ).to(x.dtype)
     if not records:
-        return out, h_n
+        return _dequantized_outputs(out_codes, h_n_codes, programs, shape, x.dtype)
     assert traces is not None
 
     def run_direction(
@@ -168,11 +158,36 @@ def quantized_forward(
         )
         return decomposed_direction(x_in, h_in, weights[index], lens, reverse, hook)
 
-    start = h0 if h0 is not None else x.new_zeros(h_n.shape[0], x.shape[1], hidden)
+    start = h0 if h0 is not None else x.new_zeros(len(programs), x.shape[1], hidden)
     between = None if masks is None else (lambda layer, o: o * masks[layer])
     out_graph, h_n_graph = run_layers(x, start, lengths, shape, run_direction, between)
+    if kernel is not None:  # valued as the dequantized codes already (StraightThrough)
+        return out_graph, h_n_graph
     # Forward values stay the integer model's to the bit; gradients come from the graph.
+    out, h_n = _dequantized_outputs(out_codes, h_n_codes, programs, shape, x.dtype)
     return out + (out_graph - out_graph.detach()), h_n + (h_n_graph - h_n_graph.detach())
+
+
+def _dequantized_outputs(
+    out_codes: Tensor,
+    h_n_codes: Tensor,
+    programs: Sequence[DirectionProgram],
+    shape: GRUShape,
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor]:
+    """The last layer's output codes and every final state's, dequantized, in ``dtype``."""
+    num_dirs, hidden = shape.num_directions, shape.hidden_size
+    out = torch.cat(
+        [
+            _dequantize(out_codes[..., d * hidden : (d + 1) * hidden], p, "output.h")
+            for d, p in enumerate(programs[-num_dirs:])
+        ],
+        dim=-1,
+    ).to(dtype)
+    h_n = torch.stack(
+        [_dequantize(h_n_codes[i], p, "output.h") for i, p in enumerate(programs)]
+    ).to(dtype)
+    return out, h_n
 
 
 def build_programs(

@@ -25,7 +25,7 @@ from quant_gru.kernels.torch.quantized_forward import weight_point
 from quant_gru.kernels.torch.stack import DirectionWeights
 from quant_gru.kernels.triton.derived import DerivedCache
 from quant_gru.kernels.triton.gru_backward import qat_direction_backward
-from quant_gru.kernels.triton.integer_constants import kernel_constants
+from quant_gru.kernels.triton.integer_constants import kernel_constants, magnitude
 from quant_gru.kernels.triton.integer_gru import QatSave, run_direction, stack_layers
 from quant_gru.kernels.triton.integer_projection import (
     WxMasks,
@@ -187,10 +187,10 @@ class _KernelQatDirection(torch.autograd.Function):
         b_hh: Tensor | None,
     ) -> tuple[Tensor, Tensor]:
         ctx.context = context
-        scale = context.program.formats["output.h"].scale
-        out = _dequantized(context.record.out, scale, x.dtype)
+        fmt = context.program.formats["output.h"]
+        out = _dequantized(context.record.out, fmt, x.dtype)
         ctx.save_for_backward(x, h0, w_ih, w_hh, b_ih, b_hh, out)
-        return out, _dequantized(context.record.h_n, scale, x.dtype)
+        return out, _dequantized(context.record.h_n, fmt, x.dtype)
 
     @staticmethod
     @once_differentiable  # the kernels' backward is not itself recorded
@@ -212,7 +212,7 @@ class _KernelQatDirection(torch.autograd.Function):
             context.reverse, dtype,
         )  # fmt: skip
 
-        x_value = _dequantized(record.x, fmt["input.x"].scale, dtype)
+        x_value = _dequantized(record.x, fmt["input.x"], dtype)
         if record.save.wx_masks is None:
             wx_value = F.linear(x_value, w_value, bw_value)
             grad_gx.mul_(_mask(wx_value, fmt["matmul.Wx"]))
@@ -223,7 +223,7 @@ class _KernelQatDirection(torch.autograd.Function):
         grad_w_ih = (rows.t() @ x_value.flatten(0, 1)).mul_(w_mask)
         grad_b_ih = rows.sum(0).mul_(bw_mask)
 
-        h0_value = _dequantized(record.h0, fmt["output.h"].scale, dtype)
+        h0_value = _dequantized(record.h0, fmt["output.h"], dtype)
         grad_w_hh = torch.empty(w_hh.shape, dtype=torch.float32, device=x.device)
         recurrent_weight_grad([(grad_rh, grad_w_hh)], out, h0_value, lengths, context.reverse)
         grad_w_hh = grad_w_hh.to(dtype).mul_(r_mask)
@@ -256,11 +256,18 @@ def _weight_points(
     return [weight_point(program, quant, n, v) for n, v in zip(names, values, strict=True)]
 
 
-def _dequantized(codes: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
-    """Zero-corrected codes' values s (q - zp) in ``dtype``: quantize.scales.dequantize's, to
-    the bit in float32 for codes below 2^24 in magnitude (one rounding of the exact product
-    either way), in one pass of float32 arithmetic."""
-    return (codes.to(torch.float32) * float(scale)).to(dtype)
+def _dequantized(codes: Tensor, fmt: ActivationFormat, dtype: torch.dtype) -> Tensor:
+    """Zero-corrected codes' values s (q - zp) in ``dtype``, to the bit as
+    quantize.scales.dequantize's float64 values converted to ``dtype``: in one pass of float32
+    arithmetic for a float32 model whose codes lie below 2^24 in magnitude (the scale is a
+    float32 value: one rounding of the exact product either way), else through float64 (a
+    float32 product rounded again to a 16-bit type could differ)."""
+    if dtype == torch.float32 and magnitude(fmt) < _FLOAT32_INTEGERS:
+        return codes.to(torch.float32) * float(fmt.scale)
+    return (codes.to(torch.float64) * float(fmt.scale)).to(dtype)
+
+
+_FLOAT32_INTEGERS = 2**24  # float32 holds every integer below this exactly
 
 
 def _mask(value: Tensor, fmt: ActivationFormat) -> Tensor:
