@@ -88,19 +88,18 @@ def magnitude(fmt: ActivationFormat) -> int:
 
 @dataclass(frozen=True)
 class _Static:
-    """The part of the constants that depends on the quantization parameters alone."""
+    """The part of the constants that depends on the quantization parameters alone (the
+    weights' codes enter only through their formats' ranges: no read back from the device,
+    which would wait for its queue at every weight update)."""
 
-    specialization: tuple[int, ...]  # RH_SHIFT left -1: the kernel constants decide it
+    specialization: tuple[int, ...]
     tables: Tensor
     output_scale: Tensor
-    rh_multipliers: Tensor  # (2, 3H): m and n of matmul.Rh
-    rh_shared: tuple[int, Tensor] | None  # a shift N for every channel and m scaled to it
-    rh_shared_any: bool  # whether rh_shared holds for every term integer (else: NARROW ones)
+    rh_multipliers: Tensor  # (2, 3H): m and n of matmul.Rh (m scaled to a shared shift)
     h_digits: int
     h_offset: int
-    h_magnitude: int  # the largest |rshr(q - zp, e_c)| of the state
-    narrow_terms: bool  # every term but matmul.Rh's passes the NARROW test
-    short_terms: bool  # and the SHORT one (with the tables)
+    r_digits: int
+    narrow: int  # KernelConstants.narrow
 
 
 # Static parts by (id of the program's terms, device). A DirectionProgram shares its terms
@@ -154,21 +153,35 @@ def _make_static(program: DirectionProgram, device: torch.device) -> _Static:
     put(layout.H_OPERAND_SHIFT, h_shift)
     put(layout.H_DIGIT_OFFSET, offset)
     put(layout.RH_SHIFT, -1)
+
+    hidden = program.hidden_size
+    weight_low, weight_high = shifted_range(program, "weight.R", rh_dot.operand_shifts[0])
+    r_digits = digits_for_values(weight_low, weight_high)
+    if hidden * min(h_digits, r_digits) > MAX_PRODUCT_TERMS:
+        raise ValueError(
+            f"hidden_size {hidden} is too large for exact int32 sums of "
+            f"{min(h_digits, r_digits)}-digit products (at most {MAX_PRODUCT_TERMS})"
+        )
+    h_magnitude = max(abs(h_low), abs(h_high))  # the largest |rshr(q - zp, e_c)| of the state
+    recurrent_bound = max(abs(weight_low), abs(weight_high)) * h_magnitude * hidden
+    narrow = _narrow_terms(program) and plain_term(rh_dot, recurrent_bound)
+    short = narrow and _short_terms(program) and term_bound(rh_dot, recurrent_bound) < SHORT_LIMIT
+    multipliers = torch.stack([_channels(rh_dot.m, rows), _channels(rh_dot.n, rows)])
     shared = _shared_shift(rh_dot, rows)
+    # One shift for every channel where that is exact for every term integer, or for the
+    # NARROW kernel's (below 2^31).
+    if shared is not None and (narrow or shared[2]):
+        multipliers = torch.stack([shared[1], multipliers[1]])
+        put(layout.RH_SHIFT, shared[0])
     return _Static(
         specialization=tuple(scalars),
         tables=torch.stack([program.tables[name].y for name in layout.TABLES]).to(device),
         output_scale=torch.tensor([fmt["output.h"].scale], dtype=torch.float64, device=device),
-        rh_multipliers=torch.stack([_channels(rh_dot.m, rows), _channels(rh_dot.n, rows)]).to(
-            device
-        ),
-        rh_shared=None if shared is None else (shared[0], shared[1].to(device)),
-        rh_shared_any=shared is not None and shared[2],
+        rh_multipliers=multipliers.to(device),
         h_digits=h_digits,
         h_offset=offset,
-        h_magnitude=max(abs(h_low), abs(h_high)),
-        narrow_terms=_narrow_terms(program),
-        short_terms=_short_terms(program),
+        r_digits=r_digits,
+        narrow=2 if short else int(narrow),
     )
 
 
@@ -188,45 +201,27 @@ def _make_constants(program: DirectionProgram, device: torch.device) -> KernelCo
     (rh_dot,) = terms["matmul.Rh"]
     weight = program.weight_R.to(device, torch.int64)
     weight = rounding_right_shift(weight, rh_dot.operand_shifts[0])
-    # Bounds from the codes' range, not their values: reading those back would wait for the
-    # device's queue every time the weights change (every training step in QAT).
-    weight_low, weight_high = shifted_range(program, "weight.R", rh_dot.operand_shifts[0])
-    r_digits = digits_for_values(weight_low, weight_high)
-    if hidden * min(static.h_digits, r_digits) > MAX_PRODUCT_TERMS:
-        raise ValueError(
-            f"hidden_size {hidden} is too large for exact int32 sums of "
-            f"{min(static.h_digits, r_digits)}-digit products (at most {MAX_PRODUCT_TERMS})"
-        )
     # o * rowsum(R) wraps modulo 2^64 like the kernel's sums (integer_digits).
     correction = weight.sum(dim=1) * static.h_offset
     rb_bias = apply_term(program.bias_r.to(device, torch.int64), terms["op.Rh_add_br"][1])
-    recurrent_bound = max(abs(weight_low), abs(weight_high)) * static.h_magnitude * hidden
-    narrow = static.narrow_terms and plain_term(rh_dot, recurrent_bound)
-    short = narrow and static.short_terms and term_bound(rh_dot, recurrent_bound) < SHORT_LIMIT
-    if short:
+    if static.narrow == 2:
         # clamp(t + b, lo, hi) with |t|, |lo|, |hi| < 2^29 is the same for b and for b
         # saturated at +-2^30 (both sums lie past the range, on b's side), which the
         # SHORT kernel reads in int32.
         rb_bias = rb_bias.clamp(-_SHORT_BIAS, _SHORT_BIAS)
-    multipliers = static.rh_multipliers
-    specialization = static.specialization
-    if static.rh_shared is not None and (narrow or static.rh_shared_any):
-        shift, scaled = static.rh_shared
-        multipliers = torch.stack([scaled, multipliers[1]])
-        where = int(layout.RH_SHIFT.value)
-        specialization = (*specialization[:where], shift, *specialization[where + 1 :])
+    r_digits = static.r_digits
     digits = split_digits(weight, r_digits).view(r_digits, rows, hidden)
     return KernelConstants(
         digits=digits,
         words=packed_words(digits[0]) if r_digits == 1 and hidden % 4 == 0 else None,
-        rh=torch.cat([multipliers, correction[None]]).contiguous(),
+        rh=torch.cat([static.rh_multipliers, correction[None]]).contiguous(),
         rb_bias=rb_bias.expand(rows).contiguous(),
-        specialization=specialization,
+        specialization=static.specialization,
         tables=static.tables,
         output_scale=static.output_scale,
         h_digits=static.h_digits,
         r_digits=r_digits,
-        narrow=2 if short else int(narrow),
+        narrow=static.narrow,
     )
 
 
