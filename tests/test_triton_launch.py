@@ -4,11 +4,14 @@ parameter order, and on a GPU its launches compute what Triton's own launch comp
 
 from __future__ import annotations
 
+import os
 import types
 
 import pytest
 import torch
 
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # read when triton is first imported
 pytest.importorskip("triton")
 
 from quant_gru.kernels.triton import launch
@@ -129,3 +132,39 @@ def test_remembered_launches_compute_what_tritons_launch_computes():
         shifted = gru_direction_forward(gates_x, None, w_hh, b_hh, None, False)
         assert all(torch.equal(a, b) for a, b in zip(results[-1], shifted, strict=True))
     assert all(torch.equal(a, b) for a, b in zip(results[0], results[1], strict=True))
+
+
+def test_integer_kernels_launch_with_every_constexpr_named(monkeypatch):
+    """The integer kernels' launches give the launcher every runtime parameter in order and
+    every constexpr by name (its condition for remembering the compiled kernel), on the row
+    and on the tile kernel (interpreted here: the launches still pass through the launcher)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    from quant_gru import QuantGRU
+    from quant_gru.kernels.triton import integer_gru
+
+    seen = []
+    real_call = Launcher.__call__
+
+    def recording(self, grid, arguments, constants, warps):
+        seen.append((self._kernel, len(arguments), set(constants)))
+        return real_call(self, grid, arguments, constants, warps)
+
+    monkeypatch.setattr(Launcher, "__call__", recording)
+    torch.manual_seed(0)
+    model = QuantGRU(4, 8).to(device)
+    model.calibrating = True
+    with torch.no_grad():
+        model(torch.randn(3, 2, 4, device=device))
+    model.calibrating = False
+    model.use_quantization = True
+    model.backend = "triton"
+    for row_plans in (True, False):
+        if not row_plans:
+            monkeypatch.setattr(integer_gru, "row_plan_for", lambda *arguments: None)
+        with torch.no_grad():
+            model(torch.randn(3, 2, 4, device=device))
+    kernels = {integer_gru._launch_rows._kernel, integer_gru._launch_tiles._kernel}
+    launches = [entry for entry in seen if entry[0] in kernels]
+    assert {entry[0] for entry in launches} == kernels
+    for kernel, runtime, constants in launches:
+        assert set(kernel.arg_names[runtime:]) == constants

@@ -26,6 +26,7 @@ from quant_gru.kernels.triton.integer_kernel import _integer_gru_kernel
 from quant_gru.kernels.triton.integer_plans import IntegerPlan, integer_plan
 from quant_gru.kernels.triton.integer_projection import input_projection
 from quant_gru.kernels.triton.integer_row_kernel import _integer_gru_row_kernel
+from quant_gru.kernels.triton.launch import Launcher
 from quant_gru.kernels.triton.plans import (
     Plan,
     check_step_offsets,
@@ -39,6 +40,10 @@ from quant_gru.quantize.program import ACTIVATION_OPERATORS, DirectionProgram
 __all__ = ["triton_integer_gru"]
 
 PACKED_UNITS = 16  # the fewest units a row program packs its products for (dp4a)
+
+# Triton's own launch path spends tens of microseconds of host time a launch (launch.py).
+_launch_rows = Launcher(_integer_gru_row_kernel)
+_launch_tiles = Launcher(_integer_gru_kernel)
 
 
 def plan_for(
@@ -137,15 +142,22 @@ def run_direction(
         packed = constants.words is not None and rows.block_h >= PACKED_UNITS
         width = hidden // 4 if packed else hidden
         words = out if rows.single else zero_words(2, batch, width, device=device)
-        _integer_gru_row_kernel[rows.grid(batch, hidden)](
-            wx_codes, constants.words if packed else constants.digits, constants.rh,
-            constants.rb_bias, constants.tables, h0, lengths32, out, h_n, scale, words,
-            *(save.operands if save else (out, out, out)), steps, batch, hidden, out.stride(1),
-            REVERSE=reverse, BB=rows.block_b, BH=rows.block_h, BK=rows.block_k,
-            SINGLE=rows.single, HAS_LENGTHS=lengths is not None, NARROW=constants.narrow,
-            C=constants.specialization, OUT_FLOAT=floats is not None, PACKED=packed,
-            COMPILED=not interpreted(), SAVE=save is not None,
-            ROUND=save.rounding if save else 0, num_warps=rows.warps,
+        _launch_rows(
+            rows.grid(batch, hidden),
+            (
+                wx_codes, constants.words if packed else constants.digits, constants.rh,
+                constants.rb_bias, constants.tables, h0, lengths32, out, h_n, scale, words,
+                *(save.operands if save else (out, out, out)), steps, batch, hidden,
+                out.stride(1),
+            ),
+            dict(
+                REVERSE=reverse, BB=rows.block_b, BH=rows.block_h, BK=rows.block_k,
+                SINGLE=rows.single, HAS_LENGTHS=lengths is not None, NARROW=constants.narrow,
+                C=constants.specialization, OUT_FLOAT=floats is not None, PACKED=packed,
+                COMPILED=not interpreted(), SAVE=save is not None,
+                ROUND=save.rounding if save else 0,
+            ),
+            rows.warps,
         )  # fmt: skip
         return out, h_n, traced
     plan = plan_for(batch, hidden, constants, device)
@@ -154,17 +166,23 @@ def run_direction(
         end = min(batch, start + plan.launch_rows)
         grid = (triton.cdiv(end - start, plan.block_b), triton.cdiv(hidden, plan.block_h))
         counters = torch.zeros(grid[0], dtype=torch.int32, device=device)
-        _integer_gru_kernel[grid](
-            wx_codes, constants.digits, constants.rh, constants.rb_bias,
-            constants.tables, h0, lengths32, out, h_n, scale,
-            out if traced is None else traced, *(save.operands if save else (out, out, out)),
-            exchange, counters, steps, batch, hidden, out.stride(1), start, end,
-            REVERSE=reverse, BB=plan.block_b, BH=plan.block_h, BK=plan.block_k,
-            H_DIGITS=constants.h_digits, R_DIGITS=constants.r_digits,
-            HAS_LENGTHS=lengths is not None, TRACE=traced is not None, NARROW=constants.narrow,
-            RESIDENT=plan.resident, CHUNKS=plan.chunks(hidden), C=constants.specialization,
-            OUT_FLOAT=floats is not None, SAVE=save is not None,
-            ROUND=save.rounding if save else 0, num_warps=plan.warps,
+        _launch_tiles(
+            grid,
+            (
+                wx_codes, constants.digits, constants.rh, constants.rb_bias,
+                constants.tables, h0, lengths32, out, h_n, scale,
+                out if traced is None else traced, *(save.operands if save else (out, out, out)),
+                exchange, counters, steps, batch, hidden, out.stride(1), start, end,
+            ),
+            dict(
+                REVERSE=reverse, BB=plan.block_b, BH=plan.block_h, BK=plan.block_k,
+                H_DIGITS=constants.h_digits, R_DIGITS=constants.r_digits,
+                HAS_LENGTHS=lengths is not None, TRACE=traced is not None,
+                NARROW=constants.narrow, RESIDENT=plan.resident, CHUNKS=plan.chunks(hidden),
+                C=constants.specialization, OUT_FLOAT=floats is not None, SAVE=save is not None,
+                ROUND=save.rounding if save else 0,
+            ),
+            plan.warps,
         )  # fmt: skip
     return out, h_n, traced
 
