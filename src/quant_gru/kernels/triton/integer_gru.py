@@ -12,7 +12,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-import triton
 from torch import Tensor
 
 from quant_gru.kernels.torch.quant_gru import apply_term, prepared_codes
@@ -29,6 +28,7 @@ from quant_gru.kernels.triton.integer_row_kernel import _integer_gru_row_kernel
 from quant_gru.kernels.triton.launch import Launcher
 from quant_gru.kernels.triton.plans import (
     Plan,
+    ceil_div,
     check_step_offsets,
     forward_plan,
     interpreted,
@@ -164,7 +164,7 @@ def run_direction(
     exchange = torch.empty(2, constants.h_digits, batch, hidden, dtype=torch.int8, device=device)
     for start in range(0, batch, plan.launch_rows):
         end = min(batch, start + plan.launch_rows)
-        grid = (triton.cdiv(end - start, plan.block_b), triton.cdiv(hidden, plan.block_h))
+        grid = (ceil_div(end - start, plan.block_b), ceil_div(hidden, plan.block_h))
         counters = torch.zeros(grid[0], dtype=torch.int32, device=device)
         _launch_tiles(
             grid,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-import triton
+from quant_gru.kernels.triton.plans import ceil_div, power_of_two
 
 ROW_TILES = (16, 32, 64, 128)  # tl.dot takes at least 16 rows
 UNIT_TILES = (16, 32, 64, 128, 256)
@@ -44,7 +44,7 @@ class IntegerPlan:
 
     def chunks(self, hidden: int) -> int:
         """How many chunks of ``block_k`` cover H."""
-        return triton.cdiv(hidden, self.block_k)
+        return ceil_div(hidden, self.block_k)
 
 
 # Cached: a plan is made for every launch, and searching the tilings took about 160 us of host
@@ -58,23 +58,23 @@ def integer_plan(
     interpreter, where programs run one after another, so each batch tile is one program
     holding every unit). R's slice stays on chip only with one digit each (the kernel's
     single-product path)."""
-    full = max(UNIT_TILES[0], triton.next_power_of_2(hidden))
+    full = max(UNIT_TILES[0], power_of_two(hidden))
     block_k = max(MIN_CHUNK, min(CHUNK, full))
     one_digit = h_digits == 1 and r_digits == 1
 
     def resident(block_h: int) -> bool:
-        chunks = triton.cdiv(hidden, block_k)
+        chunks = ceil_div(hidden, block_k)
         return one_digit and 3 * block_h * chunks * block_k <= RESIDENT_BYTES
 
     if programs is None:
         return IntegerPlan(ROW_TILES[0], full, block_k, 4, resident(full), batch)
     best: tuple[tuple[int, int, int], IntegerPlan] | None = None
     for block_h in (u for u in UNIT_TILES if u <= full):
-        hidden_tiles = triton.cdiv(hidden, block_h)
+        hidden_tiles = ceil_div(hidden, block_h)
         if hidden_tiles > programs:
             continue
         for block_b in ROW_TILES:
-            batch_tiles = min(triton.cdiv(batch, block_b), programs // hidden_tiles)
+            batch_tiles = min(ceil_div(batch, block_b), programs // hidden_tiles)
             grid = batch_tiles * hidden_tiles
             on_chip = resident(block_h)
             slice_bytes = 0 if on_chip else 3 * block_h * hidden * r_digits
@@ -82,7 +82,7 @@ def integer_plan(
             warps = 8 if block_b * block_h >= LARGE_TILE else 4
             plan = IntegerPlan(block_b, block_h, block_k, warps, on_chip, batch_tiles * block_b)
             # Fewest launches, then most programs, then fewest bytes a step.
-            score = (triton.cdiv(batch, plan.launch_rows), -grid, step_bytes)
+            score = (ceil_div(batch, plan.launch_rows), -grid, step_bytes)
             if best is None or score < best[0]:
                 best = (score, plan)
     if best is None:

@@ -17,7 +17,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import triton
 from torch import Tensor
 
 from quant_gru.kernels.torch.quant_gru import apply_term, exact_int_matmul, rounding_right_shift
@@ -35,6 +34,7 @@ from quant_gru.kernels.triton.integer_digits import (
     digits_for_values,
     one_digit_products,
 )
+from quant_gru.kernels.triton.plans import ceil_div, power_of_two
 from quant_gru.kernels.triton.projection_kernel import (
     _projection_kernel,
     _quantize_kernel,
@@ -176,7 +176,7 @@ def float_input_projection(program: DirectionProgram, x: Tensor) -> Tensor | Non
     x = x.contiguous()
     digits = torch.empty(steps * batch, depth, dtype=torch.int8, device=x.device)
     if digits.numel():
-        _quantize_kernel[(triton.cdiv(digits.numel(), _QUANTIZE_BLOCK),)](
+        _quantize_kernel[(ceil_div(digits.numel(), _QUANTIZE_BLOCK),)](
             x, digits, digits.numel(), operands.x_format, operands.x_shift, operands.x_offset,
             BLOCK=_QUANTIZE_BLOCK,
         )  # fmt: skip
@@ -230,7 +230,7 @@ def codes_input_projection(program: DirectionProgram, below: Sequence[Tensor]) -
             int(term.m.item()), int(term.n.item()), term.pre_shift, low, high,
             operands.x_shift, operands.x_offset,
         )  # fmt: skip
-        _requantize_kernel[(triton.cdiv(values.numel(), _QUANTIZE_BLOCK),)](
+        _requantize_kernel[(ceil_div(values.numel(), _QUANTIZE_BLOCK),)](
             values.contiguous(), digits, steps * batch, hidden, width, direction * hidden,
             C=constants, BLOCK=_QUANTIZE_BLOCK,
         )  # fmt: skip
@@ -252,10 +252,10 @@ def _digit_projection(
     wx = program.formats["matmul.Wx"]
     codes = torch.empty(rows, columns, dtype=code_type(wx), device=digits.device)
     if rows and columns:
-        block_m = min(_TILE_M, max(16, triton.next_power_of_2(rows)))
-        block_n = min(_TILE_N, max(16, triton.next_power_of_2(columns)))
-        block_k = max(32, min(_CHUNK, triton.next_power_of_2(depth)))
-        grid = (triton.cdiv(rows, block_m), triton.cdiv(columns, block_n))
+        block_m = min(_TILE_M, max(16, power_of_two(rows)))
+        block_n = min(_TILE_N, max(16, power_of_two(columns)))
+        block_k = max(32, min(_CHUNK, power_of_two(depth)))
+        grid = (ceil_div(rows, block_m), ceil_div(columns, block_n))
         dot = program.terms["matmul.Wx"][0]
         _projection_kernel[grid](
             digits, operands.digits, operands.multiplier, operands.shift, operands.correction,

@@ -100,7 +100,7 @@ class Plan:
     single: bool = False
 
     def grid(self, batch: int, hidden: int) -> tuple[int, int]:
-        return _ceil_div(batch, self.block_b), _ceil_div(hidden, self.block_h)
+        return ceil_div(batch, self.block_b), ceil_div(hidden, self.block_h)
 
     def resident_chunks(self, hidden: int) -> int:
         """How many K chunks of ``block_k`` hold a resident R slice (1 when not resident)."""
@@ -148,16 +148,16 @@ def batch_limit(device: torch.device) -> int | None:
 
 
 def padded(hidden: int) -> int:
-    return max(16, _power_of_two(hidden))
+    return max(16, power_of_two(hidden))
 
 
 # Plain integer helpers: triton.cdiv and triton.next_power_of_2 are constexpr functions whose
 # calls from Python cost microseconds each, and Plan.grid runs on every launch.
-def _ceil_div(numerator: int, denominator: int) -> int:
+def ceil_div(numerator: int, denominator: int) -> int:
     return -(-numerator // denominator)
 
 
-def _power_of_two(n: int) -> int:
+def power_of_two(n: int) -> int:
     """The smallest power of two at least ``n`` (1 for n <= 1)."""
     return 1 << max(0, n - 1).bit_length()
 
@@ -168,9 +168,9 @@ def _fewest_units(row_tiles: int, hidden: int, smallest: int, programs: int) -> 
     a batch tile is too many."""
     full = padded(hidden)
     block_h = smallest
-    while block_h < full and row_tiles * _ceil_div(hidden, block_h) > programs:
+    while block_h < full and row_tiles * ceil_div(hidden, block_h) > programs:
         block_h *= 2
-    return None if row_tiles * _ceil_div(hidden, block_h) > programs else block_h
+    return None if row_tiles * ceil_div(hidden, block_h) > programs else block_h
 
 
 def row_plan(
@@ -197,7 +197,7 @@ def _row_plan(
         wide_rows = ROW_WIDE_MAX_ROWS if element_size == 4 else ROW_WIDE_MAX_ROWS_16_BIT
         return _wide_row_plan(batch, hidden, programs, wide_rows)
     full = padded(hidden)
-    block_k = max(16, _power_of_two(3 * hidden)) if backward else full
+    block_k = max(16, power_of_two(3 * hidden)) if backward else full
     per_unit = block_k if backward else 3 * full
     if programs is None:
         block_h = full  # one hidden tile: no register budget to respect under the interpreter
@@ -240,7 +240,7 @@ def _wide_row_plan(batch: int, hidden: int, programs: int | None, max_rows: int)
     if 3 * block_h * full > ROW_REGISTER_ELEMENTS:
         return None
     for block_b in range(1, max_rows + 1):
-        if _ceil_div(batch, block_b) * _ceil_div(hidden, block_h) <= programs:
+        if ceil_div(batch, block_b) * ceil_div(hidden, block_h) <= programs:
             return Plan(rows=True, block_b=block_b, block_h=block_h, block_k=full, warps=8)
     return None
 
@@ -293,11 +293,11 @@ def _resident_tiles(
         block_h //= 2
     if 3 * block_h * full * element_size > RESIDENT_BYTES:
         return None
-    rows = max(16, _power_of_two(batch))
+    rows = max(16, power_of_two(batch))
     for block_b in (16, 32, 64):
         if block_b > rows:
             break
-        if _ceil_div(batch, block_b) * _ceil_div(hidden, block_h) <= programs:
+        if ceil_div(batch, block_b) * ceil_div(hidden, block_h) <= programs:
             return block_b, block_h
     return None
 
@@ -333,14 +333,14 @@ def _least_reads(
     more) as small as fill the SMs once, the one whose program ``reads`` the fewest bytes
     from L2 a step (the fewer rows on a tie). Under the interpreter: one program a batch tile
     of up to 64 rows."""
-    rows = max(16, _power_of_two(batch))
+    rows = max(16, power_of_two(batch))
     if programs is None:
         return min(64, rows), padded(hidden)
     best: tuple[int, int, int] | None = None
     for block_b in (16, 32, 64):
         if block_b > rows:
             break
-        block_h = _fewest_units(_ceil_div(batch, block_b), hidden, smallest, programs)
+        block_h = _fewest_units(ceil_div(batch, block_b), hidden, smallest, programs)
         if block_h is None:
             continue
         cost = reads(block_b, block_h)
@@ -348,7 +348,7 @@ def _least_reads(
             best = (cost, block_b, block_h)
     if best is None:
         raise ValueError(
-            f"batch {batch} needs {_ceil_div(batch, 64)} batch tiles, more than the {programs} "
+            f"batch {batch} needs {ceil_div(batch, 64)} batch tiles, more than the {programs} "
             "SMs the persistent kernel can keep resident"
         )
     return best[1], best[2]
@@ -449,11 +449,11 @@ def tile_candidates(
     if programs is None:
         return []
     full = padded(hidden)
-    rows = max(16, _power_of_two(batch))
+    rows = max(16, power_of_two(batch))
     plans = []
     for block_b in (16, 32, 64):
         for block_h in (8, 16, 32, 64) if backward else (8, 16, 32):
-            grid = _ceil_div(batch, block_b) * _ceil_div(hidden, block_h)
+            grid = ceil_div(batch, block_b) * ceil_div(hidden, block_h)
             if block_b > rows or block_h >= full or grid > programs:
                 continue
             if backward:
