@@ -53,7 +53,12 @@ from quant_gru.kernels.triton.integer_layout import (
     TERM_Z_FROM_WX,
     WX_ZERO_POINT,
 )
-from quant_gru.kernels.triton.qat_save import _qat_channels, _qat_save
+from quant_gru.kernels.triton.qat_save import (
+    _qat_channels,
+    _save_gates,
+    _save_recurrent,
+    _save_state,
+)
 from quant_gru.kernels.triton.sync import _barrier
 
 _TERM_BOUND = tl.constexpr(2**60)  # §4: every term saturates to [-2^60, 2^60]
@@ -363,17 +368,20 @@ def _channel_constants(
 @triton.jit
 def _gru_step(
     sum_r, sum_z, sum_n, wx_r, wx_z, wx_n, h, channels, C: tl.constexpr, tables,
-    NARROW: tl.constexpr,
+    NARROW: tl.constexpr, SAVE: tl.constexpr = False, save=None, ROUND: tl.constexpr = 0,
 ):  # fmt: skip
     """Every operator of §7 after the recurrent product, for a block of units: from the
     recurrent sums (int64, before the offset's correction), matmul.Wx's values and the state
     (zero-corrected). Returns the 15 traced operators' values (integer_layout.TRACE_BLOCKS'
-    order) and the new state, last."""
+    order) and the new state, last. SAVE: stores what QAT's backward reads as the step goes
+    (qat_save.py; ``save`` as its parts take it)."""
     m_r, m_z, m_n, n_r, n_z, n_n, c_r, c_z, c_n, b_r, b_z, b_n = channels
     # matmul.Rh and op.Rh_add_br, per gate (per-channel constants).
     rh_r = _clamp(_rh_term(sum_r, m_r, n_r, c_r, C, NARROW), C, RANGE_RH)
     rh_z = _clamp(_rh_term(sum_z, m_z, n_z, c_z, C, NARROW), C, RANGE_RH)
     rh_n = _clamp(_rh_term(sum_n, m_n, n_n, c_n, C, NARROW), C, RANGE_RH)
+    if SAVE:
+        _save_recurrent(save, (sum_r, sum_z, sum_n), channels, (rh_r, rh_z, rh_n), ROUND)
     rb_r = _clamp(_term(rh_r, C, TERM_RB_FROM_RH, NARROW) + b_r, C, RANGE_RB)
     rb_z = _clamp(_term(rh_z, C, TERM_RB_FROM_RH, NARROW) + b_z, C, RANGE_RB)
     rb_n = _clamp(_term(rh_n, C, TERM_RB_FROM_RH, NARROW) + b_n, C, RANGE_RB)
@@ -389,6 +397,10 @@ def _gru_step(
     z = _activation(z_pre, C, tables, TABLE_Z, 1, NARROW)
     rrh = _product(r, rb_n, C, SHIFTS_RRH, NARROW)
     rrh = _clamp(_term(rrh, C, TERM_RRH, NARROW), C, RANGE_RRH)
+    if SAVE:
+        z_value, z_slope = _save_gates(
+            save, wx_r, wx_z, rb_r, rb_z, rb_n, r_pre, z_pre, r, z, rrh, ROUND
+        )
     g_pre = _term(wx_n, C, TERM_G_FROM_WX, NARROW)
     g_pre += _term(rrh, C, TERM_G_FROM_RRH, NARROW)
     g_pre = _clamp(g_pre, C, RANGE_G_PRE)
@@ -404,6 +416,8 @@ def _gru_step(
     h_new = _term(old, C, TERM_H_FROM_OLD, NARROW)
     h_new += _term(new, C, TERM_H_FROM_NEW, NARROW)
     h_new = _clamp(h_new, C, RANGE_H)
+    if SAVE:
+        _save_state(save, wx_n, rrh, g_pre, g, old, new, h, z_value, z_slope, ROUND)
     return rh_r, rh_z, rh_n, rb_r, rb_z, rb_n, r_pre, z_pre, r, z, rrh, g_pre, g, old, new, h_new
 
 
@@ -504,7 +518,14 @@ def _integer_gru_kernel(
                 BB, BH, BK, H_DIGITS, R_DIGITS,
             )  # fmt: skip
 
-        values = _gru_step(sum_r, sum_z, sum_n, wx_r, wx_z, wx_n, h, channels, C, tables, NARROW)
+        if SAVE:
+            save = (save_ptr, mask_ptr, t, batch, rows, units, hidden, own, qat_ptr, qat_channels)
+        else:
+            save = None
+        values = _gru_step(
+            sum_r, sum_z, sum_n, wx_r, wx_z, wx_n, h, channels, C, tables, NARROW, SAVE, save,
+            ROUND,
+        )  # fmt: skip
         h_new = values[15]
 
         active = (t < length)[:, None]
@@ -518,11 +539,6 @@ def _integer_gru_kernel(
                 # to compile for sm_90a (Triton 3.6: "operand #1 does not dominate this use"
                 # in the layout conversions) for a general (int64) kernel of the sweep.
                 tl.store(row + i * hidden, tl.where(own, values[i], 0), mask=own)
-        if SAVE:
-            _qat_save(
-                save_ptr, mask_ptr, t, batch, rows, units, hidden, own, (sum_r, sum_z, sum_n),
-                (wx_r, wx_z, wx_n), h, values, qat_channels, channels, qat_ptr, ROUND,
-            )  # fmt: skip
         h = tl.where(active, h_new, h)
         wx_r, wx_z, wx_n = next_r, next_z, next_n
 

@@ -31,7 +31,7 @@ from quant_gru.kernels.triton.integer_kernel import (
     _state_digit,
     _wx_step,
 )
-from quant_gru.kernels.triton.qat_save import _qat_channels, _qat_save
+from quant_gru.kernels.triton.qat_save import _qat_channels
 from quant_gru.kernels.triton.sync import _await_bits, _publish_bits
 
 
@@ -177,17 +177,19 @@ def _integer_gru_row_kernel(
             sum_r = tl.sum(y * w_r, axis=1).to(tl.int64)
             sum_z = tl.sum(y * w_z, axis=1).to(tl.int64)
             sum_n = tl.sum(y * w_n, axis=1).to(tl.int64)
-        values = _gru_step(sum_r, sum_z, sum_n, wx_r, wx_z, wx_n, h, channels, C, tables, NARROW)
+        if SAVE:
+            save = (save_ptr, mask_ptr, t, batch, rows, units, hidden, own, qat_ptr, qat_channels)
+        else:
+            save = None
+        values = _gru_step(
+            sum_r, sum_z, sum_n, wx_r, wx_z, wx_n, h, channels, C, tables, NARROW, SAVE, save,
+            ROUND,
+        )  # fmt: skip
         h_new = values[15]
 
         active = (t < length)[:, None]
         out = out_ptr + (t * batch + rows[:, None]) * out_stride + units[None, :]
         tl.store(out, _output(tl.where(active, h_new, 0), scale_ptr, out_ptr, OUT_FLOAT), mask=own)
-        if SAVE:
-            _qat_save(
-                save_ptr, mask_ptr, t, batch, rows, units, hidden, own, (sum_r, sum_z, sum_n),
-                (wx_r, wx_z, wx_n), h, values, qat_channels, channels, qat_ptr, ROUND,
-            )  # fmt: skip
         h = tl.where(active, h_new, h)
         wx_r, wx_z, wx_n = next_r, next_z, next_n
         if not SINGLE:

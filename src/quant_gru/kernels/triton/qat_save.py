@@ -236,32 +236,66 @@ def _recurrent_masks(v, channels, rh, qat, ROUND: tl.constexpr):
 
 
 @triton.jit
-def _qat_save(
-    save_ptr, mask_ptr, t, batch, rows, units, hidden, own, sums, wx, h, values, channels,
-    kernel_channels, qat, ROUND: tl.constexpr,
-):  # fmt: skip
-    """Store step ``t``'s coefficients ((T, B, 5H) at ``save_ptr``) and mask bytes ((T, B, H)
-    at ``mask_ptr``) for this program's block, from the step's codes: the recurrent sums
-    (before the digit offset's correction, which ``kernel_channels``, integer_kernel's
-    _channel_constants, hold), matmul.Wx's values, the state before the step and ``values``
-    (integer_kernel._gru_step's, zero-corrected); ``channels``: _qat_channels'."""
+def _save_rows(save_ptr, mask_ptr, t, batch, rows, units, hidden):
+    """Step ``t``'s rows of this program's block: in the coefficients (T, B, 5H) and in the
+    mask bytes (T, B, H)."""
     save_row = save_ptr + (t * batch + rows[:, None]) * (SAVE_BLOCKS * hidden) + units[None, :]
     mask_row = mask_ptr + (t * batch + rows[:, None]) * hidden + units[None, :]
-    v_r = sums[0] + kernel_channels[6]
-    v_z = sums[1] + kernel_channels[7]
-    v_n = sums[2] + kernel_channels[8]
-    wx_r, wx_z, wx_n = wx
-    rh_r, rh_z, rh_n, rb_r, rb_z, rb_n, r_pre, z_pre, r, z, rrh, g_pre, g, old, new, _ = values
-    bits = _recurrent_masks((v_r, v_z, v_n), channels, (rh_r, rh_z, rh_n), qat, ROUND)
+    return save_row, mask_row
 
+
+# What the kernels store for QAT, in three parts that integer_kernel._gru_step calls as soon as
+# the step has the codes each reads, so that those codes need not stay in registers until the
+# step's end (compiled for sm_90a at 64 x 32 tiles on 8 warps, storing everything at the end
+# spilled 0.93 KB a thread, in parts 0.48 KB; 16 x 16 tiles on 4 warps 0.14 KB and none).
+# ``save``: (save_ptr, mask_ptr, t, batch, rows, units, hidden, own, qat constants pointer,
+# _qat_channels' rows).
+
+
+@triton.jit
+def _save_recurrent(save, sums, kernel_channels, rh, ROUND: tl.constexpr):
+    """The mask byte: matmul.Rh's masks from the recurrent sums (before the digit offset's
+    correction, which ``kernel_channels``, integer_kernel's _channel_constants, hold) and
+    op.Rh_add_br's from matmul.Rh's codes ``rh``, per gate."""
+    save_ptr, mask_ptr, t, batch, rows, units, hidden, own, qat, channels = save
+    _, mask_row = _save_rows(save_ptr, mask_ptr, t, batch, rows, units, hidden)
+    v = (sums[0] + kernel_channels[6], sums[1] + kernel_channels[7], sums[2] + kernel_channels[8])
+    bits = _recurrent_masks(v, channels, rh, qat, ROUND)
+    tl.store(mask_row, bits.to(tl.int8), mask=own)
+
+
+@triton.jit
+def _save_gates(save, wx_r, wx_z, rb_r, rb_z, rb_n, r_pre, z_pre, r, z, rrh, ROUND: tl.constexpr):
+    """Er and En from the gates r and z and op.rRh's codes; returns what the state's part
+    reads of z: its value and the derivative of z^ with its masks (m_zpre m_zout σ'(z^))."""
+    save_ptr, mask_ptr, t, batch, rows, units, hidden, own, qat, _ = save
+    save_row, _ = _save_rows(save_ptr, mask_ptr, t, batch, rows, units, hidden)
     rb_n_value = _value(rb_n, qat, Q_RB, ROUND)
     r_in = _value(wx_r, qat, Q_WX, ROUND) + _value(rb_r, qat, Q_RB, ROUND)
     z_in = _value(wx_z, qat, Q_WX, ROUND) + _value(rb_z, qat, Q_RB, ROUND)
     r_sigmoid = _rounded(tl.sigmoid(_value(r_pre, qat, Q_R_PRE, ROUND)), ROUND)
     z_sigmoid = _rounded(tl.sigmoid(_value(z_pre, qat, Q_Z_PRE, ROUND)), ROUND)
     r_value = _value(r, qat, Q_R, ROUND)
-    z_value = _value(z, qat, Q_Z, ROUND)
     rrh_product = _rounded(r_value * rb_n_value, ROUND)
+    keep_rrh = _inside(rrh_product, qat, Q_RRH)
+    keep_r = _inside(_rounded(r_in, ROUND), qat, Q_R_PRE) & _inside(r_sigmoid, qat, Q_R)
+    keep_z = _inside(_rounded(z_in, ROUND), qat, Q_Z_PRE) & _inside(z_sigmoid, qat, Q_Z)
+    e_r = tl.where(keep_r & keep_rrh, rb_n_value * (r_sigmoid * (1.0 - r_sigmoid)), 0.0)
+    e_n = tl.where(keep_rrh, r_value, 0.0)
+    tl.store(save_row + 3 * hidden, e_r, mask=own)
+    tl.store(save_row + 4 * hidden, e_n, mask=own)
+    z_slope = tl.where(keep_z, z_sigmoid * (1.0 - z_sigmoid), 0.0)
+    return _value(z, qat, Q_Z, ROUND), z_slope
+
+
+@triton.jit
+def _save_state(
+    save, wx_n, rrh, g_pre, g, old, new, h, z_value, z_slope, ROUND: tl.constexpr
+):  # fmt: skip
+    """P, Ez and Eg from the candidate, the state before the step (``h``) and the new state's
+    parts, with z's value and slope from _save_gates."""
+    save_ptr, mask_ptr, t, batch, rows, units, hidden, own, qat, _ = save
+    save_row, _ = _save_rows(save_ptr, mask_ptr, t, batch, rows, units, hidden)
     g_in = _value(wx_n, qat, Q_WX, ROUND) + _value(rrh, qat, Q_RRH, ROUND)
     g_tanh = _rounded(2.0 * tl.sigmoid(2.0 * _value(g_pre, qat, Q_G_PRE, ROUND)) - 1.0, ROUND)
     g_value = _value(g, qat, Q_G, ROUND)
@@ -269,24 +303,13 @@ def _qat_save(
     old_product = _rounded(z_value * h_value, ROUND)
     new_product = _rounded(_rounded(1.0 - z_value, ROUND) * g_value, ROUND)
     h_sum = _value(old, qat, Q_OLD, ROUND) + _value(new, qat, Q_NEW, ROUND)
-
     keep_h = _inside(_rounded(h_sum, ROUND), qat, Q_H)
     keep_old = keep_h & _inside(old_product, qat, Q_OLD)
     keep_new = keep_h & _inside(new_product, qat, Q_NEW)
-    keep_rrh = _inside(rrh_product, qat, Q_RRH)
-    keep_r = _inside(_rounded(r_in, ROUND), qat, Q_R_PRE) & _inside(r_sigmoid, qat, Q_R)
-    keep_z = _inside(_rounded(z_in, ROUND), qat, Q_Z_PRE) & _inside(z_sigmoid, qat, Q_Z)
     keep_g = _inside(_rounded(g_in, ROUND), qat, Q_G_PRE) & _inside(g_tanh, qat, Q_G)
-
     p = tl.where(keep_old, z_value, 0.0)
     carried = tl.where(keep_old, h_value, 0.0) - tl.where(keep_new, g_value, 0.0)
-    e_z = tl.where(keep_z, z_sigmoid * (1.0 - z_sigmoid), 0.0) * carried
     e_g = tl.where(keep_g & keep_new, (1.0 - z_value) * (1.0 - g_tanh * g_tanh), 0.0)
-    e_r = tl.where(keep_r & keep_rrh, rb_n_value * (r_sigmoid * (1.0 - r_sigmoid)), 0.0)
-    e_n = tl.where(keep_rrh, r_value, 0.0)
     tl.store(save_row, p, mask=own)
-    tl.store(save_row + hidden, e_z, mask=own)
+    tl.store(save_row + hidden, z_slope * carried, mask=own)
     tl.store(save_row + 2 * hidden, e_g, mask=own)
-    tl.store(save_row + 3 * hidden, e_r, mask=own)
-    tl.store(save_row + 4 * hidden, e_n, mask=own)
-    tl.store(mask_row, bits.to(tl.int8), mask=own)
