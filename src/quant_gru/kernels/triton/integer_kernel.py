@@ -56,6 +56,7 @@ from quant_gru.kernels.triton.integer_layout import (
 from quant_gru.kernels.triton.qat_save import (
     _qat_channels,
     _save_gates,
+    _save_place,
     _save_recurrent,
     _save_state,
 )
@@ -486,8 +487,7 @@ def _integer_gru_kernel(
     _barrier(counter, hidden_tiles)
 
     channels = _channel_constants(rh_ptr, rb_bias_ptr, units, unit_ok, hidden, C, NARROW)
-    if SAVE:
-        qat_channels = _qat_channels(qat_ptr, units, unit_ok, hidden)
+    qat_channels = _qat_channels(qat_ptr, units, unit_ok, hidden, SAVE)
 
     if RESIDENT:
         w_r_all, w_z_all, w_n_all = _resident_digits(digits_ptr, units, unit_ok, hidden, BK, CHUNKS)
@@ -518,10 +518,9 @@ def _integer_gru_kernel(
                 BB, BH, BK, H_DIGITS, R_DIGITS,
             )  # fmt: skip
 
-        if SAVE:
-            save = (save_ptr, mask_ptr, t, batch, rows, units, hidden, own, qat_ptr, qat_channels)
-        else:
-            save = None
+        save = _save_place(
+            SAVE, save_ptr, mask_ptr, t, batch, rows, units, hidden, own, qat_ptr, qat_channels
+        )
         values = _gru_step(
             sum_r, sum_z, sum_n, wx_r, wx_z, wx_n, h, channels, C, tables, NARROW, SAVE, save,
             ROUND,

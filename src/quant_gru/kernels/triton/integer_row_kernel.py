@@ -31,7 +31,7 @@ from quant_gru.kernels.triton.integer_kernel import (
     _state_digit,
     _wx_step,
 )
-from quant_gru.kernels.triton.qat_save import _qat_channels
+from quant_gru.kernels.triton.qat_save import _qat_channels, _save_place
 from quant_gru.kernels.triton.sync import _await_bits, _publish_bits
 
 
@@ -132,8 +132,7 @@ def _integer_gru_row_kernel(
     length = _lengths(lengths_ptr, rows, row_ok, steps, BB, HAS_LENGTHS)
     h = _carried(tl.load(h0_ptr + own_offsets, mask=own, other=0), NARROW)
     channels = _channel_constants(rh_ptr, rb_bias_ptr, units, unit_ok, hidden, C, NARROW)
-    if SAVE:
-        qat_channels = _qat_channels(qat_ptr, units, unit_ok, hidden)
+    qat_channels = _qat_channels(qat_ptr, units, unit_ok, hidden, SAVE)
     if PACKED:
         width = hidden // 4  # the state's words a row
         w_r = _word_rows(digits_ptr, 0, units, unit_ok, hidden, BK)
@@ -177,10 +176,9 @@ def _integer_gru_row_kernel(
             sum_r = tl.sum(y * w_r, axis=1).to(tl.int64)
             sum_z = tl.sum(y * w_z, axis=1).to(tl.int64)
             sum_n = tl.sum(y * w_n, axis=1).to(tl.int64)
-        if SAVE:
-            save = (save_ptr, mask_ptr, t, batch, rows, units, hidden, own, qat_ptr, qat_channels)
-        else:
-            save = None
+        save = _save_place(
+            SAVE, save_ptr, mask_ptr, t, batch, rows, units, hidden, own, qat_ptr, qat_channels
+        )
         values = _gru_step(
             sum_r, sum_z, sum_n, wx_r, wx_z, wx_n, h, channels, C, tables, NARROW, SAVE, save,
             ROUND,

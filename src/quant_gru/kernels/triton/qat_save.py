@@ -212,14 +212,29 @@ def _inside(value, qat, POINT: tl.constexpr):
 
 
 @triton.jit
-def _qat_channels(qat, units, unit_ok, hidden):
+def _qat_channels(qat, units, unit_ok, hidden, SAVE):
     """This program's per-channel QAT constants, (1, BH) rows: matmul.Rh's σ per gate, then
-    weight.br's values per gate."""
+    weight.br's values per gate (none without SAVE). (Unannotated, as integer_kernel's
+    _resident_digits: mypy has no type for Triton's tuples; SAVE stays the caller's
+    constexpr.)"""
     channels = ()
-    for block in tl.static_range(6):
+    for block in tl.static_range(6 if SAVE else 0):
         row = tl.load(qat + Q_CHANNELS + block * hidden + units, mask=unit_ok, other=0.0)
         channels = channels + (row[None, :],)  # noqa: RUF005 (Triton's tuples take `+` only)
     return channels
+
+
+@triton.jit
+def _save_place(
+    SAVE: tl.constexpr, save_ptr, mask_ptr, t, batch, rows, units, hidden, own, qat, channels
+):  # fmt: skip
+    """The ``save`` argument of integer_kernel._gru_step for step ``t`` (None without
+    SAVE)."""
+    if SAVE:
+        place = (save_ptr, mask_ptr, t, batch, rows, units, hidden, own, qat, channels)
+    else:
+        place = None
+    return place
 
 
 @triton.jit
