@@ -309,7 +309,7 @@ def _short_terms(program: DirectionProgram) -> bool:
     terms below SHORT_LIMIT; in a table, the offset pre-activation, the span of its segments
     and a segment's rise times its remainder below 2^31."""
     fmt = program.formats
-    if not _narrow_terms(program) or any(magnitude(f) >= SHORT_LIMIT for f in fmt.values()):
+    if any(magnitude(f) >= SHORT_LIMIT for f in fmt.values()):
         return False
     if any(term_bound(term, bound) >= SHORT_LIMIT for term, bound in _term_checks(program)):
         return False

@@ -42,6 +42,7 @@ from quant_gru.kernels.triton.qat_save import (
 )
 from quant_gru.quantize.params import DirectionQuant
 from quant_gru.quantize.program import ActivationFormat, DirectionProgram
+from quant_gru.quantize.scales import dequantize
 
 __all__ = ["KernelQat"]
 
@@ -264,7 +265,7 @@ def _dequantized(codes: Tensor, fmt: ActivationFormat, dtype: torch.dtype) -> Te
     float32 product rounded again to a 16-bit type could differ)."""
     if dtype == torch.float32 and magnitude(fmt) < _FLOAT32_INTEGERS:
         return codes.to(torch.float32) * float(fmt.scale)
-    return (codes.to(torch.float64) * float(fmt.scale)).to(dtype)
+    return dequantize(codes, fmt.scale, 0).to(dtype)
 
 
 _FLOAT32_INTEGERS = 2**24  # float32 holds every integer below this exactly
