@@ -47,12 +47,14 @@ from quant_gru.quantize.requant import ceil_log2
 # Codes of matmul.Wx are kept in the narrowest of these that holds their range.
 _CODE_TYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 _QUANTIZE_BLOCK = 1024
-# Product tiles: measured on an H100 at (51200 x 1024) @ (1024 x 3072), 128 x 256 x 128 on 8
-# warps took 0.72 ms against 1.03 to 1.26 ms for 128 x 128 tiles (cuBLAS's int8 product alone,
-# without the epilogue: 0.54 ms).
-_TILE_M = 128
-_TILE_N = 256
-_CHUNK = 128  # the K chunk (int8 tl.dot takes K >= 32)
+# Product tiles (M, N, K chunk, warps, stages), measured on an H100 at (51200 x 1024) @ (1024 x
+# 3072) and (32768 x 512) @ (512 x 1536) among ten tilings: for codes alone 128 x 256 x 128 on 8
+# warps (0.75 and 0.25 ms; cuBLAS's int8 product without the epilogue 0.55 and 0.16 ms); with
+# QAT's masks too, whose float epilogue spills the larger tiles' registers, 64 x 128 x 128 on 4
+# warps (0.95 and 0.26 ms against 1.22 and 0.37 ms on the codes' tiles). int8 tl.dot takes
+# K >= 32.
+_CODE_TILES = (128, 256, 128, 8, 3)
+_MASK_TILES = (64, 128, 128, 4, 4)
 
 
 def code_type(fmt: ActivationFormat) -> torch.dtype:
@@ -252,9 +254,10 @@ def _digit_projection(
     wx = program.formats["matmul.Wx"]
     codes = torch.empty(rows, columns, dtype=code_type(wx), device=digits.device)
     if rows and columns:
-        block_m = min(_TILE_M, max(16, power_of_two(rows)))
-        block_n = min(_TILE_N, max(16, power_of_two(columns)))
-        block_k = max(32, min(_CHUNK, power_of_two(depth)))
+        tile_m, tile_n, chunk, warps, stages = _MASK_TILES if masks else _CODE_TILES
+        block_m = min(tile_m, max(16, power_of_two(rows)))
+        block_n = min(tile_n, max(16, power_of_two(columns)))
+        block_k = max(32, min(chunk, power_of_two(depth)))
         grid = (ceil_div(rows, block_m), ceil_div(columns, block_n))
         dot = program.terms["matmul.Wx"][0]
         _projection_kernel[grid](
@@ -264,6 +267,6 @@ def _digit_projection(
             *((masks.low, masks.high) if masks else (0.0, 0.0)),
             BM=block_m, BN=block_n, BK=block_k, PRE_SHIFT=dot.pre_shift, NARROW=operands.narrow,
             MASKS=masks is not None, ROUND=masks.rounding if masks else 0,
-            num_warps=8 if block_m * block_n >= 128 * 128 else 4, num_stages=3,
+            num_warps=warps if block_m * block_n >= 128 * 128 else 4, num_stages=stages,
         )  # fmt: skip
     return codes
