@@ -102,13 +102,12 @@ def measure(shape: tuple[int, int, int, int], repeats: int, qat: bool) -> dict:
         for tf32 in (False, True):
             name = "tf32" if tf32 else "fp32"
             _quantized(model, True, tf32)
-            count = max(3, repeats // 4)
-            qat_train, _ = paired_ms(_train(model, x), _train(cudnn, x), count)
+            qat_train, _ = paired_ms(_train(model, x), _train(cudnn, x), repeats)
             row["int8"][f"qat_train_{name}_ms"] = qat_train
             _quantized(model, False, tf32)
-            float_step, _ = paired_ms(_train(model, x, True), _train(cudnn, x, True), count)
+            float_step, _ = paired_ms(_train(model, x, True), _train(cudnn, x, True), repeats)
             _quantized(model, True, tf32)
-            qat_step, _ = paired_ms(_train(model, x, True), _train(cudnn, x, True), count)
+            qat_step, _ = paired_ms(_train(model, x, True), _train(cudnn, x, True), repeats)
             row["int8"][f"qat_updated_{name}_ms"] = qat_step
             row[name]["ours_train_updated_ms"] = float_step
         row["int8"]["qat_train_peak_mb"] = peak_mb(_train(model, x))

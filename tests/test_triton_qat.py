@@ -135,6 +135,35 @@ def test_qat_on_the_kernels_matches_the_graph(
             )
 
 
+def test_only_the_requested_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the input and some weights frozen and hx given without a gradient, the kernels'
+    backward returns the gradients asked for, each equal to the bit to the same gradient when
+    everything is asked for (the backward leaves the others out)."""
+    model = calibrated(5, 7, 1, False, 8, 0.0)
+    model.backend = "triton"
+    generator = torch.Generator().manual_seed(2)
+    x = (torch.randn(4, 3, 5, generator=generator) * 1.8).to(DEVICE)
+    hx = (torch.randn(1, 3, 7, generator=generator) * 0.8).to(DEVICE)
+
+    def gradients(frozen: tuple[str, ...], x_grad: bool) -> dict:
+        model.zero_grad(set_to_none=True)
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(name not in frozen)
+        source = x.clone().requires_grad_(x_grad)
+        out, h_n = model(source, hx)
+        (out.sum() + h_n.sum()).backward()
+        grads = {name: p.grad for name, p in model.named_parameters()}
+        return {"x": source.grad, **grads}
+
+    every = gradients((), True)
+    some = gradients(("weight_ih_l0", "bias_hh_l0"), False)
+    for name, grad in some.items():
+        if name in ("x", "weight_ih_l0", "bias_hh_l0"):
+            assert grad is None, name
+        else:
+            assert grad is not None and torch.equal(grad, every[name]), name
+
+
 @pytest.mark.parametrize(
     ("scale", "zero_point", "qmin", "qmax"),
     [

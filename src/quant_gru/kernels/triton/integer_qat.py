@@ -213,32 +213,34 @@ class _KernelQatDirection(torch.autograd.Function):
             context.reverse, dtype,
         )  # fmt: skip
 
-        x_value = _dequantized(record.x, fmt["input.x"], dtype)
+        # Only the gradients autograd asks for: each costs the host several operations, and
+        # the default initial state (zeros made by the caller) asks for none.
+        needs_x, needs_h0, needs_w_ih, needs_w_hh, needs_b_ih, needs_b_hh = ctx.needs_input_grad[1:]
+        if record.save.wx_masks is None or needs_w_ih:
+            x_value = _dequantized(record.x, fmt["input.x"], dtype)
         if record.save.wx_masks is None:
             wx_value = F.linear(x_value, w_value, bw_value)
             grad_gx.mul_(_mask(wx_value, fmt["matmul.Wx"]))
         else:
             grad_gx.mul_(record.save.wx_masks)
         rows = grad_gx.flatten(0, 1)
-        grad_x = (grad_gx @ w_value).mul_(_mask(x, fmt["input.x"]))
-        grad_w_ih = (rows.t() @ x_value.flatten(0, 1)).mul_(w_mask)
-        grad_b_ih = rows.sum(0).mul_(bw_mask)
-
-        h0_value = _dequantized(record.h0, fmt["output.h"], dtype)
-        grad_w_hh = torch.empty(w_hh.shape, dtype=torch.float32, device=x.device)
-        recurrent_weight_grad([(grad_rh, grad_w_hh)], out, h0_value, lengths, context.reverse)
-        grad_w_hh = grad_w_hh.to(dtype).mul_(r_mask)
-        grad_b_hh = grad_rb.flatten(0, 1).sum(0).to(dtype).mul_(br_mask)
-        grad_h = grad_h0.to(dtype).mul_(_mask(h0, fmt["output.h"]))
-        return (
-            None,
-            grad_x,
-            grad_h,
-            grad_w_ih,
-            grad_w_hh,
-            None if b_ih is None else grad_b_ih,
-            None if b_hh is None else grad_b_hh,
-        )
+        grad_x = grad_w_ih = grad_b_ih = grad_w_hh = grad_b_hh = grad_h = None
+        if needs_x:
+            grad_x = (grad_gx @ w_value).mul_(_mask(x, fmt["input.x"]))
+        if needs_w_ih:
+            grad_w_ih = (rows.t() @ x_value.flatten(0, 1)).mul_(w_mask)
+        if needs_b_ih:
+            grad_b_ih = rows.sum(0).mul_(bw_mask)
+        if needs_w_hh:
+            h0_value = _dequantized(record.h0, fmt["output.h"], dtype)
+            grad_w_hh = torch.empty(w_hh.shape, dtype=torch.float32, device=x.device)
+            recurrent_weight_grad([(grad_rh, grad_w_hh)], out, h0_value, lengths, context.reverse)
+            grad_w_hh = grad_w_hh.to(dtype).mul_(r_mask)
+        if needs_b_hh:
+            grad_b_hh = grad_rb.flatten(0, 1).sum(0).to(dtype).mul_(br_mask)
+        if needs_h0:
+            grad_h = grad_h0.to(dtype).mul_(_mask(h0, fmt["output.h"]))
+        return None, grad_x, grad_h, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh
 
 
 # The weights' points of a program: the program is made again whenever its weights change
