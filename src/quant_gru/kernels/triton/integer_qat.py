@@ -21,7 +21,6 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from quant_gru.kernels.torch.quant_gru import prepared_codes
-from quant_gru.kernels.torch.quantized_forward import weight_point
 from quant_gru.kernels.torch.stack import DirectionWeights
 from quant_gru.kernels.triton.derived import DerivedCache
 from quant_gru.kernels.triton.gru_backward import qat_direction_backward
@@ -40,6 +39,7 @@ from quant_gru.kernels.triton.qat_save import (
     qat_constants,
     rounding,
 )
+from quant_gru.kernels.triton.weight_points import kernel_weight_point
 from quant_gru.quantize.params import DirectionQuant
 from quant_gru.quantize.program import ActivationFormat, DirectionProgram
 from quant_gru.quantize.scales import dequantize
@@ -203,7 +203,7 @@ class _KernelQatDirection(torch.autograd.Function):
         points = _WEIGHT_POINTS.get(
             program,
             x.device,
-            lambda: _weight_points(program, quant, (w_ih, w_hh, b_ih, b_hh)),
+            lambda: _weight_points(quant, (w_ih, w_hh, b_ih, b_hh)),
             dtype,
         )
         (w_value, w_mask), (r_value, r_mask), (bw_value, bw_mask), (_, br_mask) = points
@@ -248,15 +248,13 @@ class _KernelQatDirection(torch.autograd.Function):
 _WEIGHT_POINTS: DerivedCache[list[tuple[Tensor, Tensor]]] = DerivedCache()
 
 
-def _weight_points(
-    program: DirectionProgram, quant: DirectionQuant, weights: DirectionWeights
-) -> list[tuple[Tensor, Tensor]]:
+def _weight_points(quant: DirectionQuant, weights: DirectionWeights) -> list[tuple[Tensor, Tensor]]:
     """(dequantized codes, clamp mask) of weight.W, weight.R, weight.bw and weight.br, in the
-    weights' type (absent biases: zeros)."""
+    weights' type (absent biases: zeros): quantized_forward.weight_point's, on the kernel."""
     w_ih, w_hh, b_ih, b_hh = weights
     names = ("weight.W", "weight.R", "weight.bw", "weight.br")
     values = (w_ih, w_hh, _bias(b_ih, w_ih), _bias(b_hh, w_hh))
-    return [weight_point(program, quant, n, v) for n, v in zip(names, values, strict=True)]
+    return [kernel_weight_point(v, quant[n]) for n, v in zip(names, values, strict=True)]
 
 
 def _dequantized(codes: Tensor, fmt: ActivationFormat, dtype: torch.dtype) -> Tensor:
