@@ -50,6 +50,10 @@ class StraightThrough(Protocol):
     type (quantize.scales.dequantize's float64 values, converted): those are then the
     forward's values themselves."""
 
+    def input_codes(self, x: Tensor, programs: Sequence[DirectionProgram]) -> Tensor:
+        """input_codes' codes of ``x``, which ``realization`` then receives."""
+        ...
+
     def realization(
         self, *arguments: Any, **options: Any
     ) -> tuple[Tensor, Tensor, list[Any] | None]: ...
@@ -136,9 +140,13 @@ def quantized_forward(
     kernel = None
     if records and model.straight_through is not None:
         kernel = model.straight_through(programs, model.quant, x.dtype)
+    if kernel is None:
+        realization, quantize_input = model.realization, input_codes
+    else:
+        realization, quantize_input = kernel.realization, kernel.input_codes
     out_codes, h_n_codes, traces = _integer_model(
-        x, h0_codes, lengths, shape, programs,
-        model.realization if kernel is None else kernel.realization, masks, records,
+        quantize_input(x, programs), h0_codes, lengths, shape, programs, realization, masks,
+        records, x.dtype,
     )  # fmt: skip
     hidden = shape.hidden_size
     if not records:
@@ -224,7 +232,7 @@ def input_codes(x: Tensor, programs: Sequence[DirectionProgram]) -> Tensor:
 
 
 def _integer_model(
-    x: Tensor,
+    x_codes: Tensor,
     h0_codes: Tensor,
     lengths: Tensor | None,
     shape: GRUShape,
@@ -232,11 +240,12 @@ def _integer_model(
     realization: Realization,
     masks: Sequence[Tensor] | None,
     trace: bool,
+    dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor, list[Any] | None]:
     """The codes of the whole stack. Without dropout the realization runs every layer (layer
     boundaries stay integer, §8); with dropout in training each layer runs alone and the
-    dropped-out dequantized output is quantized again for the next layer."""
-    x_codes = input_codes(x, programs)
+    dropped-out dequantized output is quantized again for the next layer. ``x_codes``: layer
+    0's input codes; ``dtype``: the model's type."""
     if masks is None:
         return realization(
             programs, x_codes, h0_codes, lengths, shape.num_layers, shape.bidirectional, trace
@@ -258,7 +267,7 @@ def _integer_model(
                     for d, p in enumerate(programs[pairs])
                 ],
                 dim=-1,
-            ).to(x.dtype)
+            ).to(dtype)
             x_codes = _quantize(values * masks[layer], programs[pairs.stop], "input.x")
     return out_codes, torch.cat(finals), traces if trace else None
 

@@ -132,14 +132,14 @@ def _make_operands(program: DirectionProgram, device: torch.device) -> Projectio
         multiplier=device_copy(dot.m, device, torch.int64).expand(rows).contiguous(),
         shift=device_copy(dot.n, device, torch.int64).expand(rows).contiguous(),
         narrow=narrow,
-        x_format=_input_format(fmt["input.x"], device),
+        x_format=input_format(fmt["input.x"], device),
     )
 
 
 # Cached: the operands are remade at every weight update, input.x's format only at a
 # calibration, and a copy from the host to the device waits for the device's queue.
 @functools.lru_cache(maxsize=64)
-def _input_format(fmt: ActivationFormat, device: torch.device) -> Tensor:
+def input_format(fmt: ActivationFormat, device: torch.device) -> Tensor:
     """input.x's scale, qmin - zp and qmax - zp, float64 on the device (a Python float would
     reach the kernel as float32)."""
     values = [fmt.scale, *zero_corrected_range(fmt)]
@@ -198,6 +198,18 @@ def digit_input_projection(
     operand = rounding_right_shift(x, operands.x_shift) - operands.x_offset
     digits = operand.to(torch.int8).reshape(steps * batch, depth)
     return _digit_projection(program, operands, digits, masks).view(steps, batch, -1)
+
+
+def digits_projection(
+    program: DirectionProgram, digits: Tensor, masks: WxMasks | None = None
+) -> Tensor | None:
+    """matmul.Wx's codes (rows, 3H) of the input operand's digits (rows, I) as the
+    projection kernels make them (rshr(q - zp, e) - o, int8, by ``program``'s operands), and
+    QAT's clamp masks into ``masks``; None when the operands do not take one digit each."""
+    operands = projection_operands(program, digits.device)
+    if operands.digits is None:
+        return None
+    return _digit_projection(program, operands, digits, masks)
 
 
 @dataclass(frozen=True)

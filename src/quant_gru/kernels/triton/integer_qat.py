@@ -29,9 +29,12 @@ from quant_gru.kernels.triton.integer_gru import QatSave, run_direction, stack_l
 from quant_gru.kernels.triton.integer_projection import (
     WxMasks,
     digit_input_projection,
+    digits_projection,
     input_projection,
+    projection_operands,
 )
 from quant_gru.kernels.triton.ops import recurrent_weight_grad
+from quant_gru.kernels.triton.qat_input import QatInput, qat_input
 from quant_gru.kernels.triton.qat_save import (
     COEFFICIENTS,
     point_thresholds,
@@ -59,6 +62,8 @@ class DirectionRecord:
     h_n: Tensor
     lengths: Tensor | None  # int32, on the device
     save: QatSave
+    # The first layer's: its input's dequantized codes and clamp mask (qat_input.py).
+    x_input: QatInput | None = None
 
 
 class KernelQat:
@@ -75,6 +80,13 @@ class KernelQat:
         self.quant, self.dtype, self.rounding = quant, dtype, rounding(dtype)
         # Realizations may get a layer's programs alone (dropout between layers).
         self._index = {id(program): i for i, program in enumerate(programs)}
+        self._input: QatInput | None = None
+
+    def input_codes(self, x: Tensor, programs: Sequence[DirectionProgram]) -> Tensor:
+        """quantized_forward.input_codes' codes of ``x``, made on one kernel with what the
+        first layer's projection and backward read of the input (qat_input.py)."""
+        self._input = qat_input(x, programs[0])
+        return self._input.codes
 
     def realization(
         self,
@@ -90,6 +102,8 @@ class KernelQat:
         per (layer, direction) of ``programs`` (those of this call, from any layer) as its
         traces, whatever ``trace`` says."""
         num_dirs = 2 if bidirectional else 1
+        # The first layer's input as input_codes made it (not a layer's above, with dropout).
+        first = self._input if self._input is not None and x_codes is self._input.codes else None
         x_codes, h0_codes, _ = prepared_codes(
             programs, x_codes, h0_codes, lengths, num_layers, num_dirs
         )
@@ -102,7 +116,15 @@ class KernelQat:
         ) -> tuple[Tensor, Tensor]:
             quant = self.quant[self._index[id(program)]]
             wx_masks: WxMasks | None = self._wx_masks(program, quant, x)
-            wx = digit_input_projection(program, x, wx_masks)
+            x_input = first if index < num_dirs else None
+            wx = None
+            if x_input is not None and x_input.digits is not None:
+                operands = projection_operands(program, x.device)
+                if (operands.x_shift, operands.x_offset) == x_input.operand:
+                    wx = digits_projection(program, x_input.digits, wx_masks)
+                    wx = None if wx is None else wx.view(*x.shape[:2], -1)
+            if wx is None:
+                wx = digit_input_projection(program, x, wx_masks)
             if wx is None:
                 wx_masks = None
                 wx = input_projection(program, x)
@@ -111,7 +133,7 @@ class KernelQat:
                 program, kernel_constants(program, x.device), wx, h0, lengths,
                 index % num_dirs == 1, False, save=save,
             )  # fmt: skip
-            records.append(DirectionRecord(x, out, h0, h_n, lengths, save))
+            records.append(DirectionRecord(x, out, h0, h_n, lengths, save, x_input))
             return out, h_n
 
         out_codes, h_n_codes = stack_layers(
@@ -216,7 +238,10 @@ class _KernelQatDirection(torch.autograd.Function):
         # Only the gradients autograd asks for: each costs the host several operations, and
         # the default initial state (zeros made by the caller) asks for none.
         needs_x, needs_h0, needs_w_ih, needs_w_hh, needs_b_ih, needs_b_hh = ctx.needs_input_grad[1:]
-        if record.save.wx_masks is None or needs_w_ih:
+        x_input = record.x_input
+        if x_input is not None:
+            x_value = x_input.value
+        elif record.save.wx_masks is None or needs_w_ih:
             x_value = _dequantized(record.x, fmt["input.x"], dtype)
         if record.save.wx_masks is None:
             wx_value = F.linear(x_value, w_value, bw_value)
@@ -226,7 +251,8 @@ class _KernelQatDirection(torch.autograd.Function):
         rows = grad_gx.flatten(0, 1)
         grad_x = grad_w_ih = grad_b_ih = grad_w_hh = grad_b_hh = grad_h = None
         if needs_x:
-            grad_x = (grad_gx @ w_value).mul_(_mask(x, fmt["input.x"]))
+            x_mask = _mask(x, fmt["input.x"]) if x_input is None else x_input.mask
+            grad_x = (grad_gx @ w_value).mul_(x_mask)
         if needs_w_ih:
             grad_w_ih = (rows.t() @ x_value.flatten(0, 1)).mul_(w_mask)
         if needs_b_ih:

@@ -34,15 +34,23 @@ def _quantize_kernel(
     quantize.scales.quantize), then the operand shift and the digit offset."""
     index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = index < n
+    x = tl.load(x_ptr + index, mask=inside, other=0)
+    level = input_levels(x, format_ptr)
+    operand = _rshr(level.to(tl.int64), operand_shift)
+    tl.store(digits_ptr + index, (operand - offset).to(tl.int8), mask=inside)
+
+
+@triton.jit
+def input_levels(x, format_ptr):
+    """§8's zero-corrected levels of float inputs ``x`` by input.x's ``format_ptr`` (scale,
+    qmin - zp, qmax - zp; float64): floor(x / s + 1/2) in float64, NaN to 0 (the zero point),
+    clamped. Float64 results."""
     scale = tl.load(format_ptr)
     low = tl.load(format_ptr + 1)
     high = tl.load(format_ptr + 2)
-    x = tl.load(x_ptr + index, mask=inside, other=0).to(tl.float64)
-    level = tl.floor(x / scale + 0.5)
+    level = tl.floor(x.to(tl.float64) / scale + 0.5)
     level = tl.where(level != level, 0.0, level)
-    level = tl.minimum(tl.maximum(level, low), high)
-    operand = _rshr(level.to(tl.int64), operand_shift)
-    tl.store(digits_ptr + index, (operand - offset).to(tl.int8), mask=inside)
+    return tl.minimum(tl.maximum(level, low), high)
 
 
 @triton.jit

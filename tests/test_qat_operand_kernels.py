@@ -1,0 +1,141 @@
+"""QAT's operands made on one kernel each against their plain-PyTorch makings, bit for bit,
+in every float type, with values that saturate, NaN and infinities:
+
+- the weights' points (kernels/triton/weight_points.py; quantized_forward.weight_point): the
+  dequantized codes and clamp masks of every weight and bias, for every granularity, widths up
+  to 32 bits, float and power-of-two scales;
+- the first layer's input (kernels/triton/qat_input.py): its codes (input_codes), operand
+  digits (digit_input_projection's), dequantized values and clamp masks (integer_qat's), for
+  inputs of one digit and wider.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from quant_gru import QuantGRU
+from quant_gru.config import OPERATORS, WEIGHT_OPERATORS
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # read when the kernel module is first imported
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+from quant_gru.kernels.torch.quant_gru import rounding_right_shift  # noqa: E402
+from quant_gru.kernels.torch.quantized_forward import (  # noqa: E402
+    build_programs,
+    input_codes,
+    weight_point,
+)
+from quant_gru.kernels.triton.integer_projection import projection_operands  # noqa: E402
+from quant_gru.kernels.triton.integer_qat import _dequantized, _mask  # noqa: E402
+from quant_gru.kernels.triton.qat_input import qat_input  # noqa: E402
+from quant_gru.kernels.triton.qat_save import point_thresholds  # noqa: E402
+from quant_gru.kernels.triton.weight_points import kernel_weight_point  # noqa: E402
+
+NAMES = ("weight.W", "weight.R", "weight.bw", "weight.br")
+
+
+def _config(
+    path: Path, width: int, granularity: str, scale_type: str, input_width: int = 8
+) -> Path:
+    operators: dict = {}
+    for name in OPERATORS:
+        entry: dict = {"bitwidth": input_width if name == "input.x" else 8}
+        if name in WEIGHT_OPERATORS:
+            entry.update(
+                bitwidth=width, is_symmetric=True, is_unsigned=False, granularity=granularity
+            )
+        else:
+            entry.update(is_symmetric=False, is_unsigned=False)
+        operators[name] = entry
+    config = {
+        "GRU_config": {"default_config": {"scale_type": scale_type}, "operator_config": operators}
+    }
+    path.write_text(json.dumps(config))
+    return path
+
+
+def _calibrated(config: Path, dtype: torch.dtype) -> QuantGRU:
+    torch.manual_seed(0)
+    model = QuantGRU(6, 5)
+    model.load_bitwidth_config(config)
+    model.calibrating = True
+    with torch.no_grad():
+        model(torch.randn(4, 2, 6))
+    model.calibrating = False
+    model.finalize_calibration()
+    return model.to(DEVICE, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    ("width", "granularity", "scale_type"),
+    [
+        (8, "per_tensor", "float"),
+        (4, "per_gate", "pot"),
+        (16, "per_channel", "float"),
+        (32, "per_channel", "float"),
+        (2, "per_gate", "float"),
+    ],
+)
+def test_kernel_weight_points_equal_the_plain_points(
+    tmp_path: Path, dtype: torch.dtype, width: int, granularity: str, scale_type: str
+) -> None:
+    model = _calibrated(_config(tmp_path / "config.json", width, granularity, scale_type), dtype)
+    with torch.no_grad():  # past the calibrated ranges, and values that are not numbers
+        for parameter in model.parameters():
+            parameter.mul_(1.7)
+        model.weight_hh_l0[0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+        model.bias_ih_l0[1] = float("nan")
+    quantized = model._quantized_model()
+    weights = model._direction_weights()[0]
+    (program,) = build_programs(quantized, [weights])
+    quant = quantized.quant[0]
+    saturated = 0
+    for name, value in zip(NAMES, weights, strict=True):
+        expected_value, expected_mask = weight_point(program, quant, name, value)
+        value_on_kernel, mask_on_kernel = kernel_weight_point(value, quant[name])
+        assert value_on_kernel.dtype == mask_on_kernel.dtype == dtype
+        assert torch.equal(value_on_kernel, expected_value), name
+        assert torch.equal(mask_on_kernel, expected_mask), name
+        saturated += int((expected_mask == 0).sum())
+    assert saturated > 3  # the case exercises the masks, not only the NaN and infinities
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("input_width", "scale_type"), [(8, "float"), (6, "pot"), (16, "float")])
+def test_kernel_qat_input_equals_the_plain_operands(
+    tmp_path: Path, dtype: torch.dtype, input_width: int, scale_type: str
+) -> None:
+    config = _config(tmp_path / "config.json", 8, "per_channel", scale_type, input_width)
+    model = _calibrated(config, dtype)
+    (program,) = build_programs(model._quantized_model(), model._direction_weights())
+    x = (torch.randn(5, 3, 6, generator=torch.Generator().manual_seed(3)) * 2.5).to(DEVICE, dtype)
+    x[0, 0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    fmt = program.formats["input.x"]
+    x[1, 0, :2] = torch.tensor(point_thresholds(fmt))  # the mask's edges, in x's type
+
+    made = qat_input(x, program)
+    codes = input_codes(x, [program])
+    assert torch.equal(made.codes, codes)
+    zero_corrected = codes - fmt.zero_point
+    assert torch.equal(made.value, _dequantized(zero_corrected, fmt, dtype))
+    assert made.value.dtype == made.mask.dtype == dtype
+    assert torch.equal(made.mask, _mask(x, fmt))
+    assert 0 < int(made.mask.sum()) < made.mask.numel()  # some inputs saturate
+    operands = projection_operands(program, x.device)
+    assert made.operand == (operands.x_shift, operands.x_offset)
+    if input_width > 8:
+        assert made.digits is None
+        return
+    assert made.digits is not None
+    operand = rounding_right_shift(zero_corrected, operands.x_shift) - operands.x_offset
+    assert torch.equal(made.digits, operand.to(torch.int8).view(-1, 6))
