@@ -1,9 +1,10 @@
 """QAT's operands made on one kernel each against their plain-PyTorch makings, bit for bit,
 in every float type, with values that saturate, NaN and infinities:
 
-- the weights' points (kernels/triton/weight_points.py; quantized_forward.weight_point): the
-  dequantized codes and clamp masks of every weight and bias, for every granularity, widths up
-  to 32 bits, float and power-of-two scales;
+- the weights (kernels/triton/weight_points.py): the codes of every weight and bias
+  (quantize.program.quantize_weight) and their points (quantized_forward.weight_point: the
+  dequantized codes and clamp masks), for every granularity, widths up to 32 bits, float and
+  power-of-two scales;
 - the first layer's input (kernels/triton/qat_input.py): its codes (input_codes), operand
   digits (digit_input_projection's), dequantized values and clamp masks (integer_qat's), for
   inputs of one digit and wider.
@@ -38,7 +39,11 @@ from quant_gru.kernels.triton.integer_projection import projection_operands  # n
 from quant_gru.kernels.triton.integer_qat import _dequantized, _mask  # noqa: E402
 from quant_gru.kernels.triton.qat_input import qat_input  # noqa: E402
 from quant_gru.kernels.triton.qat_save import point_thresholds  # noqa: E402
-from quant_gru.kernels.triton.weight_points import kernel_weight_point  # noqa: E402
+from quant_gru.kernels.triton.weight_points import (  # noqa: E402
+    kernel_weight_codes,
+    kernel_weight_point,
+)
+from quant_gru.quantize.program import quantize_weight  # noqa: E402
 
 NAMES = ("weight.W", "weight.R", "weight.bw", "weight.br")
 
@@ -102,10 +107,17 @@ def test_kernel_weight_points_equal_the_plain_points(
     saturated = 0
     for name, value in zip(NAMES, weights, strict=True):
         expected_value, expected_mask = weight_point(program, quant, name, value)
-        value_on_kernel, mask_on_kernel = kernel_weight_point(value, quant[name])
-        assert value_on_kernel.dtype == mask_on_kernel.dtype == dtype
-        assert torch.equal(value_on_kernel, expected_value), name
-        assert torch.equal(mask_on_kernel, expected_mask), name
+        codes = kernel_weight_codes(value, quant[name])
+        assert torch.equal(codes, quantize_weight(value, quant[name])), name
+        # Made afresh, and kept from the codes' making.
+        for points in (
+            kernel_weight_point(value, quant[name]),
+            kernel_weight_point(value, quant[name], codes),
+        ):
+            value_on_kernel, mask_on_kernel = points
+            assert value_on_kernel.dtype == mask_on_kernel.dtype == dtype
+            assert torch.equal(value_on_kernel, expected_value), name
+            assert torch.equal(mask_on_kernel, expected_mask), name
         saturated += int((expected_mask == 0).sum())
     assert saturated > 3  # the case exercises the masks, not only the NaN and infinities
 

@@ -8,7 +8,7 @@ they share nothing else.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -112,10 +112,16 @@ def build_program(
     return with_weights(constants, weights, quant)
 
 
+# A weight's codes from its float values and parameters, as quantize_weight makes them (a
+# realization may make them otherwise, e.g. on a kernel that also keeps what QAT reads).
+WeightQuantizer = Callable[[Tensor, OperatorQuant], Tensor]
+
+
 def with_weights(
     constants: DirectionConstants,
     weights: tuple[Tensor, Tensor, Tensor | None, Tensor | None],
     quant: DirectionQuant,
+    quantizer: WeightQuantizer = quantize_weight,
 ) -> DirectionProgram:
     """Complete cached constants with the codes of the current weights."""
     w_ih, w_hh, b_ih, b_hh = weights
@@ -124,10 +130,10 @@ def with_weights(
         input_size=constants.input_size,
         hidden_size=constants.hidden_size,
         formats=constants.formats,
-        weight_W=quantize_weight(w_ih, quant["weight.W"]),
-        weight_R=quantize_weight(w_hh, quant["weight.R"]),
-        bias_w=quantize_weight(b_ih if b_ih is not None else zeros, quant["weight.bw"]),
-        bias_r=quantize_weight(b_hh if b_hh is not None else zeros, quant["weight.br"]),
+        weight_W=quantizer(w_ih, quant["weight.W"]),
+        weight_R=quantizer(w_hh, quant["weight.R"]),
+        bias_w=quantizer(b_ih if b_ih is not None else zeros, quant["weight.bw"]),
+        bias_r=quantizer(b_hh if b_hh is not None else zeros, quant["weight.br"]),
         terms=constants.terms,
         tables=constants.tables,
         weight_ranges=constants.weight_ranges,

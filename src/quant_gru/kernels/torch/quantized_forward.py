@@ -32,6 +32,8 @@ from quant_gru.quantize.program import (
     ActivationFormat,
     DirectionConstants,
     DirectionProgram,
+    WeightQuantizer,
+    quantize_weight,
     with_weights,
 )
 from quant_gru.quantize.scales import dequantize, per_row, quantize
@@ -119,6 +121,7 @@ class QuantizedModel:
     realization: Realization = quantized_gru
     # QAT's gradients: None for the graph of hooks (_straight_through).
     straight_through: StraightThroughFactory | None = None
+    weight_quantizer: WeightQuantizer = quantize_weight
     programs: ProgramCache = field(default_factory=ProgramCache, compare=False, repr=False)
 
 
@@ -211,8 +214,9 @@ def build_programs(
     cached = model.programs.get(flat) if cacheable else None
     if cached is not None:
         return cached
+    quantizer = model.weight_quantizer
     programs = [
-        with_weights(c, (w_ih.detach(), w_hh.detach(), _detach(b_ih), _detach(b_hh)), q)
+        with_weights(c, (w_ih.detach(), w_hh.detach(), _detach(b_ih), _detach(b_hh)), q, quantizer)
         for c, (w_ih, w_hh, b_ih, b_hh), q in zip(
             model.constants, weights, model.quant, strict=True
         )

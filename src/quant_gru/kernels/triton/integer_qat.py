@@ -225,7 +225,7 @@ class _KernelQatDirection(torch.autograd.Function):
         points = _WEIGHT_POINTS.get(
             program,
             x.device,
-            lambda: _weight_points(quant, (w_ih, w_hh, b_ih, b_hh)),
+            lambda: _weight_points(program, quant, (w_ih, w_hh, b_ih, b_hh)),
             dtype,
         )
         (w_value, w_mask), (r_value, r_mask), (bw_value, bw_mask), (_, br_mask) = points
@@ -274,13 +274,19 @@ class _KernelQatDirection(torch.autograd.Function):
 _WEIGHT_POINTS: DerivedCache[list[tuple[Tensor, Tensor]]] = DerivedCache()
 
 
-def _weight_points(quant: DirectionQuant, weights: DirectionWeights) -> list[tuple[Tensor, Tensor]]:
+def _weight_points(
+    program: DirectionProgram, quant: DirectionQuant, weights: DirectionWeights
+) -> list[tuple[Tensor, Tensor]]:
     """(dequantized codes, clamp mask) of weight.W, weight.R, weight.bw and weight.br, in the
-    weights' type (absent biases: zeros): quantized_forward.weight_point's, on the kernel."""
+    weights' type (absent biases: zeros): quantized_forward.weight_point's, on the kernel (or
+    kept from when ``program``'s codes were made there)."""
     w_ih, w_hh, b_ih, b_hh = weights
-    names = ("weight.W", "weight.R", "weight.bw", "weight.br")
     values = (w_ih, w_hh, _bias(b_ih, w_ih), _bias(b_hh, w_hh))
-    return [kernel_weight_point(v, quant[n]) for n, v in zip(names, values, strict=True)]
+    codes = (program.weight_W, program.weight_R, program.bias_w, program.bias_r)
+    names = ("weight.W", "weight.R", "weight.bw", "weight.br")
+    return [
+        kernel_weight_point(v, quant[n], c) for n, v, c in zip(names, values, codes, strict=True)
+    ]
 
 
 def _dequantized(codes: Tensor, fmt: ActivationFormat, dtype: torch.dtype) -> Tensor:
