@@ -176,6 +176,21 @@ def test_offset_digits_write_every_value_of_the_range(low: int, span: int) -> No
     assert digits == 1 or span >= 256 ** (digits - 1)  # the fewest
 
 
+def test_packed_words_hold_four_digits_lowest_first() -> None:
+    """dp4a's operands: word j of a row is Σ_i (digit 4j + i mod 256) 256^i, as a signed
+    int32; on the device the kernels read them from."""
+    from quant_gru.kernels.triton.integer_constants import packed_words
+
+    digits = torch.randint(-128, 128, (5, 12), dtype=torch.int8, generator=torch.Generator())
+    digits[0, :4] = torch.tensor([-128, 127, -1, 0], dtype=torch.int8)
+    parts = digits.to(torch.int64).view(5, 3, 4) & 0xFF
+    words = sum(parts[..., i] << (8 * i) for i in range(4))
+    expected = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    actual = packed_words(digits.to(DEVICE))
+    assert actual.dtype == torch.int32
+    assert torch.equal(actual.cpu(), expected)
+
+
 def test_digit_counts() -> None:
     assert digits_for_span(-128, 127) == 1  # any 8-bit code range
     assert digits_for_span(0, 255) == 1

@@ -23,6 +23,7 @@ which quantized_forward.ProgramCache keeps while the weights are unchanged.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +31,7 @@ from torch import Tensor
 
 from quant_gru.kernels.torch.quant_gru import apply_term, rounding_right_shift
 from quant_gru.kernels.triton import integer_layout as layout
-from quant_gru.kernels.triton.derived import DerivedCache
+from quant_gru.kernels.triton.derived import CalibrationCache, DerivedCache
 from quant_gru.kernels.triton.integer_digits import (
     MAX_PRODUCT_TERMS,
     digit_offset,
@@ -102,23 +103,14 @@ class _Static:
     narrow: int  # KernelConstants.narrow
 
 
-# Static parts by (id of the program's terms, device). A DirectionProgram shares its terms
-# with the DirectionConstants it was made from, which live as long as a calibration, so
-# every forward between two calibrations finds them here.
-_STATIC: dict[tuple[int, str], tuple[object, _Static]] = {}
-_STATIC_ENTRIES = 64
+# Static parts by the program's terms. A DirectionProgram shares its terms with the
+# DirectionConstants it was made from, which live as long as a calibration, so every forward
+# between two calibrations finds them here.
+_STATIC: CalibrationCache[_Static] = CalibrationCache()
 
 
 def _static(program: DirectionProgram, device: torch.device) -> _Static:
-    key = (id(program.terms), str(device))
-    cached = _STATIC.get(key)
-    if cached is not None and cached[0] is program.terms:
-        return cached[1]
-    if len(_STATIC) >= _STATIC_ENTRIES:
-        _STATIC.clear()
-    static = _make_static(program, device)
-    _STATIC[key] = (program.terms, static)
-    return static
+    return _STATIC.get(program.terms, device, lambda: _make_static(program, device))
 
 
 def _make_static(program: DirectionProgram, device: torch.device) -> _Static:
@@ -247,6 +239,8 @@ def _shared_shift(term: Term, rows: int) -> tuple[int, Tensor, bool] | None:
 def packed_words(digits: Tensor) -> Tensor:
     """int8 digits (..., K), K a multiple of 4, as int32 words of four consecutive digits,
     the first in the lowest byte: the operands of dp4a."""
+    if digits.is_cuda or sys.byteorder == "little":  # the bytes as they lie are those words
+        return digits.contiguous().view(torch.int32)
     parts = digits.to(torch.int64).reshape(*digits.shape[:-1], -1, 4) & 0xFF
     shifts = torch.arange(0, 32, 8, device=digits.device)  # made there: no copy from the host
     words = (parts << shifts).sum(dim=-1)

@@ -61,6 +61,8 @@ def split_digits(values: Tensor, digits: int) -> Tensor:
     """int64 ``values`` as ``digits`` balanced digits, lowest first: int8 (digits, *shape).
     Every value must lie in the digits' range (the caller chose ``digits`` for it: checking
     here would cost a read of the device on every call)."""
+    if digits == 1:  # the value is its own digit
+        return values.to(torch.int8)[None]
     parts = []
     rest = values.to(torch.int64)
     for _ in range(digits):

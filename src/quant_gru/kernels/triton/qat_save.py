@@ -34,7 +34,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from quant_gru.kernels.triton.derived import DerivedCache
+from quant_gru.kernels.triton.derived import CalibrationCache, DerivedCache
+from quant_gru.kernels.triton.weight_points import kept_value
 from quant_gru.quantize.device_copies import device_copy
 from quant_gru.quantize.params import DirectionQuant
 from quant_gru.quantize.program import ACTIVATION_OPERATORS, ActivationFormat, DirectionProgram
@@ -99,13 +100,22 @@ def qat_constants(
 def _make_constants(
     program: DirectionProgram, quant: DirectionQuant, dtype: torch.dtype, device: torch.device
 ) -> Tensor:
-    head = _point_constants(tuple(program.formats[name] for name in POINTS), device)
     rows = 3 * program.hidden_size
-    shifts = sum(program.terms["matmul.Rh"][0].operand_shifts)
-    scale = float(program.formats["output.h"].scale) * 2.0**shifts
-    sigma = _row_scales(quant, "weight.R", rows, device) * scale
+
+    def calibrated() -> Tensor:  # the points and matmul.Rh's scales: once per calibration
+        head = _point_constants(tuple(program.formats[name] for name in POINTS), device)
+        shifts = sum(program.terms["matmul.Rh"][0].operand_shifts)
+        scale = float(program.formats["output.h"].scale) * 2.0**shifts
+        sigma = _row_scales(quant, "weight.R", rows, device) * scale
+        return torch.cat([head, sigma]).float()
+
+    static = _CALIBRATED.get(program.terms, device, calibrated, "recurrent")
     bias = _values(program.bias_r, quant, "weight.br", dtype, device).expand(rows)
-    return torch.cat([head, sigma, bias]).float()
+    return torch.cat([static, bias.float()])
+
+
+# The parts of the constants that depend on a calibration alone, by the programs' terms.
+_CALIBRATED: CalibrationCache[Tensor] = CalibrationCache()
 
 
 # Cached: the programs are remade at every weight update, their points' formats only at a
@@ -127,9 +137,13 @@ def _row_scales(quant: DirectionQuant, name: str, rows: int, device: torch.devic
 def _values(
     codes: Tensor, quant: DirectionQuant, name: str, dtype: torch.dtype, device: torch.device
 ) -> Tensor:
-    """A weight point's dequantized codes in ``dtype``, as float64 on ``device``."""
+    """A weight point's dequantized codes in ``dtype`` on ``device`` (those kept with the
+    codes where they were made on the kernel)."""
+    kept = kept_value(codes, dtype)
+    if kept is not None and kept.device == device:
+        return kept
     scales = _row_scales(quant, name, codes.shape[0], device)
-    return dequantize(codes.to(device), scales, 0).to(dtype).double()
+    return dequantize(codes.to(device), scales, 0).to(dtype)
 
 
 _PROJECTION: DerivedCache[Tensor] = DerivedCache()
@@ -143,12 +157,16 @@ def projection_mask_values(
     what the projection kernel computes QAT's matmul.Wx masks from. Once per program and
     type."""
 
-    def make() -> Tensor:
-        rows = 3 * program.hidden_size
+    rows = 3 * program.hidden_size
+
+    def calibrated() -> Tensor:  # once per calibration
         x_scale = float(program.formats["input.x"].scale)
-        sigma = _row_scales(quant, "weight.W", rows, device) * x_scale
+        return (_row_scales(quant, "weight.W", rows, device) * x_scale).float()
+
+    def make() -> Tensor:
+        sigma = _CALIBRATED.get(program.terms, device, calibrated, "projection")
         bias = _values(program.bias_w, quant, "weight.bw", dtype, device).expand(rows)
-        return torch.stack([sigma, bias]).float()
+        return torch.stack([sigma, bias.float()])
 
     return _PROJECTION.get(program, device, make, dtype)
 

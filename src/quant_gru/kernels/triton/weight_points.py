@@ -21,7 +21,7 @@ from quant_gru.kernels.triton.plans import ceil_div
 from quant_gru.quantize.device_copies import device_copy
 from quant_gru.quantize.params import OperatorQuant
 
-__all__ = ["kernel_weight_codes", "kernel_weight_point"]
+__all__ = ["kept_value", "kernel_weight_codes", "kernel_weight_point"]
 
 _BLOCK = 1024
 
@@ -81,6 +81,15 @@ def kernel_weight_point(
     if kept is not None and kept[0]() is codes:
         return kept[1]
     return _launch(weight, quant, codes=False)[1]
+
+
+def kept_value(codes: Tensor, dtype: torch.dtype) -> Tensor | None:
+    """The dequantized codes kept with ``codes`` (kernel_weight_codes'), when kept in
+    ``dtype``."""
+    kept = _POINTS.get(id(codes))
+    if kept is None or kept[0]() is not codes or kept[1][0].dtype != dtype:
+        return None
+    return kept[1][0]
 
 
 def _launch(
