@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from quant_gru.kernels.torch.quant_gru import apply_term, exact_int_matmul, rounding_right_shift
-from quant_gru.kernels.triton.derived import DerivedCache
+from quant_gru.kernels.triton.derived import CalibrationCache, DerivedCache
 from quant_gru.kernels.triton.integer_constants import (
     plain_term,
     shifted,
@@ -75,7 +75,7 @@ class ProjectionOperands:
     bias: Tensor  # (3H,) int64: the bias term of weight.bw plus matmul.Wx's zero point
     x_shift: int  # the input operand's shift
     x_range: tuple[int, int]  # the shifted input operand's range
-    # One digit each (the kernels' case), else None:
+    # One digit each (the kernels' case; multiplier given), else None:
     digits: Tensor | None  # (3H, I) int8: W
     x_offset: int  # o of the input operand's digits
     correction: Tensor | None  # (3H,) int64: o * rowsum(W)
@@ -94,19 +94,39 @@ def projection_operands(program: DirectionProgram, device: torch.device) -> Proj
 
 
 def _make_operands(program: DirectionProgram, device: torch.device) -> ProjectionOperands:
-    fmt = program.formats
+    static = _CALIBRATED.get(program.terms, device, lambda: _calibrated(program, device))
     dot, bias_term = program.terms["matmul.Wx"]
+    weight = rounding_right_shift(program.weight_W.to(device, torch.int64), dot.operand_shifts[0])
+    bias = apply_term(program.bias_w.to(device, torch.int64), bias_term)
+    bias = bias + program.formats["matmul.Wx"].zero_point
+    operands = dataclasses.replace(
+        static, weight=weight, bias=bias.expand(weight.shape[0]).contiguous()
+    )
+    if static.multiplier is None:
+        return operands
+    return dataclasses.replace(
+        operands,
+        digits=weight.to(torch.int8).contiguous(),
+        correction=weight.sum(dim=1) * static.x_offset,
+    )
+
+
+# The operands' parts that depend on a calibration alone (the weights' ones left empty), by
+# the programs' terms.
+_CALIBRATED: CalibrationCache[ProjectionOperands] = CalibrationCache()
+
+
+def _calibrated(program: DirectionProgram, device: torch.device) -> ProjectionOperands:
+    fmt = program.formats
+    dot = program.terms["matmul.Wx"][0]
     weight_shift, x_shift = dot.operand_shifts
-    weight = rounding_right_shift(program.weight_W.to(device, torch.int64), weight_shift)
     weight_range = shifted_range(program, "weight.W", weight_shift)  # no read back
     x_range = tuple(shifted(v, x_shift) for v in zero_corrected_range(fmt["input.x"]))
-    bias = apply_term(program.bias_w.to(device, torch.int64), bias_term)
-    bias = bias + fmt["matmul.Wx"].zero_point
-    rows = weight.shape[0]
+    empty = torch.empty(0, dtype=torch.int64, device=device)
     base = ProjectionOperands(
-        weight=weight,
+        weight=empty,
         weight_range=weight_range,
-        bias=bias.expand(rows).contiguous(),
+        bias=empty,
         x_shift=x_shift,
         x_range=(x_range[0], x_range[1]),
         digits=None,
@@ -120,18 +140,15 @@ def _make_operands(program: DirectionProgram, device: torch.device) -> Projectio
     one_digit = digits_for_span(*x_range) == 1 and digits_for_values(*weight_range) == 1
     if not one_digit or not 0 < program.input_size <= MAX_PRODUCT_TERMS:
         return base
-    offset = digit_offset(x_range[0], 1)
     bound = max(map(abs, x_range)) * max(map(abs, weight_range)) * program.input_size
-    # The operand shifts are applied to the operands above, so the term sees none.
-    narrow = plain_term(dataclasses.replace(dot, operand_shifts=(0, 0)), bound)
+    rows = 3 * program.hidden_size
+    # The operand shifts are applied to the operands, so the term sees none.
     return dataclasses.replace(
         base,
-        digits=weight.to(torch.int8).contiguous(),
-        x_offset=offset,
-        correction=weight.sum(dim=1) * offset,
+        x_offset=digit_offset(x_range[0], 1),
         multiplier=device_copy(dot.m, device, torch.int64).expand(rows).contiguous(),
         shift=device_copy(dot.n, device, torch.int64).expand(rows).contiguous(),
-        narrow=narrow,
+        narrow=plain_term(dataclasses.replace(dot, operand_shifts=(0, 0)), bound),
         x_format=input_format(fmt["input.x"], device),
     )
 
