@@ -139,10 +139,10 @@ def test_kernel_qat_input_equals_the_plain_operands(
     codes = input_codes(x, [program])
     assert torch.equal(made.codes, codes)
     zero_corrected = codes - fmt.zero_point
-    assert torch.equal(made.value, _dequantized(zero_corrected, fmt, dtype))
-    assert made.value.dtype == made.mask.dtype == dtype
-    assert torch.equal(made.mask, _mask(x, fmt))
-    assert 0 < int(made.mask.sum()) < made.mask.numel()  # some inputs saturate
+    assert torch.equal(made.point.value, _dequantized(zero_corrected, fmt, dtype))
+    assert made.point.value.dtype == made.point.mask.dtype == dtype
+    assert torch.equal(made.point.mask, _mask(x, fmt))
+    assert 0 < int(made.point.mask.sum()) < made.point.mask.numel()  # some inputs saturate
     operands = projection_operands(program, x.device)
     assert made.operand == (operands.x_shift, operands.x_offset)
     if input_width > 8:

@@ -34,7 +34,7 @@ from quant_gru.kernels.triton.integer_projection import (
     projection_operands,
 )
 from quant_gru.kernels.triton.ops import recurrent_weight_grad
-from quant_gru.kernels.triton.qat_input import QatInput, qat_input
+from quant_gru.kernels.triton.qat_input import InputPoint, QatInput, qat_input
 from quant_gru.kernels.triton.qat_save import (
     COEFFICIENTS,
     point_thresholds,
@@ -52,18 +52,17 @@ __all__ = ["KernelQat"]
 
 @dataclass(frozen=True)
 class DirectionRecord:
-    """What one (layer, direction)'s backward reads from its forward: the zero-corrected codes
-    of the layer input (T, B, I), the outputs (T, B, H; 0 at padded steps), h0 and the final
-    state (B, H each); the sequences' lengths; and the kernel's save."""
+    """What one (layer, direction)'s backward reads from its forward: its layer input's
+    values, as zero-corrected codes (T, B, I) or, for the first layer, dequantized with their
+    clamp mask (qat_input.py, in the model's type); the outputs (T, B, H; 0 at padded steps),
+    h0 and the final state (B, H each); the sequences' lengths; and the kernel's save."""
 
-    x: Tensor
+    x: Tensor | InputPoint
     out: Tensor
     h0: Tensor
     h_n: Tensor
     lengths: Tensor | None  # int32, on the device
     save: QatSave
-    # The first layer's: its input's dequantized codes and clamp mask (qat_input.py).
-    x_input: QatInput | None = None
 
 
 class KernelQat:
@@ -133,7 +132,8 @@ class KernelQat:
                 program, kernel_constants(program, x.device), wx, h0, lengths,
                 index % num_dirs == 1, False, save=save,
             )  # fmt: skip
-            records.append(DirectionRecord(x, out, h0, h_n, lengths, save, x_input))
+            kept = x if x_input is None else x_input.point  # not the first layer's codes
+            records.append(DirectionRecord(kept, out, h0, h_n, lengths, save))
             return out, h_n
 
         out_codes, h_n_codes = stack_layers(
@@ -238,9 +238,9 @@ class _KernelQatDirection(torch.autograd.Function):
         # Only the gradients autograd asks for: each costs the host several operations, and
         # the default initial state (zeros made by the caller) asks for none.
         needs_x, needs_h0, needs_w_ih, needs_w_hh, needs_b_ih, needs_b_hh = ctx.needs_input_grad[1:]
-        x_input = record.x_input
-        if x_input is not None:
-            x_value = x_input.value
+        x_mask = None  # the first layer's input: its values and mask made in the forward
+        if isinstance(record.x, InputPoint):
+            x_value, x_mask = record.x.value, record.x.mask
         elif record.save.wx_masks is None or needs_w_ih:
             x_value = _dequantized(record.x, fmt["input.x"], dtype)
         if record.save.wx_masks is None:
@@ -251,7 +251,7 @@ class _KernelQatDirection(torch.autograd.Function):
         rows = grad_gx.flatten(0, 1)
         grad_x = grad_w_ih = grad_b_ih = grad_w_hh = grad_b_hh = grad_h = None
         if needs_x:
-            x_mask = _mask(x, fmt["input.x"]) if x_input is None else x_input.mask
+            x_mask = _mask(x, fmt["input.x"]) if x_mask is None else x_mask
             grad_x = (grad_gx @ w_value).mul_(x_mask)
         if needs_w_ih:
             grad_w_ih = (rows.t() @ x_value.flatten(0, 1)).mul_(w_mask)

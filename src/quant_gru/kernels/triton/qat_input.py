@@ -23,9 +23,18 @@ from quant_gru.kernels.triton.projection_kernel import input_levels
 from quant_gru.kernels.triton.qat_save import point_thresholds
 from quant_gru.quantize.program import DirectionProgram
 
-__all__ = ["QatInput", "qat_input"]
+__all__ = ["InputPoint", "QatInput", "qat_input"]
 
 _BLOCK = 1024
+
+
+@dataclass(frozen=True)
+class InputPoint:
+    """The first layer input's dequantized codes and clamp mask, both in x's type: what QAT's
+    backward reads of it."""
+
+    value: Tensor
+    mask: Tensor
 
 
 @dataclass(frozen=True)
@@ -33,14 +42,12 @@ class QatInput:
     """The first layer's input.x, from its float values x (T, B, I): the codes (int64, as
     quantized_forward.input_codes); the operand digits of ``program``'s matmul.Wx (int8,
     (T * B, I), as the projection kernels take them; None where its operands take more than
-    one digit) with the operand shift and offset they were made with; the dequantized codes
-    and the clamp mask, both in x's type."""
+    one digit) with the operand shift and offset they were made with; its point."""
 
     codes: Tensor
     digits: Tensor | None
     operand: tuple[int, int]
-    value: Tensor
-    mask: Tensor
+    point: InputPoint
 
 
 @triton.jit
@@ -102,6 +109,5 @@ def qat_input(x: Tensor, program: DirectionProgram) -> QatInput:
         codes=codes,
         digits=digits.view(-1, x.shape[-1]) if digits_wanted else None,
         operand=(operands.x_shift, operands.x_offset),
-        value=value.to(x.dtype),
-        mask=mask,
+        point=InputPoint(value.to(x.dtype), mask),
     )
