@@ -29,7 +29,9 @@ def test_key_tells_apart_what_triton_specializes_on():
     assert argument_key(3) == argument_key(5)
     assert argument_key(True) != argument_key(1)
     assert argument_key(None) is not None  # a known kind: Triton makes it a constant
-    assert argument_key(1.5) is None  # unknown: Triton's own launch path
+    assert argument_key(1.5) == argument_key(-0.0)  # floats: not specialized on their value
+    assert argument_key(1.5) != argument_key(1e300)  # but kept apart past float32's range
+    assert argument_key("text") is None  # unknown: Triton's own launch path
 
 
 class _FakeCompiled:
@@ -111,7 +113,7 @@ def test_unknown_arguments_take_tritons_path_every_time(compiled_mode):
     kernel = _FakeKernel()
     launcher = Launcher(kernel)
     for _ in range(2):
-        launcher((1, 1), (torch.zeros(4), 0.5), {"A": 1, "B": True}, 2)
+        launcher((1, 1), (torch.zeros(4), "text"), {"A": 1, "B": True}, 2)
     assert len(kernel.jit_launches) == 2
 
 
@@ -135,36 +137,53 @@ def test_remembered_launches_compute_what_tritons_launch_computes():
 
 
 def test_integer_kernels_launch_with_every_constexpr_named(monkeypatch):
-    """The integer kernels' launches give the launcher every runtime parameter in order and
-    every constexpr by name (its condition for remembering the compiled kernel), on the row
-    and on the tile kernel (interpreted here: the launches still pass through the launcher)."""
+    """Every launch of the integer path (inference of two layers, and a QAT step with its
+    weights updated after it) gives the launcher every runtime parameter in order and every constexpr by name
+    (its condition for remembering the compiled kernel), on the row and on the tile kernel
+    (interpreted here: the launches still pass through the launcher)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     from quant_gru import QuantGRU
-    from quant_gru.kernels.triton import integer_gru
+    from quant_gru.kernels.triton import (
+        gru_backward,
+        integer_gru,
+        integer_projection,
+        qat_input,
+        weight_points,
+    )
 
     seen = []
     real_call = Launcher.__call__
 
-    def recording(self, grid, arguments, constants, warps):
+    def recording(self, grid, arguments, constants, warps, stages=None):
         seen.append((self._kernel, len(arguments), set(constants)))
-        return real_call(self, grid, arguments, constants, warps)
+        return real_call(self, grid, arguments, constants, warps, stages)
 
     monkeypatch.setattr(Launcher, "__call__", recording)
     torch.manual_seed(0)
-    model = QuantGRU(4, 8).to(device)
+    model = QuantGRU(8, 8, num_layers=2).to(device)
     model.calibrating = True
     with torch.no_grad():
-        model(torch.randn(3, 2, 4, device=device))
+        model(torch.randn(3, 2, 8, device=device))
     model.calibrating = False
     model.use_quantization = True
     model.backend = "triton"
     for row_plans in (True, False):
         if not row_plans:
             monkeypatch.setattr(integer_gru, "row_plan_for", lambda *arguments: None)
+        x = torch.randn(3, 2, 8, device=device)
         with torch.no_grad():
-            model(torch.randn(3, 2, 4, device=device))
-    kernels = {integer_gru._launch_rows._kernel, integer_gru._launch_tiles._kernel}
+            model(x)
+        model(x.requires_grad_())[0].sum().backward()
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.mul_(1.01)
+    launchers = (
+        integer_gru._launch_rows, integer_gru._launch_tiles, integer_projection._launch_quantize,
+        integer_projection._launch_requantize, integer_projection._launch_projection,
+        qat_input._launch, weight_points._launch_kernel, gru_backward._launch_rows,
+    )  # fmt: skip
+    kernels = {launcher._kernel for launcher in launchers}
     launches = [entry for entry in seen if entry[0] in kernels]
     assert {entry[0] for entry in launches} == kernels
-    for kernel, runtime, constants in launches:
+    for kernel, runtime, constants in seen:
         assert set(kernel.arg_names[runtime:]) == constants

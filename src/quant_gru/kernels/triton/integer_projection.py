@@ -34,6 +34,7 @@ from quant_gru.kernels.triton.integer_digits import (
     digits_for_values,
     one_digit_products,
 )
+from quant_gru.kernels.triton.launch import Launcher
 from quant_gru.kernels.triton.plans import ceil_div, power_of_two
 from quant_gru.kernels.triton.projection_kernel import (
     _projection_kernel,
@@ -55,6 +56,11 @@ _QUANTIZE_BLOCK = 1024
 # K >= 32.
 _CODE_TILES = (128, 256, 128, 8, 3)
 _MASK_TILES = (64, 128, 128, 4, 4)
+_ELEMENTWISE_WARPS = 4
+
+_launch_quantize = Launcher(_quantize_kernel)
+_launch_requantize = Launcher(_requantize_kernel)
+_launch_projection = Launcher(_projection_kernel)
 
 
 def code_type(fmt: ActivationFormat) -> torch.dtype:
@@ -195,9 +201,10 @@ def float_input_projection(program: DirectionProgram, x: Tensor) -> Tensor | Non
     x = x.contiguous()
     digits = torch.empty(steps * batch, depth, dtype=torch.int8, device=x.device)
     if digits.numel():
-        _quantize_kernel[(ceil_div(digits.numel(), _QUANTIZE_BLOCK),)](
-            x, digits, digits.numel(), operands.x_format, operands.x_shift, operands.x_offset,
-            BLOCK=_QUANTIZE_BLOCK,
+        _launch_quantize(
+            (ceil_div(digits.numel(), _QUANTIZE_BLOCK), 1),
+            (x, digits, digits.numel(), operands.x_format, operands.x_shift, operands.x_offset),
+            dict(BLOCK=_QUANTIZE_BLOCK), _ELEMENTWISE_WARPS,
         )  # fmt: skip
     return _digit_projection(program, operands, digits).view(steps, batch, -1)
 
@@ -261,9 +268,10 @@ def codes_input_projection(program: DirectionProgram, below: Sequence[Tensor]) -
             int(term.m.item()), int(term.n.item()), term.pre_shift, low, high,
             operands.x_shift, operands.x_offset,
         )  # fmt: skip
-        _requantize_kernel[(ceil_div(values.numel(), _QUANTIZE_BLOCK),)](
-            values.contiguous(), digits, steps * batch, hidden, width, direction * hidden,
-            C=constants, BLOCK=_QUANTIZE_BLOCK,
+        _launch_requantize(
+            (ceil_div(values.numel(), _QUANTIZE_BLOCK), 1),
+            (values.contiguous(), digits, steps * batch, hidden, width, direction * hidden),
+            dict(C=constants, BLOCK=_QUANTIZE_BLOCK), _ELEMENTWISE_WARPS,
         )  # fmt: skip
     return _digit_projection(program, operands, digits).view(steps, batch, -1)
 
@@ -289,13 +297,21 @@ def _digit_projection(
         block_k = max(32, min(chunk, power_of_two(depth)))
         grid = (ceil_div(rows, block_m), ceil_div(columns, block_n))
         dot = program.terms["matmul.Wx"][0]
-        _projection_kernel[grid](
-            digits, operands.digits, operands.multiplier, operands.shift, operands.correction,
-            operands.bias, codes, *((masks.out, masks.values) if masks else (codes, codes)),
-            rows, columns, depth, wx.qmin, wx.qmax,
-            *((masks.low, masks.high) if masks else (0.0, 0.0)),
-            BM=block_m, BN=block_n, BK=block_k, PRE_SHIFT=dot.pre_shift, NARROW=operands.narrow,
-            MASKS=masks is not None, ROUND=masks.rounding if masks else 0,
-            num_warps=warps if block_m * block_n >= 128 * 128 else 4, num_stages=stages,
+        _launch_projection(
+            grid,
+            (
+                digits, operands.digits, operands.multiplier, operands.shift,
+                operands.correction, operands.bias, codes,
+                *((masks.out, masks.values) if masks else (codes, codes)),
+                rows, columns, depth, wx.qmin, wx.qmax,
+                *((masks.low, masks.high) if masks else (0.0, 0.0)),
+            ),
+            dict(
+                BM=block_m, BN=block_n, BK=block_k, PRE_SHIFT=dot.pre_shift,
+                NARROW=operands.narrow, MASKS=masks is not None,
+                ROUND=masks.rounding if masks else 0,
+            ),
+            warps if block_m * block_n >= 128 * 128 else 4,
+            stages,
         )  # fmt: skip
     return codes

@@ -8,8 +8,8 @@ about 30 µs of host time on an H100's host, all of it before the kernel starts.
 the specialization depends on (a key finer than Triton's only costs an extra entry), and
 launches it the way Triton's launch does, with the same launch hooks. Measured there, an eager
 inference call at (64, 100, 256, 256) spends 114-118 µs of host time with it, 126-132 µs
-without. Under TRITON_INTERPRET=1, and for arguments the key does not know, it takes
-Triton's path.
+without. Every kernel of the package launches through it. Under TRITON_INTERPRET=1, and for
+arguments the key does not know, it takes Triton's path.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from triton.runtime import driver
 from quant_gru.kernels.triton.plans import interpreted
 
 _INT32 = range(-(2**31), 2**31)
+_FLOAT32_MAX = 3.4028234663852886e38
 
 
 def argument_key(argument: object) -> Hashable | None:
@@ -35,13 +36,16 @@ def argument_key(argument: object) -> Hashable | None:
         return "constant", argument
     if isinstance(argument, int):
         return argument == 1, argument % 16 == 0, argument in _INT32
+    if isinstance(argument, float):  # not specialized on its value; kept apart by range
+        return "float", abs(argument) <= _FLOAT32_MAX
     return None
 
 
 class Launcher:
-    """``launcher(grid, arguments, constants, warps)`` launches ``kernel`` like
-    ``kernel[grid](*arguments, **constants, num_warps=warps)``: ``arguments`` are the runtime
-    parameters, in order, and ``constants`` every constexpr parameter after them."""
+    """``launcher(grid, arguments, constants, warps, stages)`` launches ``kernel`` like
+    ``kernel[grid](*arguments, **constants, num_warps=warps, num_stages=stages)`` (Triton's
+    default stages where ``stages`` is None): ``arguments`` are the runtime parameters, in
+    order, and ``constants`` every constexpr parameter after them."""
 
     def __init__(self, kernel: Any) -> None:
         self._kernel = kernel
@@ -54,15 +58,19 @@ class Launcher:
         arguments: Sequence[object],
         constants: dict[str, object],
         warps: int,
+        stages: int | None = None,
     ) -> None:
+        options: dict[str, int] = {"num_warps": warps}
+        if stages is not None:
+            options["num_stages"] = stages
         if interpreted():
-            self._kernel[grid](*arguments, **constants, num_warps=warps)
+            self._kernel[grid](*arguments, **constants, **options)
             return
         device = driver.active.get_current_device()
-        key = self._key(device, arguments, constants, warps)
+        key = self._key(device, arguments, constants, warps, stages)
         entry = None if key is None else self._compiled.get(key)
         if entry is None:
-            compiled = self._kernel[grid](*arguments, **constants, num_warps=warps)
+            compiled = self._kernel[grid](*arguments, **constants, **options)
             if hasattr(compiled, "result"):  # compiled in the background
                 compiled = compiled.result()
             names = self._kernel.arg_names[len(arguments) :]
@@ -82,9 +90,13 @@ class Launcher:
 
     @staticmethod
     def _key(
-        device: int, arguments: Sequence[object], constants: dict[str, object], warps: int
+        device: int,
+        arguments: Sequence[object],
+        constants: dict[str, object],
+        warps: int,
+        stages: int | None,
     ) -> Hashable | None:
-        parts: list[Hashable] = [device, warps, *constants.items()]
+        parts: list[Hashable] = [device, warps, stages, *constants.items()]
         for argument in arguments:
             part = argument_key(argument)
             if part is None:

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from quant_gru.kernels.triton.integer_kernel import _rshr
 from quant_gru.kernels.triton.integer_projection import input_format, projection_operands
+from quant_gru.kernels.triton.launch import Launcher
 from quant_gru.kernels.triton.plans import ceil_div
 from quant_gru.kernels.triton.projection_kernel import input_levels
 from quant_gru.kernels.triton.qat_save import point_thresholds
@@ -26,6 +27,7 @@ from quant_gru.quantize.program import DirectionProgram
 __all__ = ["InputPoint", "QatInput", "qat_input"]
 
 _BLOCK = 1024
+_WARPS = 4
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,9 @@ def _qat_input_kernel(
     tl.store(mask_ptr + index, ones.to(mask_ptr.dtype.element_ty), mask=inside)
 
 
+_launch = Launcher(_qat_input_kernel)
+
+
 def qat_input(x: Tensor, program: DirectionProgram) -> QatInput:
     """The first layer's input.x of float ``x`` (T, B, I) for QAT, digits by ``program``'s
     (a first-layer program's) matmul.Wx operands."""
@@ -100,10 +105,13 @@ def qat_input(x: Tensor, program: DirectionProgram) -> QatInput:
     mask = torch.empty_like(x)
     if x.numel():
         low, high = point_thresholds(fmt)
-        _qat_input_kernel[(ceil_div(x.numel(), _BLOCK),)](
-            x, codes, digits, value, mask, x.numel(), input_format(fmt, x.device),
-            fmt.zero_point, operands.x_shift, operands.x_offset, low, high,
-            DIGITS=digits_wanted, BLOCK=_BLOCK,
+        _launch(
+            (ceil_div(x.numel(), _BLOCK), 1),
+            (
+                x, codes, digits, value, mask, x.numel(), input_format(fmt, x.device),
+                fmt.zero_point, operands.x_shift, operands.x_offset, low, high,
+            ),
+            dict(DIGITS=digits_wanted, BLOCK=_BLOCK), _WARPS,
         )  # fmt: skip
     return QatInput(
         codes=codes,

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from quant_gru.kernels.triton.launch import Launcher
 from quant_gru.kernels.triton.plans import ceil_div
 from quant_gru.quantize.device_copies import device_copy
 from quant_gru.quantize.params import OperatorQuant
@@ -24,6 +25,7 @@ from quant_gru.quantize.params import OperatorQuant
 __all__ = ["kept_value", "kernel_weight_codes", "kernel_weight_point"]
 
 _BLOCK = 1024
+_WARPS = 4
 
 # By id of a codes tensor: its weak reference and the points made with it.
 _POINTS: dict[int, tuple[weakref.ref[Tensor], tuple[Tensor, Tensor]]] = {}
@@ -60,10 +62,13 @@ def _weight_point_kernel(
     tl.store(mask_ptr + index, ones.to(mask_ptr.dtype.element_ty), mask=inside)
 
 
+_launch_kernel = Launcher(_weight_point_kernel)
+
+
 def kernel_weight_codes(weight: Tensor, quant: OperatorQuant) -> Tensor:
     """quantize_weight's codes of a weight or bias, made on the kernel with its points, which
     kernel_weight_point then returns for these codes without a launch."""
-    codes, points = _launch(weight, quant, codes=True)
+    codes, points = _points(weight, quant, codes=True)
     assert codes is not None
     key = id(codes)
     _POINTS[key] = (weakref.ref(codes, lambda _: _POINTS.pop(key, None)), points)
@@ -80,7 +85,7 @@ def kernel_weight_point(
     kept = None if codes is None else _POINTS.get(id(codes))
     if kept is not None and kept[0]() is codes:
         return kept[1]
-    return _launch(weight, quant, codes=False)[1]
+    return _points(weight, quant, codes=False)[1]
 
 
 def kept_value(codes: Tensor, dtype: torch.dtype) -> Tensor | None:
@@ -92,7 +97,7 @@ def kept_value(codes: Tensor, dtype: torch.dtype) -> Tensor | None:
     return kept[1][0]
 
 
-def _launch(
+def _points(
     weight: Tensor, quant: OperatorQuant, codes: bool
 ) -> tuple[Tensor | None, tuple[Tensor, Tensor]]:
     rows = weight.shape[0]
@@ -105,8 +110,12 @@ def _launch(
     mask = torch.empty_like(weight)
     if weight.numel():
         scales = device_copy(quant.scale, weight.device, torch.float64)
-        _weight_point_kernel[(ceil_div(weight.numel(), _BLOCK),)](
-            weight, scales, value if out is None else out, value, mask, weight.numel(),
-            weight.numel() // groups, quant.qmin, quant.qmax, CODES=codes, BLOCK=_BLOCK,
+        _launch_kernel(
+            (ceil_div(weight.numel(), _BLOCK), 1),
+            (
+                weight, scales, value if out is None else out, value, mask, weight.numel(),
+                weight.numel() // groups, quant.qmin, quant.qmax,
+            ),
+            dict(CODES=codes, BLOCK=_BLOCK), _WARPS,
         )  # fmt: skip
     return out, (value.to(weight.dtype), mask)
