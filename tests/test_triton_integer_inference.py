@@ -31,7 +31,7 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # read when the kernel modules are first imported
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-from quant_gru.kernels.triton.derived import DerivedCache  # noqa: E402
+from quant_gru.kernels.triton.derived import CalibrationCache, DerivedCache  # noqa: E402
 from quant_gru.kernels.triton.integer_constants import kernel_constants  # noqa: E402
 from quant_gru.kernels.triton.integer_gru import layer_input  # noqa: E402
 from quant_gru.kernels.triton.integer_projection import (  # noqa: E402
@@ -186,6 +186,16 @@ def test_derived_values_go_with_their_owner() -> None:
     del owner
     gc.collect()
     assert len(cache) == 0
+
+
+def test_calibration_values_are_kept_by_their_owners_identity() -> None:
+    cache: CalibrationCache[list[int]] = CalibrationCache(size=2)
+    terms = {"matmul.Wx": ()}  # a mapping: no weak references
+    made = cache.get(terms, DEVICE, lambda: [1])
+    assert cache.get(terms, DEVICE, lambda: [2]) is made
+    assert cache.get({"matmul.Wx": ()}, DEVICE, lambda: [3]) == [3]  # equal, not the same
+    assert cache.get(terms, DEVICE, lambda: [4], "variant") == [4]
+    assert cache.get(terms, DEVICE, lambda: [5]) == [5]  # emptied when full
 
 
 @pytest.mark.parametrize(

@@ -138,9 +138,9 @@ def test_remembered_launches_compute_what_tritons_launch_computes():
 
 def test_integer_kernels_launch_with_every_constexpr_named(monkeypatch):
     """Every launch of the integer path (inference of two layers, and a QAT step with its
-    weights updated after it) gives the launcher every runtime parameter in order and every constexpr by name
-    (its condition for remembering the compiled kernel), on the row and on the tile kernel
-    (interpreted here: the launches still pass through the launcher)."""
+    weights updated after it) gives the launcher every runtime parameter in order and every
+    constexpr by name (its condition for remembering the compiled kernel), on the row and on
+    the tile kernel (interpreted here: the launches still pass through the launcher)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     from quant_gru import QuantGRU
     from quant_gru.kernels.triton import (

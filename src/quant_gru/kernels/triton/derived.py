@@ -1,8 +1,9 @@
-"""Values derived from an object on a device, kept exactly as long as the object lives.
+"""Values derived from an object on a device, kept as long as the object lives.
 
 The integer realization derives kernel operands from each DirectionProgram; a program lives as
 long as the weights it was made from are in use (quantized_forward.ProgramCache), so entries
-go with it, and ids of dead objects never alias a live entry.
+go with it, and ids of dead objects never alias a live entry. What depends on a calibration
+alone is derived from the programs' terms, which every program of a calibration shares.
 """
 
 from __future__ import annotations
@@ -14,13 +15,11 @@ from typing import Generic, TypeVar
 import torch
 
 Value = TypeVar("Value")
+_Key = tuple[int, str, object]
 
 
-class DerivedCache(Generic[Value]):
-    """make(owner) once per (owner, device, variant), dropped when the owner is collected."""
-
-    def __init__(self) -> None:
-        self._entries: dict[tuple[int, str, object], Value] = {}
+class _Cache(Generic[Value]):
+    """make() once per (owner, device, variant); how entries are kept is the subclass's."""
 
     def get(
         self,
@@ -30,40 +29,50 @@ class DerivedCache(Generic[Value]):
         variant: object = None,
     ) -> Value:
         key = (id(owner), str(device), variant)
-        value = self._entries.get(key)
+        value = self._find(key, owner)
         if value is None:
             value = make()
-            self._entries[key] = value
-            weakref.finalize(owner, self._entries.pop, key, None)
+            self._keep(key, owner, value)
         return value
+
+    def _find(self, key: _Key, owner: object) -> Value | None:
+        raise NotImplementedError
+
+    def _keep(self, key: _Key, owner: object, value: Value) -> None:
+        raise NotImplementedError
+
+
+class DerivedCache(_Cache[Value]):
+    """Entries dropped when their owner is collected."""
+
+    def __init__(self) -> None:
+        self._entries: dict[_Key, Value] = {}
+
+    def _find(self, key: _Key, owner: object) -> Value | None:
+        return self._entries.get(key)
+
+    def _keep(self, key: _Key, owner: object, value: Value) -> None:
+        self._entries[key] = value
+        weakref.finalize(owner, self._entries.pop, key, None)
 
     def __len__(self) -> int:
         return len(self._entries)
 
 
-class CalibrationCache(Generic[Value]):
-    """make() once per (owner, device, variant) for owners that cannot be weakly referenced,
-    such as a program's terms (a mapping made once per calibration and shared by every
-    program of it): entries hold their owner, so its id is not reused while they live, and
-    the cache is emptied when it holds ``size`` of them."""
+class CalibrationCache(_Cache[Value]):
+    """For owners that cannot be weakly referenced, such as a program's terms (a mapping made
+    once per calibration): entries hold their owner, so its id is not reused while they live,
+    and the cache is emptied when it holds ``size`` of them."""
 
     def __init__(self, size: int = 64) -> None:
-        self._entries: dict[tuple[int, str, object], tuple[object, Value]] = {}
+        self._entries: dict[_Key, tuple[object, Value]] = {}
         self._size = size
 
-    def get(
-        self,
-        owner: object,
-        device: torch.device,
-        make: Callable[[], Value],
-        variant: object = None,
-    ) -> Value:
-        key = (id(owner), str(device), variant)
+    def _find(self, key: _Key, owner: object) -> Value | None:
         cached = self._entries.get(key)
-        if cached is not None and cached[0] is owner:
-            return cached[1]
+        return cached[1] if cached is not None and cached[0] is owner else None
+
+    def _keep(self, key: _Key, owner: object, value: Value) -> None:
         if len(self._entries) >= self._size:
             self._entries.clear()
-        value = make()
         self._entries[key] = (owner, value)
-        return value
