@@ -292,11 +292,15 @@ def initial_codes(h0: Tensor | None, programs: Sequence[DirectionProgram], x: Te
     """Codes of h0 per (layer, direction) (§8): hx quantized, or the code of zero."""
     batch, hidden = x.shape[1], programs[0].hidden_size
     if h0 is None:
-        # Filled in place: a tensor of the zero points made on the host would be copied to the
-        # device, waiting for its queue.
-        codes = torch.empty(len(programs), batch, hidden, dtype=torch.int64, device=x.device)
-        for i, program in enumerate(programs):
-            codes[i].fill_(program.formats["output.h"].zero_point)
+        # Filled on the device: a tensor of the zero points made on the host would be copied
+        # there, waiting for its queue. One fill where they are all the same.
+        shape = (len(programs), batch, hidden)
+        points = [program.formats["output.h"].zero_point for program in programs]
+        if len(set(points)) == 1:
+            return torch.full(shape, points[0], dtype=torch.int64, device=x.device)
+        codes = torch.empty(shape, dtype=torch.int64, device=x.device)
+        for i, point in enumerate(points):
+            codes[i].fill_(point)
         return codes
     return torch.stack([_quantize(h0[i], p, "output.h") for i, p in enumerate(programs)])
 

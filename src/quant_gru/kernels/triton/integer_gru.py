@@ -279,10 +279,8 @@ def stack_layers(
             finals.append(h_n + h_zero)
         below = outputs
     last = programs[-num_dirs:]
-    out_codes = torch.cat(
-        [out + p.formats["output.h"].zero_point for out, p in zip(below, last, strict=True)],
-        dim=-1,
-    )
+    parts = [out + p.formats["output.h"].zero_point for out, p in zip(below, last, strict=True)]
+    out_codes = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)  # no copy of one
     return out_codes, torch.stack(finals)
 
 
