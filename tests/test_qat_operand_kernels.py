@@ -44,6 +44,7 @@ from quant_gru.kernels.triton.weight_points import (  # noqa: E402
     kernel_weight_point,
 )
 from quant_gru.quantize.program import quantize_weight  # noqa: E402
+from quant_gru.quantize.scales import dequantize  # noqa: E402
 
 NAMES = ("weight.W", "weight.R", "weight.bw", "weight.br")
 
@@ -139,7 +140,9 @@ def test_kernel_qat_input_equals_the_plain_operands(
     codes = input_codes(x, [program])
     assert torch.equal(made.codes, codes)
     zero_corrected = codes - fmt.zero_point
-    assert torch.equal(made.point.value, _dequantized(zero_corrected, fmt, dtype))
+    expected_value = dequantize(zero_corrected, fmt.scale, 0).to(dtype)  # float64, rounded
+    assert torch.equal(made.point.value, expected_value)
+    assert torch.equal(_dequantized(zero_corrected, fmt, dtype), expected_value)
     assert made.point.value.dtype == made.point.mask.dtype == dtype
     assert torch.equal(made.point.mask, _mask(x, fmt))
     assert 0 < int(made.point.mask.sum()) < made.point.mask.numel()  # some inputs saturate

@@ -296,6 +296,8 @@ def _dequantized(codes: Tensor, fmt: ActivationFormat, dtype: torch.dtype) -> Te
     float32 value: one rounding of the exact product either way), else through float64 (a
     float32 product rounded again to a 16-bit type could differ)."""
     if dtype == torch.float32 and magnitude(fmt) < _FLOAT32_INTEGERS:
+        if torch.get_default_dtype() == torch.float32:  # the product promotes to float32
+            return codes * float(fmt.scale)
         return codes.to(torch.float32) * float(fmt.scale)
     return dequantize(codes, fmt.scale, 0).to(dtype)
 
