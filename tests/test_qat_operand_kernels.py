@@ -6,8 +6,8 @@ in every float type, with values that saturate, NaN and infinities:
   dequantized codes and clamp masks), for every granularity, widths up to 32 bits, float and
   power-of-two scales;
 - the first layer's input (kernels/triton/qat_input.py): its codes (input_codes), operand
-  digits (digit_input_projection's), dequantized values and clamp masks (integer_qat's), for
-  inputs of one digit and wider.
+  digits (digit_input_projection's), dequantized values (quantize.scales.dequantize's in the
+  model's type) and clamp masks (integer_qat's), for inputs of one digit and wider.
 """
 
 from __future__ import annotations
