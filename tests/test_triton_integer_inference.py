@@ -31,7 +31,7 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # read when the kernel modules are first imported
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-from quant_gru.kernels.triton.derived import CalibrationCache, DerivedCache  # noqa: E402
+from quant_gru.kernels.derived import CalibrationCache, DerivedCache  # noqa: E402
 from quant_gru.kernels.triton.integer_constants import kernel_constants  # noqa: E402
 from quant_gru.kernels.triton.integer_gru import layer_input  # noqa: E402
 from quant_gru.kernels.triton.integer_projection import (  # noqa: E402

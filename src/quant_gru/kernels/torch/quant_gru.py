@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from quant_gru.kernels.derived import CalibrationCache
 from quant_gru.quantize.program import ACTIVATION_OPERATORS, ActivationFormat, DirectionProgram
 from quant_gru.quantize.requant import TERM_LIMIT, Term, ceil_log2
 from quant_gru.quantize.tables import Table
@@ -275,22 +276,17 @@ def apply_term(v: Tensor, term: Term, negate: bool = False) -> Tensor:
     term has one): pre-shift p, multiply by m, rshr by n or saturated left shift, clamp to
     +-2^60. ``negate``: the term of -v (§5). Operand shifts are the caller's."""
     width = v.shape[-1] if v.dim() else 1
-    key = (id(term), width, negate, str(v.device))
-    cached = _APPLIED.get(key)
-    if cached is None or cached[0] is not term:
-        if len(_APPLIED) >= _APPLIED_ENTRIES:
-            _APPLIED.clear()
-        cached = (term, _scaler([(term, width)], None, False, v.device, negate))
-        _APPLIED[key] = cached
-    return cached[1](v)
+
+    def make() -> _Scaler:
+        return _scaler([(term, width)], None, False, v.device, negate)
+
+    return _APPLIED.get(term, v.device, make, (width, negate))(v)
 
 
-# apply_term's scalers by (id of the term, width, negate, device), with their term: the kernels
-# apply the bias terms whenever the weights change (every QAT step), while the terms live as
-# long as a calibration; making a scaler copies its constants to the device, which waits for
-# the device's queue.
-_APPLIED: dict[tuple[int, int, bool, str], tuple[Term, _Scaler]] = {}
-_APPLIED_ENTRIES = 256
+# apply_term's scalers by term: the kernels apply the bias terms whenever the weights change
+# (every QAT step), while the terms live as long as a calibration; making a scaler copies its
+# constants to the device, which waits for the device's queue.
+_APPLIED: CalibrationCache[_Scaler] = CalibrationCache(size=256)
 
 
 def _product(a: Tensor, c: Tensor, shifts: tuple[int, int]) -> Tensor:

@@ -89,7 +89,7 @@ class ProgramCache:
     """The programs of the weights a forward last saw, kept while those weights are unchanged:
     the same tensors, not modified in place since (their version counters), same storage.
     Inference then skips quantizing the weights, and the realizations' own caches keyed on
-    the programs (kernels/triton/derived.py) hold too."""
+    the programs (kernels/derived.py) hold too."""
 
     def __init__(self) -> None:
         self._weights: tuple[Tensor | None, ...] = ()

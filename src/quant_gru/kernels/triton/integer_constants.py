@@ -29,9 +29,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from quant_gru.kernels.derived import CalibrationCache, DerivedCache
 from quant_gru.kernels.torch.quant_gru import apply_term, rounding_right_shift
 from quant_gru.kernels.triton import integer_layout as layout
-from quant_gru.kernels.triton.derived import CalibrationCache, DerivedCache
 from quant_gru.kernels.triton.integer_digits import (
     MAX_PRODUCT_TERMS,
     digit_offset,

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from quant_gru.kernels.derived import CalibrationCache, DerivedCache
 from quant_gru.kernels.torch.quant_gru import apply_term, exact_int_matmul, rounding_right_shift
-from quant_gru.kernels.triton.derived import CalibrationCache, DerivedCache
 from quant_gru.kernels.triton.integer_constants import (
     plain_term,
     shifted,
@@ -218,22 +218,26 @@ def digit_input_projection(
     operands = projection_operands(program, x.device)
     if operands.digits is None:
         return None
-    steps, batch, depth = x.shape
-    operand = rounding_right_shift(x, operands.x_shift) - operands.x_offset
-    digits = operand.to(torch.int8).reshape(steps * batch, depth)
-    return _digit_projection(program, operands, digits, masks).view(steps, batch, -1)
+    digits = (rounding_right_shift(x, operands.x_shift) - operands.x_offset).to(torch.int8)
+    return digits_projection(program, digits, (operands.x_shift, operands.x_offset), masks)
 
 
 def digits_projection(
-    program: DirectionProgram, digits: Tensor, masks: WxMasks | None = None
+    program: DirectionProgram,
+    digits: Tensor,
+    operand: tuple[int, int],
+    masks: WxMasks | None = None,
 ) -> Tensor | None:
-    """matmul.Wx's codes (rows, 3H) of the input operand's digits (rows, I) as the
-    projection kernels make them (rshr(q - zp, e) - o, int8, by ``program``'s operands), and
-    QAT's clamp masks into ``masks``; None when the operands do not take one digit each."""
+    """matmul.Wx's codes (T, B, 3H) of the input operand's digits (T, B, I), made as the
+    projection kernels make them with the operand shift and offset ``operand`` (rshr(q - zp,
+    e) - o, int8), and QAT's clamp masks into ``masks``; None when ``program``'s operands do
+    not take one digit each or take them with another shift or offset."""
     operands = projection_operands(program, digits.device)
-    if operands.digits is None:
+    if operands.digits is None or (operands.x_shift, operands.x_offset) != operand:
         return None
-    return _digit_projection(program, operands, digits, masks)
+    steps, batch, depth = digits.shape
+    flat = digits.view(steps * batch, depth)
+    return _digit_projection(program, operands, flat, masks).view(steps, batch, -1)
 
 
 @dataclass(frozen=True)

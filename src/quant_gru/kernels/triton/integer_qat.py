@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from quant_gru.kernels.derived import DerivedCache
 from quant_gru.kernels.torch.quant_gru import prepared_codes
 from quant_gru.kernels.torch.stack import DirectionWeights
-from quant_gru.kernels.triton.derived import DerivedCache
 from quant_gru.kernels.triton.gru_backward import qat_direction_backward
 from quant_gru.kernels.triton.integer_constants import kernel_constants, magnitude
 from quant_gru.kernels.triton.integer_gru import QatSave, run_direction, stack_layers
@@ -31,7 +31,6 @@ from quant_gru.kernels.triton.integer_projection import (
     digit_input_projection,
     digits_projection,
     input_projection,
-    projection_operands,
 )
 from quant_gru.kernels.triton.ops import recurrent_weight_grad
 from quant_gru.kernels.triton.qat_input import InputPoint, QatInput, qat_input
@@ -118,10 +117,7 @@ class KernelQat:
             x_input = first if index < num_dirs else None
             wx = None
             if x_input is not None and x_input.digits is not None:
-                operands = projection_operands(program, x.device)
-                if (operands.x_shift, operands.x_offset) == x_input.operand:
-                    wx = digits_projection(program, x_input.digits, wx_masks)
-                    wx = None if wx is None else wx.view(*x.shape[:2], -1)
+                wx = digits_projection(program, x_input.digits, x_input.operand, wx_masks)
             if wx is None:
                 wx = digit_input_projection(program, x, wx_masks)
             if wx is None:

@@ -43,7 +43,7 @@ class InputPoint:
 class QatInput:
     """The first layer's input.x, from its float values x (T, B, I): the codes (int64, as
     quantized_forward.input_codes); the operand digits of ``program``'s matmul.Wx (int8,
-    (T * B, I), as the projection kernels take them; None where its operands take more than
+    (T, B, I), as the projection kernels take them; None where its operands take more than
     one digit) with the operand shift and offset they were made with; its point."""
 
     codes: Tensor
@@ -115,7 +115,7 @@ def qat_input(x: Tensor, program: DirectionProgram) -> QatInput:
         )  # fmt: skip
     return QatInput(
         codes=codes,
-        digits=digits.view(-1, x.shape[-1]) if digits_wanted else None,
+        digits=digits if digits_wanted else None,
         operand=(operands.x_shift, operands.x_offset),
         point=InputPoint(value.to(x.dtype), mask),
     )

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from quant_gru.kernels.triton.derived import CalibrationCache, DerivedCache
+from quant_gru.kernels.derived import CalibrationCache, DerivedCache
 from quant_gru.kernels.triton.weight_points import kept_value
 from quant_gru.quantize.device_copies import device_copy
 from quant_gru.quantize.params import DirectionQuant

@@ -1,9 +1,10 @@
 """Values derived from an object on a device, kept as long as the object lives.
 
-The integer realization derives kernel operands from each DirectionProgram; a program lives as
+The integer realizations derive kernel operands from each DirectionProgram; a program lives as
 long as the weights it was made from are in use (quantized_forward.ProgramCache), so entries
 go with it, and ids of dead objects never alias a live entry. What depends on a calibration
-alone is derived from the programs' terms, which every program of a calibration shares.
+alone is derived from the programs' terms (or a term), which every program of a calibration
+shares.
 """
 
 from __future__ import annotations
