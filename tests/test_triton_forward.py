@@ -626,3 +626,78 @@ def test_sequences_past_the_kernels_int32_offsets_are_refused(
         model(torch.randn(4, 2, 4, device=DEVICE, requires_grad=True))  # 256
     out.sum().backward()
     assert x.grad is not None
+
+
+def _nearest_tf32(x: torch.Tensor) -> torch.Tensor:
+    """float64 values rounded to 11 significant bits (TF32's), to nearest, ties to even."""
+    mantissa, exponent = torch.frexp(x)
+    return torch.ldexp(torch.round(mantissa * 2.0**11), exponent - 11)
+
+
+@pytest.mark.parametrize("w_scale", [1.0, 1e-3, 4e4, 1e-20, 0.0])
+def test_scaled_half_weights(w_scale: float) -> None:
+    """products.scaled_half against its definition: R's largest magnitude brought into
+    [2^14, 2^15) by a power of two 2^k (k within +-112; the largest for a zero R), R as
+    float16 of R * 2^k, bit for bit; nothing reaches float16's infinity; kept while R is
+    unmodified, remade after an in-place change."""
+    from quant_gru.kernels.triton.products import scaled_half
+
+    torch.manual_seed(3)
+    w = (torch.randn(48, 16, device=DEVICE) * w_scale).contiguous()
+    w[0, :4] = torch.tensor([1e-9, -3e-7, 5e-5, 0.0]) * w_scale  # float16 subnormals once scaled
+    for _ in range(2):
+        half, scales = scaled_half(w)
+        bound = w.abs().max().item()
+        k = 112
+        if bound >= 2.0**-126:
+            k = 15 - torch.frexp(torch.tensor(bound, dtype=torch.float64)).exponent.item()
+            k = max(-112, min(112, k))
+        want = torch.tensor([2.0**k, 2.0**-k], dtype=torch.float32)
+        assert torch.equal(scales.cpu(), want)
+        assert half.dtype == torch.float16
+        assert torch.equal(half.cpu(), (w.double().cpu() * 2.0**k).float().half())
+        assert half.float().abs().max() < 2**15
+        assert scaled_half(w)[0] is half
+        with torch.no_grad():
+            w.mul_(3.0)
+
+
+@pytest.mark.parametrize("layout", TILE_PLANS)
+@pytest.mark.parametrize("h0_scale", [None, 3.0, 3e3])
+def test_tf32_half_forward_step_by_step(
+    layout: str, h0_scale: float | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The TF32 forward with scaled float16 operands (products.TF32_HALF, taken here at H=24
+    by moving products.SPLIT_BELOW_HIDDEN), step by step: each step's state against a float64
+    step from the kernel's own previous state, whose product takes the state and R rounded to
+    TF32's 11 significant bits (to nearest, ties to even) and whose z * h takes the state as
+    it is. The float32 rung: the kernel's products are those of the rounded values, summed in
+    float32. Initial states beyond 1 in magnitude scale the state's operand down."""
+    from quant_gru.kernels.triton import products
+    from quant_gru.kernels.triton.gru_forward import gru_direction_forward
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    monkeypatch.setattr(products, "SPLIT_BELOW_HIDDEN", 0)
+    plan = TILE_PLANS[layout]
+    torch.manual_seed(4)
+    steps, batch, hidden = 6, 20, 24
+    gates_x = torch.randn(steps, batch, 3 * hidden, device=DEVICE)
+    h0 = None if h0_scale is None else torch.randn(batch, hidden, device=DEVICE) * h0_scale
+    w_hh = torch.randn(3 * hidden, hidden, device=DEVICE) / hidden**0.5
+    b_hh = torch.randn(3 * hidden, device=DEVICE)
+    for reverse in (False, True):
+        out, h_n = gru_direction_forward(gates_x, h0, w_hh, b_hh, None, reverse, None, plan)
+        order = range(steps - 1, -1, -1) if reverse else range(steps)
+        previous = torch.zeros(batch, hidden, dtype=torch.float64) if h0 is None else h0.double()
+        previous = previous.cpu()
+        r_all = _nearest_tf32(w_hh.double().cpu())
+        for t in order:
+            gx = gates_x[t].double().cpu()
+            gh = _nearest_tf32(previous) @ r_all.T + b_hh.double().cpu()
+            r = torch.sigmoid(gx[:, :hidden] + gh[:, :hidden])
+            z = torch.sigmoid(gx[:, hidden : 2 * hidden] + gh[:, hidden : 2 * hidden])
+            n = torch.tanh(gx[:, 2 * hidden :] + r * gh[:, 2 * hidden :])
+            want = (1 - z) * n + z * previous
+            assert_float_conformant(out[t], want, f"{layout} reverse={reverse} step {t}")
+            previous = out[t].double().cpu()
+        assert torch.equal(h_n, out[order[-1]])

@@ -77,3 +77,28 @@ class CalibrationCache(_Cache[Value]):
         if len(self._entries) >= self._size:
             self._entries.clear()
         self._entries[key] = (owner, value)
+
+
+class TensorCache(Generic[Value]):
+    """One value derived from a tensor, kept while the tensor lives and is unmodified (its
+    version counter, which in-place updates such as an optimizer's step advance); remade
+    otherwise. Inference tensors have no version counter: their values are not kept."""
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[int, Value]] = {}
+
+    def get(self, tensor: torch.Tensor, make: Callable[[], Value]) -> Value:
+        if tensor.is_inference():
+            return make()
+        key, version = id(tensor), tensor._version
+        cached = self._entries.get(key)
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        value = make()
+        if cached is None:
+            weakref.finalize(tensor, self._entries.pop, key, None)
+        self._entries[key] = (version, value)
+        return value
+
+    def __len__(self) -> int:
+        return len(self._entries)

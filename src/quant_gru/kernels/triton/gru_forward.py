@@ -37,11 +37,16 @@ from quant_gru.kernels.triton.plans import (
 )
 from quant_gru.kernels.triton.products import (
     TF32,
+    TF32_HALF,
+    TF32_SPLIT,
+    _half_scales,
     _product,
     _round_tf32,
     dot_precision,
     forward_tf32,
     rounded_to_tf32,
+    scaled_half,
+    state_bound,
 )
 from quant_gru.kernels.triton.sync import _await_state, _barrier, _publish, zero_words
 
@@ -197,6 +202,8 @@ def _gru_forward_tile_kernel(
     exchange_ptr,  # (2, B, H): float32, or the weights' type when 16-bit (what tl.dot reads)
     saved_ptr,  # (T, B, 4H): r, z, n and R_n h + b_n of every step (SAVE only)
     counter_ptr,  # (number of batch tiles,) int32, zeros
+    scales_ptr,  # (2,) float32: products.scaled_half's scales (TF32_HALF only)
+    bound_ptr,  # (1,) float32: products.state_bound (TF32_HALF with HAS_H0 only)
     steps,
     batch,
     hidden,
@@ -220,8 +227,10 @@ def _gru_forward_tile_kernel(
 
     length = _lengths(lengths_ptr, rows, row_ok, steps, BB, HAS_LENGTHS)
     h = _initial(h0_ptr, own_offsets, own, BB, BH, HAS_H0)
+    # TF32_HALF: the state enters the products as float16 times 2^s, R as float16 times 2^k.
+    r_down, h_up, h_down = _half_scales(scales_ptr, bound_ptr, PRECISION, HAS_H0)
     if not SINGLE:
-        tl.store(exchange_ptr + own_offsets, h.to(exchange_type), mask=own)
+        tl.store(exchange_ptr + own_offsets, (h * h_up).to(exchange_type), mask=own)
         _barrier(counter, hidden_tiles)
     bias_r, bias_z, bias_n = _gate_biases(bias_ptr, units, unit_ok, hidden)
     dtype = w_ptr.dtype.element_ty
@@ -242,7 +251,7 @@ def _gru_forward_tile_kernel(
         acc_n = tl.zeros((BB, BH), dtype=tl.float32)
         if SINGLE:
             # This program holds the whole state (CHUNKS == 1): no exchange.
-            h_all = h.to(dtype)
+            h_all = (h * h_up).to(dtype)
             acc_r = _product(h_all, w_r_all[0], acc_r, PRECISION)
             acc_z = _product(h_all, w_z_all[0], acc_z, PRECISION)
             acc_n = _product(h_all, w_n_all[0], acc_n, PRECISION)
@@ -260,6 +269,10 @@ def _gru_forward_tile_kernel(
                 acc_r = _product(h_k, w_r, acc_r, PRECISION)
                 acc_z = _product(h_k, w_z, acc_z, PRECISION)
                 acc_n = _product(h_k, w_n, acc_n, PRECISION)
+        if PRECISION == "tf32-half":  # exact: powers of two
+            acc_r = acc_r * r_down * h_down
+            acc_z = acc_z * r_down * h_down
+            acc_n = acc_n * r_down * h_down
 
         h = _update(
             h, gx_r, gx_z, gx_n, acc_r, acc_z, acc_n, bias_r, bias_z, bias_n,
@@ -268,7 +281,7 @@ def _gru_forward_tile_kernel(
         gx_r, gx_z, gx_n = next_r, next_z, next_n
         if not SINGLE:
             target = exchange_ptr + ((step + 1) % 2) * plane + own_offsets
-            tl.store(target, h.to(exchange_type), mask=own)
+            tl.store(target, (h * h_up).to(exchange_type), mask=own)
             _barrier(counter, hidden_tiles * (step + 2))
 
     tl.store(h_n_ptr + own_offsets, h.to(h_n_ptr.dtype.element_ty), mask=own)
@@ -385,16 +398,21 @@ def gru_direction_forward(
         else:
             h_n.copy_(h0)
         return out, h_n
+    precision = dot_precision(dtype)
+    if precision == TF32:
+        precision = forward_tf32(hidden)
+    # TF32_HALF's operands are 16-bit: the tiles of 16-bit types.
+    element_size = 2 if precision == TF32_HALF else w_hh.element_size()
     if plan is None:
-        plan = forward_plan(batch, hidden, w_hh.element_size(), device)
+        plan = forward_plan(batch, hidden, element_size, device)
         if tuning.enabled():
             save = saved is not None
-            problem = ("forward", batch, hidden, w_hh.dtype, dot_precision(dtype), save)
+            problem = ("forward", batch, hidden, w_hh.dtype, precision, save)
             arguments = (gates_x, h0, w_hh, b_hh, lengths, reverse, saved)
             plan = tuning.tuned(
                 (*problem, device),
                 plan,
-                lambda: tile_candidates(batch, hidden, w_hh.element_size(), device, False),
+                lambda: tile_candidates(batch, hidden, element_size, device, False),
                 lambda p: gru_direction_forward(*arguments, p),
             )
     # Absent lengths and h0 take the out tensor's place: the kernels do not read them then.
@@ -421,22 +439,26 @@ def gru_direction_forward(
         )  # fmt: skip
         return out, h_n
     # 16-bit states are exchanged in their own type: tl.dot reads nothing finer.
-    exchange_type = torch.float32 if dtype == torch.float32 else w_hh.dtype
+    exchange_type = w_hh.dtype if dtype != torch.float32 else torch.float32
+    scales = bound = out
+    if precision == TF32_HALF:
+        half, scales = scaled_half(operands[1])
+        operands = (operands[0], half, *operands[2:])
+        bound = state_bound(h0, out)
+        exchange_type = torch.float16
+    elif precision == TF32_SPLIT:
+        operands = (operands[0], rounded_to_tf32(w_hh, rounded), *operands[2:])
+    if rounded is not None and precision != TF32_SPLIT:
+        rounded_to_tf32(w_hh, rounded)
     exchange = torch.empty(2, batch, hidden, device=device, dtype=exchange_type)
     counters = torch.zeros(grid[0], device=device, dtype=torch.int32)
-    precision = dot_precision(dtype)
-    if precision == TF32:
-        operands = (operands[0], rounded_to_tf32(w_hh, rounded), *operands[2:])
-        precision = forward_tf32(hidden)
-    elif rounded is not None:
-        rounded_to_tf32(w_hh, rounded)
     if plan.single and plan.block_k != padded(hidden):
         raise ValueError(f"a single-tile plan holds the whole state in one chunk, got {plan}")
     _launch_tiles(
         grid,
         (
             *operands, lengths32, out, h_n, exchange, exchange if saved is None else saved,
-            counters, steps, batch, hidden,
+            counters, scales, bound, steps, batch, hidden,
         ),
         dict(
             REVERSE=reverse, PRECISION=precision,

@@ -8,6 +8,16 @@ operands). The state is rounded every step (TF32), or, in the forward below
 SPLIT_BELOW_HIDDEN units, split into two rounded TF32 parts whose products are summed
 (TF32_SPLIT): the state then enters the product almost exactly, which keeps the forward's error
 within twice cuDNN's where rounding alone measured up to 2.3x.
+
+From SPLIT_BELOW_HIDDEN on, the forward's rounded TF32 operands travel as float16 with
+power-of-two scales (TF32_HALF): float16 has TF32's 10 mantissa bits, so a float32 value scaled
+into float16's normal range and rounded to nearest is the rounded TF32 value, scaled; the
+matrix cores multiply float16 pairs exactly and sum in float32 as they do TF32 pairs, and the
+sum is scaled back exactly. What changes is half the bytes a step to read (the state and R's
+slice) at twice the matrix-core rate. The scales (``_half_scale``) keep R's largest element
+and the state's bound below 2^15, so nothing overflows; elements more than 2^29 below the
+largest become float16 subnormals, off by at most 2^-25 of the scale, far below TF32's
+error of the largest.
 """
 
 from __future__ import annotations
@@ -17,8 +27,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from quant_gru.kernels.derived import TensorCache
+from quant_gru.kernels.triton.launch import Launcher
+
 TF32 = "tf32-rounded"
 TF32_SPLIT = "tf32-split"
+TF32_HALF = "tf32-half"
+# Scaled float16 operands hold values below 2^HALF_TOP (float16's largest is 65504 < 2^16).
+HALF_TOP = tl.constexpr(15)
+# The scale exponents stay within this magnitude, so that 2^exponent is a normal float32.
+HALF_EXPONENT_LIMIT = tl.constexpr(112)
+HALF_BLOCK = 4096  # elements a program of _scaled_half_kernel
 # The forward splits the state under TF32 below this hidden size, and rounds it from here on.
 # Measured on an H100, worst ratio of the output's and every gradient's error to cuDNN's TF32
 # error: rounding alone 1.6-1.9x at H=160 and 1.7-1.8x at (16, H=384), at most 1.12x from
@@ -36,8 +55,73 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def forward_tf32(hidden: int) -> str:
-    """The forward's TF32 product (TF32_SPLIT or TF32) at this hidden size."""
-    return TF32_SPLIT if hidden < SPLIT_BELOW_HIDDEN else TF32
+    """The forward's TF32 product (TF32_SPLIT or TF32_HALF) at this hidden size."""
+    return TF32_SPLIT if hidden < SPLIT_BELOW_HIDDEN else TF32_HALF
+
+
+def scaled_half(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """TF32_HALF's R: ``weight`` (float32, contiguous) as float16 times 2^k, and a float32
+    (2,) tensor [2^k, 2^-k], where k (``_half_scale``) brings its largest magnitude below
+    2^HALF_TOP. Made on the device (no value read on the host), once per weight version."""
+    return _HALF_WEIGHTS.get(weight, lambda: _scaled_half(weight))
+
+
+def _scaled_half(weight: Tensor) -> tuple[Tensor, Tensor]:
+    bound = torch.linalg.vector_norm(weight, float("inf"))
+    half = torch.empty(weight.shape, device=weight.device, dtype=torch.float16)
+    scales = torch.empty(2, device=weight.device, dtype=torch.float32)
+    count = weight.numel()
+    _launch_scaled_half(
+        (-(-count // HALF_BLOCK), 1), (weight, half, bound, scales, count), {"BLOCK": HALF_BLOCK}, 4
+    )
+    return half, scales
+
+
+def state_bound(h0: Tensor | None, fallback: Tensor) -> Tensor:
+    """max |h0| as a float32 (1,) tensor on the device (``fallback`` without h0: the kernel
+    then reads nothing). The state never exceeds max(1, max |h0|) in magnitude: each step
+    averages it with a tanh."""
+    if h0 is None:
+        return fallback
+    return torch.linalg.vector_norm(h0, float("inf"), dtype=torch.float32).view(1)
+
+
+@triton.jit
+def _half_scale(bound):
+    """2^e and 2^-e (float32) for the exponent e that brings ``bound`` (>= 0) below 2^HALF_TOP
+    and to at least 2^(HALF_TOP - 1) where it is normal, within +-HALF_EXPONENT_LIMIT."""
+    biased = (bound.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    exponent = HALF_TOP + 126 - biased
+    exponent = tl.minimum(tl.maximum(exponent, -HALF_EXPONENT_LIMIT), HALF_EXPONENT_LIMIT)
+    up = ((exponent + 127) << 23).to(tl.float32, bitcast=True)
+    down = ((127 - exponent) << 23).to(tl.float32, bitcast=True)
+    return up, down
+
+
+@triton.jit
+def _scaled_half_kernel(weight_ptr, half_ptr, bound_ptr, scales_ptr, count, BLOCK: tl.constexpr):
+    """half = float16(weight * 2^k), rounded to nearest; program 0 writes 2^k and 2^-k."""
+    up, down = _half_scale(tl.load(bound_ptr))
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inside = offsets < count
+    weight = tl.load(weight_ptr + offsets, mask=inside, other=0.0)
+    tl.store(half_ptr + offsets, (weight * up).to(tl.float16), mask=inside)
+    if tl.program_id(0) == 0:
+        tl.store(scales_ptr, up)
+        tl.store(scales_ptr + 1, down)
+
+
+@triton.jit
+def _half_scales(scales_ptr, bound_ptr, PRECISION: tl.constexpr, HAS_H0: tl.constexpr):
+    """TF32_HALF's 2^-k (R's, ``scaled_half``), 2^s and 2^-s (the state's, from its bound
+    max(1, max |h0|), ``state_bound``); ones for other products."""
+    if PRECISION == "tf32-half":
+        bound = 1.0
+        if HAS_H0:
+            bound = tl.maximum(tl.load(bound_ptr), 1.0)
+        up, down = _half_scale(bound)
+        return tl.load(scales_ptr + 1), up, down
+    return 1.0, 1.0, 1.0
 
 
 def rounded_to_tf32(weight: Tensor, out: Tensor | None = None) -> Tensor:
@@ -59,13 +143,20 @@ def _round_tf32(x):
 
 @triton.jit
 def _product(a, b, acc, PRECISION: tl.constexpr):
-    """acc + a @ b; under TF32 and TF32_SPLIT, b already rounded (``rounded_to_tf32``)."""
+    """acc + a @ b; under TF32 and TF32_SPLIT, b already rounded (``rounded_to_tf32``);
+    under TF32_HALF both scaled float16 (``scaled_half``)."""
     if PRECISION == "tf32-split":
         high = _round_tf32(a)
         acc = tl.dot(_round_tf32(a - high), b, acc, input_precision="tf32")
         acc = tl.dot(high, b, acc, input_precision="tf32")
+    elif PRECISION == "tf32-half":  # float16 operands (scaled), float32 sums
+        acc = tl.dot(a, b, acc)
     elif PRECISION == "tf32-rounded":
         acc = tl.dot(_round_tf32(a), b, acc, input_precision="tf32")
     else:
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
     return acc
+
+
+_launch_scaled_half = Launcher(_scaled_half_kernel)
+_HALF_WEIGHTS: TensorCache[tuple[Tensor, Tensor]] = TensorCache()
