@@ -31,7 +31,7 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # read when the kernel modules are first imported
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-from quant_gru.kernels.derived import CalibrationCache, DerivedCache  # noqa: E402
+from quant_gru.kernels.derived import CalibrationCache, DerivedCache, TensorCache  # noqa: E402
 from quant_gru.kernels.triton.integer_constants import kernel_constants  # noqa: E402
 from quant_gru.kernels.triton.integer_gru import layer_input  # noqa: E402
 from quant_gru.kernels.triton.integer_projection import (  # noqa: E402
@@ -196,6 +196,25 @@ def test_calibration_values_are_kept_by_their_owners_identity() -> None:
     assert cache.get({"matmul.Wx": ()}, DEVICE, lambda: [3]) == [3]  # equal, not the same
     assert cache.get(terms, DEVICE, lambda: [4], "variant") == [4]
     assert cache.get(terms, DEVICE, lambda: [5]) == [5]  # emptied when full
+
+
+def test_tensor_values_kept_while_the_tensor_is_unmodified() -> None:
+    cache: TensorCache[list[int]] = TensorCache()
+    weight = torch.ones(3)
+    made = cache.get(weight, lambda: [1])
+    assert cache.get(weight, lambda: [2]) is made
+    assert cache.get(weight.clone(), lambda: [3]) == [3]  # equal, not the same
+    weight.add_(1)  # an optimizer's step: a new version
+    assert cache.get(weight, lambda: [4]) == [4]
+    assert cache.get(weight, lambda: [5]) == [4]
+    del weight
+    gc.collect()
+    assert len(cache) == 0
+    with torch.inference_mode():
+        frozen = torch.ones(3)  # no version counter: nothing kept
+        assert cache.get(frozen, lambda: [6]) == [6]
+        assert cache.get(frozen, lambda: [7]) == [7]
+    assert len(cache) == 0
 
 
 @pytest.mark.parametrize(
