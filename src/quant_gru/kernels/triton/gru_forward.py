@@ -208,7 +208,7 @@ def _gru_forward_tile_kernel(
     batch,
     hidden,
     REVERSE: tl.constexpr,
-    PRECISION: tl.constexpr,  # products.dot_precision (float32); ignored for 16-bit types
+    PRECISION: tl.constexpr,  # "ieee" or products.forward_tf32 (float32); ignored for 16-bit
     BB: tl.constexpr,
     BH: tl.constexpr,
     BK: tl.constexpr,
