@@ -110,6 +110,9 @@ def test_kernel_weight_points_equal_the_plain_points(
         expected_value, expected_mask = weight_point(program, quant, name, value)
         codes = kernel_weight_codes(value, quant[name])
         assert torch.equal(codes, quantize_weight(value, quant[name])), name
+        strided = torch.stack([value, value], dim=-1)[..., 0]  # the same values, not contiguous
+        assert not strided.is_contiguous()
+        assert torch.equal(kernel_weight_codes(strided, quant[name]), codes), name
         # Made afresh, and kept from the codes' making.
         for points in (
             kernel_weight_point(value, quant[name]),

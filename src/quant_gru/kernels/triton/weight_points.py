@@ -104,7 +104,8 @@ def _points(
     groups = quant.scale.numel()
     if rows % groups:
         raise ValueError(f"{groups} scales do not divide {rows} rows evenly")
-    weight = weight.detach().contiguous()
+    if not weight.is_contiguous():  # the kernel reads the data alone: no detach otherwise
+        weight = weight.detach().contiguous()
     out = torch.empty(weight.shape, dtype=torch.int64, device=weight.device) if codes else None
     value = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
     mask = torch.empty_like(weight)
