@@ -634,28 +634,36 @@ def _nearest_tf32(x: torch.Tensor) -> torch.Tensor:
     return torch.ldexp(torch.round(mantissa * 2.0**11), exponent - 11)
 
 
+def _half_exponent(bound: float) -> int:
+    """The power of two that brings ``bound`` into [2^14, 2^15), within +-112 (the largest
+    for zero or a subnormal bound)."""
+    if bound < 2.0**-126:
+        return 112
+    found = 15 - torch.frexp(torch.tensor(bound, dtype=torch.float64)).exponent.item()
+    return max(-112, min(112, found))
+
+
 @pytest.mark.parametrize("w_scale", [1.0, 1e-3, 4e4, 1e-20, 0.0])
 def test_scaled_half_weights(w_scale: float) -> None:
-    """products.scaled_half against its definition: R's largest magnitude brought into
-    [2^14, 2^15) by a power of two 2^k (k within +-112; the largest for a zero R), R as
-    float16 of R * 2^k, bit for bit; nothing reaches float16's infinity; kept while R is
-    unmodified, remade after an in-place change."""
+    """products.scaled_half against its definition: each row's largest magnitude brought into
+    [2^14, 2^15) by its own power of two 2^k (k within +-112; the largest for a zero row), R
+    as float16 of R * 2^k, bit for bit; nothing reaches float16's infinity; kept while R is
+    unmodified, remade after an in-place change. Rows of very different sizes (one zero, one
+    10^30 times the others) each keep their own scale."""
     from quant_gru.kernels.triton.products import scaled_half
 
     torch.manual_seed(3)
     w = (torch.randn(48, 16, device=DEVICE) * w_scale).contiguous()
     w[0, :4] = torch.tensor([1e-9, -3e-7, 5e-5, 0.0]) * w_scale  # float16 subnormals once scaled
+    w[1] = 0.0
+    w[2] *= 1e30 if w_scale < 1 else 1e-30
     for _ in range(2):
         half, scales = scaled_half(w)
-        bound = w.abs().max().item()
-        k = 112
-        if bound >= 2.0**-126:
-            k = 15 - torch.frexp(torch.tensor(bound, dtype=torch.float64)).exponent.item()
-            k = max(-112, min(112, k))
-        want = torch.tensor([2.0**k, 2.0**-k], dtype=torch.float32)
+        k = torch.tensor([_half_exponent(b) for b in w.abs().amax(dim=1).tolist()])
+        want = torch.stack([2.0**k, 2.0**-k]).float()
         assert torch.equal(scales.cpu(), want)
         assert half.dtype == torch.float16
-        assert torch.equal(half.cpu(), (w.double().cpu() * 2.0**k).float().half())
+        assert torch.equal(half.cpu(), (w.double().cpu() * 2.0 ** k[:, None]).float().half())
         assert half.float().abs().max() < 2**15
         assert scaled_half(w)[0] is half
         with torch.no_grad():
@@ -663,16 +671,18 @@ def test_scaled_half_weights(w_scale: float) -> None:
 
 
 @pytest.mark.parametrize("layout", TILE_PLANS)
-@pytest.mark.parametrize("h0_scale", [None, 3.0, 3e3])
+@pytest.mark.parametrize("h0_scale", [None, 3.0, "rows apart"])
 def test_tf32_half_forward_step_by_step(
-    layout: str, h0_scale: float | None, monkeypatch: pytest.MonkeyPatch
+    layout: str, h0_scale: float | str | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The TF32 forward with scaled float16 operands (products.TF32_HALF, taken here at H=24
-    by moving products.SPLIT_BELOW_HIDDEN), step by step: each step's state against a float64
-    step from the kernel's own previous state, whose product takes the state and R rounded to
-    TF32's 11 significant bits (to nearest, ties to even) and whose z * h takes the state as
-    it is. The float32 rung: the kernel's products are those of the rounded values, summed in
-    float32. Initial states beyond 1 in magnitude scale the state's operand down."""
+    by moving products.SPLIT_BELOW_HIDDEN), step by step: each step's state, row by row,
+    against a float64 step from the kernel's own previous state, whose product takes the
+    state and R rounded to TF32's 11 significant bits (to nearest, ties to even) and whose
+    z * h takes the state as it is. The float32 rung: the kernel's products are those of the
+    rounded values, summed in float32. Initial states beyond 1 in magnitude scale their row's
+    operand down; rows of R and of h0 from 10^-6 to 10^4 times the others each keep their
+    precision."""
     from quant_gru.kernels.triton import products
     from quant_gru.kernels.triton.gru_forward import gru_direction_forward
 
@@ -682,8 +692,16 @@ def test_tf32_half_forward_step_by_step(
     torch.manual_seed(4)
     steps, batch, hidden = 6, 20, 24
     gates_x = torch.randn(steps, batch, 3 * hidden, device=DEVICE)
-    h0 = None if h0_scale is None else torch.randn(batch, hidden, device=DEVICE) * h0_scale
     w_hh = torch.randn(3 * hidden, hidden, device=DEVICE) / hidden**0.5
+    h0 = None
+    if h0_scale is not None:
+        h0 = torch.randn(batch, hidden, device=DEVICE)
+        if h0_scale == "rows apart":
+            h0 *= torch.logspace(-6, 4, batch, device=DEVICE)[:, None]
+            w_hh[::7] *= 1e4
+            w_hh[3::7] *= 1e-6
+        else:
+            h0 *= h0_scale
     b_hh = torch.randn(3 * hidden, device=DEVICE)
     for reverse in (False, True):
         out, h_n = gru_direction_forward(gates_x, h0, w_hh, b_hh, None, reverse, None, plan)
@@ -698,6 +716,32 @@ def test_tf32_half_forward_step_by_step(
             z = torch.sigmoid(gx[:, hidden : 2 * hidden] + gh[:, hidden : 2 * hidden])
             n = torch.tanh(gx[:, 2 * hidden :] + r * gh[:, 2 * hidden :])
             want = (1 - z) * n + z * previous
-            assert_float_conformant(out[t], want, f"{layout} reverse={reverse} step {t}")
+            for b in range(batch):
+                what = f"{layout} reverse={reverse} step {t} row {b}"
+                assert_float_conformant(out[t, b], want[b], what)
             previous = out[t].double().cpu()
         assert torch.equal(h_n, out[order[-1]])
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan"), 1e30])
+def test_tf32_half_rows_are_independent(bad: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under products.TF32_HALF an initial state that is not finite, or huge, in one batch
+    row leaves every other row's outputs as they are, bit for bit: each row has its own
+    scale."""
+    from quant_gru.kernels.triton import products
+    from quant_gru.kernels.triton.gru_forward import gru_direction_forward
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    monkeypatch.setattr(products, "SPLIT_BELOW_HIDDEN", 0)
+    torch.manual_seed(5)
+    steps, batch, hidden = 5, 20, 24
+    gates_x = torch.randn(steps, batch, 3 * hidden, device=DEVICE)
+    w_hh = torch.randn(3 * hidden, hidden, device=DEVICE) / hidden**0.5
+    b_hh = torch.randn(3 * hidden, device=DEVICE)
+    h0 = torch.randn(batch, hidden, device=DEVICE)
+    plan = TILE_PLANS["resident, one chunk"]
+    out, h_n = gru_direction_forward(gates_x, h0, w_hh, b_hh, None, False, None, plan)
+    h0[0, 3] = bad
+    out_bad, h_n_bad = gru_direction_forward(gates_x, h0, w_hh, b_hh, None, False, None, plan)
+    assert torch.equal(out_bad[:, 1:], out[:, 1:])
+    assert torch.equal(h_n_bad[1:], h_n[1:])

@@ -46,7 +46,7 @@ from quant_gru.kernels.triton.products import (
     forward_tf32,
     rounded_to_tf32,
     scaled_half,
-    state_bound,
+    state_bounds,
 )
 from quant_gru.kernels.triton.sync import _await_state, _barrier, _publish, zero_words
 
@@ -202,8 +202,8 @@ def _gru_forward_tile_kernel(
     exchange_ptr,  # (2, B, H): float32, or the weights' type when 16-bit (what tl.dot reads)
     saved_ptr,  # (T, B, 4H): r, z, n and R_n h + b_n of every step (SAVE only)
     counter_ptr,  # (number of batch tiles,) int32, zeros
-    scales_ptr,  # (2,) float32: products.scaled_half's scales (TF32_HALF only)
-    bound_ptr,  # (1,) float32: products.state_bound (TF32_HALF with HAS_H0 only)
+    scales_ptr,  # (2, 3H) float32: products.scaled_half's scales (TF32_HALF only)
+    bounds_ptr,  # (B,) float32: products.state_bounds (TF32_HALF with HAS_H0 only)
     steps,
     batch,
     hidden,
@@ -227,8 +227,11 @@ def _gru_forward_tile_kernel(
 
     length = _lengths(lengths_ptr, rows, row_ok, steps, BB, HAS_LENGTHS)
     h = _initial(h0_ptr, own_offsets, own, BB, BH, HAS_H0)
-    # TF32_HALF: the state enters the products as float16 times 2^s, R as float16 times 2^k.
-    r_down, h_up, h_down = _half_scales(scales_ptr, bound_ptr, PRECISION, HAS_H0)
+    # TF32_HALF: each state row enters the products as float16 times its 2^s, each row of R
+    # as float16 times its 2^k.
+    down_r, down_z, down_n, h_up, h_down = _half_scales(
+        scales_ptr, bounds_ptr, rows, row_ok, units, unit_ok, hidden, PRECISION, HAS_H0
+    )
     if not SINGLE:
         tl.store(exchange_ptr + own_offsets, (h * h_up).to(exchange_type), mask=own)
         _barrier(counter, hidden_tiles)
@@ -270,9 +273,9 @@ def _gru_forward_tile_kernel(
                 acc_z = _product(h_k, w_z, acc_z, PRECISION)
                 acc_n = _product(h_k, w_n, acc_n, PRECISION)
         if PRECISION == "tf32-half":  # exact: powers of two
-            acc_r = acc_r * r_down * h_down
-            acc_z = acc_z * r_down * h_down
-            acc_n = acc_n * r_down * h_down
+            acc_r = acc_r * down_r * h_down
+            acc_z = acc_z * down_z * h_down
+            acc_n = acc_n * down_n * h_down
 
         h = _update(
             h, gx_r, gx_z, gx_n, acc_r, acc_z, acc_n, bias_r, bias_z, bias_n,
@@ -440,11 +443,11 @@ def gru_direction_forward(
         return out, h_n
     # 16-bit states are exchanged in their own type: tl.dot reads nothing finer.
     exchange_type = w_hh.dtype if dtype != torch.float32 else torch.float32
-    scales = bound = out
+    scales = bounds = out
     if precision == TF32_HALF:
         half, scales = scaled_half(operands[1])
         operands = (operands[0], half, *operands[2:])
-        bound = state_bound(h0, out)
+        bounds = state_bounds(h0, out)
         exchange_type = torch.float16
     elif precision == TF32_SPLIT:
         operands = (operands[0], rounded_to_tf32(w_hh, rounded), *operands[2:])
@@ -458,7 +461,7 @@ def gru_direction_forward(
         grid,
         (
             *operands, lengths32, out, h_n, exchange, exchange if saved is None else saved,
-            counters, scales, bound, steps, batch, hidden,
+            counters, scales, bounds, steps, batch, hidden,
         ),
         dict(
             REVERSE=reverse, PRECISION=precision,

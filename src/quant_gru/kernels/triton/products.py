@@ -14,10 +14,10 @@ power-of-two scales (TF32_HALF): float16 has TF32's 10 mantissa bits, so a float
 into float16's normal range and rounded to nearest is the rounded TF32 value, scaled; the
 matrix cores multiply float16 pairs exactly and sum in float32 as they do TF32 pairs, and the
 sum is scaled back exactly. What changes is half the bytes a step to read (the state and R's
-slice) at twice the matrix-core rate. The scales (``_half_scale``) keep R's largest element
-and the state's bound below 2^15, so nothing overflows; elements more than 2^29 below the
-largest become float16 subnormals, off by at most 2^-25 of the scale, far below TF32's
-error of the largest.
+slice) at twice the matrix-core rate. The scales (``_half_scale``, one for each row of R and
+each batch row of the state) keep a row's largest element and a state row's bound below 2^15,
+so nothing overflows; elements more than 2^29 below their row's largest become float16
+subnormals, off by at most 2^-25 of the row's scale, far below TF32's error of the largest.
 """
 
 from __future__ import annotations
@@ -60,30 +60,36 @@ def forward_tf32(hidden: int) -> str:
 
 
 def scaled_half(weight: Tensor) -> tuple[Tensor, Tensor]:
-    """TF32_HALF's R: ``weight`` (float32, contiguous) as float16 times 2^k, and a float32
-    (2,) tensor [2^k, 2^-k], where k (``_half_scale``) brings its largest magnitude below
-    2^HALF_TOP. Made on the device (no value read on the host), once per weight version."""
+    """TF32_HALF's R: ``weight`` (float32, (rows, K), contiguous) as float16, each row j times
+    2^k_j, and a float32 (2, rows) tensor of 2^k_j and 2^-k_j, where k_j (``_half_scale``)
+    brings row j's largest magnitude below 2^HALF_TOP: a row's scale is its own, so no row
+    costs another precision. Made on the device (no value read on the host), once per weight
+    version."""
     return _HALF_WEIGHTS.get(weight, lambda: _scaled_half(weight))
 
 
 def _scaled_half(weight: Tensor) -> tuple[Tensor, Tensor]:
-    bound = torch.linalg.vector_norm(weight, float("inf"))
+    rows, columns = weight.shape
+    bounds = torch.linalg.vector_norm(weight, float("inf"), dim=1)
     half = torch.empty(weight.shape, device=weight.device, dtype=torch.float16)
-    scales = torch.empty(2, device=weight.device, dtype=torch.float32)
+    scales = torch.empty(2, rows, device=weight.device, dtype=torch.float32)
     count = weight.numel()
     _launch_scaled_half(
-        (-(-count // HALF_BLOCK), 1), (weight, half, bound, scales, count), {"BLOCK": HALF_BLOCK}, 4
+        (-(-count // HALF_BLOCK), 1),
+        (weight, half, bounds, scales, count, columns, rows),
+        {"BLOCK": HALF_BLOCK},
+        4,
     )
     return half, scales
 
 
-def state_bound(h0: Tensor | None, fallback: Tensor) -> Tensor:
-    """max |h0| as a float32 (1,) tensor on the device (``fallback`` without h0: the kernel
-    then reads nothing). The state never exceeds max(1, max |h0|) in magnitude: each step
-    averages it with a tanh."""
+def state_bounds(h0: Tensor | None, fallback: Tensor) -> Tensor:
+    """max |h0[b]| of each batch row b, float32 (B,) on the device (``fallback`` without h0:
+    the kernel then reads nothing). A row's state never exceeds max(1, max |h0[b]|) in
+    magnitude: each step averages it with a tanh."""
     if h0 is None:
         return fallback
-    return torch.linalg.vector_norm(h0, float("inf"), dtype=torch.float32).view(1)
+    return torch.linalg.vector_norm(h0, float("inf"), dim=1, dtype=torch.float32)
 
 
 @triton.jit
@@ -99,29 +105,42 @@ def _half_scale(bound):
 
 
 @triton.jit
-def _scaled_half_kernel(weight_ptr, half_ptr, bound_ptr, scales_ptr, count, BLOCK: tl.constexpr):
-    """half = float16(weight * 2^k), rounded to nearest; program 0 writes 2^k and 2^-k."""
-    up, down = _half_scale(tl.load(bound_ptr))
+def _scaled_half_kernel(
+    weight_ptr, half_ptr, bounds_ptr, scales_ptr, count, columns, rows, BLOCK: tl.constexpr
+):
+    """half = float16(weight * 2^k_row), rounded to nearest; each row's first element's
+    program writes the row's 2^k and 2^-k."""
     offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     inside = offsets < count
+    row = offsets // columns
+    up, down = _half_scale(tl.load(bounds_ptr + row, mask=inside, other=0.0))
     weight = tl.load(weight_ptr + offsets, mask=inside, other=0.0)
     tl.store(half_ptr + offsets, (weight * up).to(tl.float16), mask=inside)
-    if tl.program_id(0) == 0:
-        tl.store(scales_ptr, up)
-        tl.store(scales_ptr + 1, down)
+    first = inside & (offsets - row * columns == 0)
+    tl.store(scales_ptr + row, up, mask=first)
+    tl.store(scales_ptr + rows + row, down, mask=first)
 
 
 @triton.jit
-def _half_scales(scales_ptr, bound_ptr, PRECISION: tl.constexpr, HAS_H0: tl.constexpr):
-    """TF32_HALF's 2^-k (R's, ``scaled_half``), 2^s and 2^-s (the state's, from its bound
-    max(1, max |h0|), ``state_bound``); ones for other products."""
+def _half_scales(
+    scales_ptr, bounds_ptr, rows, row_ok, units, unit_ok, hidden,
+    PRECISION: tl.constexpr, HAS_H0: tl.constexpr,
+):  # fmt: skip
+    """TF32_HALF's scales for a (rows, units) block of the three gates' products: R's 2^-k of
+    each gate's channels ((1, BH) rows, ``scaled_half``), and the state's 2^s and 2^-s of each
+    batch row ((BB, 1) columns, from max(1, max |h0[b]|), ``state_bounds``); ones for other
+    products."""
     if PRECISION == "tf32-half":
-        bound = 1.0
+        downs = scales_ptr + 3 * hidden + units
+        down_r = tl.load(downs, mask=unit_ok, other=1.0)[None, :]
+        down_z = tl.load(downs + hidden, mask=unit_ok, other=1.0)[None, :]
+        down_n = tl.load(downs + 2 * hidden, mask=unit_ok, other=1.0)[None, :]
+        bound = tl.full(rows.shape, 1.0, tl.float32)
         if HAS_H0:
-            bound = tl.maximum(tl.load(bound_ptr), 1.0)
+            bound = tl.maximum(tl.load(bounds_ptr + rows, mask=row_ok, other=1.0), 1.0)
         up, down = _half_scale(bound)
-        return tl.load(scales_ptr + 1), up, down
-    return 1.0, 1.0, 1.0
+        return down_r, down_z, down_n, up[:, None], down[:, None]
+    return 1.0, 1.0, 1.0, 1.0, 1.0
 
 
 def rounded_to_tf32(weight: Tensor, out: Tensor | None = None) -> Tensor:
