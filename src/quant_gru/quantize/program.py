@@ -80,10 +80,11 @@ class DirectionProgram:
 
 
 def quantize_weight(weight: Tensor, quant: OperatorQuant) -> Tensor:
-    """Weight or bias codes (§8): symmetric, one scale per row after expansion."""
+    """Weight or bias codes (§8): symmetric, one scale per row after expansion. Nothing is
+    recorded for autograd (codes carry no gradient)."""
     scales = per_row(device_copy(quant.scale, weight.device), weight.shape[0])
     shape = (-1,) + (1,) * (weight.dim() - 1)
-    return quantize(weight, scales.view(shape), 0, quant.qmin, quant.qmax)
+    return quantize(weight.detach(), scales.view(shape), 0, quant.qmin, quant.qmax)
 
 
 @dataclass(frozen=True)
@@ -125,15 +126,19 @@ def with_weights(
 ) -> DirectionProgram:
     """Complete cached constants with the codes of the current weights."""
     w_ih, w_hh, b_ih, b_hh = weights
-    zeros = w_ih.new_zeros(w_ih.shape[0])
+
+    def bias_codes(bias: Tensor | None, name: str) -> Tensor:
+        """A missing bias is zeros (made only then: a tensor op costs host time a step)."""
+        return quantizer(bias if bias is not None else w_ih.new_zeros(w_ih.shape[0]), quant[name])
+
     return DirectionProgram(
         input_size=constants.input_size,
         hidden_size=constants.hidden_size,
         formats=constants.formats,
         weight_W=quantizer(w_ih, quant["weight.W"]),
         weight_R=quantizer(w_hh, quant["weight.R"]),
-        bias_w=quantizer(b_ih if b_ih is not None else zeros, quant["weight.bw"]),
-        bias_r=quantizer(b_hh if b_hh is not None else zeros, quant["weight.br"]),
+        bias_w=bias_codes(b_ih, "weight.bw"),
+        bias_r=bias_codes(b_hh, "weight.br"),
         terms=constants.terms,
         tables=constants.tables,
         weight_ranges=constants.weight_ranges,

@@ -214,20 +214,15 @@ def build_programs(
     cached = model.programs.get(flat) if cacheable else None
     if cached is not None:
         return cached
+    # The quantizers record nothing for autograd: the weights go to them as they are.
     quantizer = model.weight_quantizer
     programs = [
-        with_weights(c, (w_ih.detach(), w_hh.detach(), _detach(b_ih), _detach(b_hh)), q, quantizer)
-        for c, (w_ih, w_hh, b_ih, b_hh), q in zip(
-            model.constants, weights, model.quant, strict=True
-        )
+        with_weights(c, w, q, quantizer)
+        for c, w, q in zip(model.constants, weights, model.quant, strict=True)
     ]
     if cacheable:
         model.programs.put(flat, programs)
     return programs
-
-
-def _detach(tensor: Tensor | None) -> Tensor | None:
-    return None if tensor is None else tensor.detach()
 
 
 def input_codes(x: Tensor, programs: Sequence[DirectionProgram]) -> Tensor:

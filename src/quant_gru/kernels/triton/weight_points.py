@@ -119,4 +119,4 @@ def _points(
             ),
             dict(CODES=codes, BLOCK=_BLOCK), _WARPS,
         )  # fmt: skip
-    return out, (value.to(weight.dtype), mask)
+    return out, (value if value.dtype == weight.dtype else value.to(weight.dtype), mask)
