@@ -682,7 +682,7 @@ def test_tf32_half_forward_step_by_step(
     z * h takes the state as it is. The float32 rung: the kernel's products are those of the
     rounded values, summed in float32. Initial states beyond 1 in magnitude scale their row's
     operand down; rows of R and of h0 from 10^-6 to 10^4 times the others each keep their
-    precision."""
+    precision. Packed lengths from 0 to T."""
     from quant_gru.kernels.triton import products
     from quant_gru.kernels.triton.gru_forward import gru_direction_forward
 
@@ -703,8 +703,10 @@ def test_tf32_half_forward_step_by_step(
         else:
             h0 *= h0_scale
     b_hh = torch.randn(3 * hidden, device=DEVICE)
+    lengths = torch.randint(0, steps + 1, (batch,), device=DEVICE)
+    lengths[:2] = torch.tensor([0, steps])
     for reverse in (False, True):
-        out, h_n = gru_direction_forward(gates_x, h0, w_hh, b_hh, None, reverse, None, plan)
+        out, h_n = gru_direction_forward(gates_x, h0, w_hh, b_hh, lengths, reverse, None, plan)
         order = range(steps - 1, -1, -1) if reverse else range(steps)
         previous = torch.zeros(batch, hidden, dtype=torch.float64) if h0 is None else h0.double()
         previous = previous.cpu()
@@ -718,9 +720,12 @@ def test_tf32_half_forward_step_by_step(
             want = (1 - z) * n + z * previous
             for b in range(batch):
                 what = f"{layout} reverse={reverse} step {t} row {b}"
-                assert_float_conformant(out[t, b], want[b], what)
-            previous = out[t].double().cpu()
-        assert torch.equal(h_n, out[order[-1]])
+                if t < lengths[b]:
+                    assert_float_conformant(out[t, b], want[b], what)
+                    previous[b] = out[t, b].double().cpu()
+                else:  # past the row's length: zeros out, the state kept
+                    assert torch.equal(out[t, b].cpu(), torch.zeros(hidden)), what
+        assert_float_conformant(h_n, previous, f"{layout} reverse={reverse} h_n")
 
 
 @pytest.mark.parametrize("bad", [float("inf"), float("nan"), 1e30])
