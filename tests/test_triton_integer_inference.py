@@ -207,6 +207,8 @@ def test_tensor_values_kept_while_the_tensor_is_unmodified() -> None:
     weight.add_(1)  # an optimizer's step: a new version
     assert cache.get(weight, lambda: [4]) == [4]
     assert cache.get(weight, lambda: [5]) == [4]
+    weight.data = torch.zeros(3)  # new storage, the same version counter
+    assert cache.get(weight, lambda: [8]) == [8]
     del weight
     gc.collect()
     assert len(cache) == 0

@@ -79,25 +79,35 @@ class CalibrationCache(_Cache[Value]):
         self._entries[key] = (owner, value)
 
 
+Stamp = tuple[int, int, tuple[int, ...]]
+
+
+def tensor_stamp(tensor: torch.Tensor) -> Stamp:
+    """What changes when a tensor's values may have: its version counter (in-place updates
+    such as an optimizer's step), its storage and its shape (``tensor.data = ...`` keeps the
+    version counter)."""
+    return tensor._version, tensor.data_ptr(), tuple(tensor.shape)
+
+
 class TensorCache(Generic[Value]):
-    """One value derived from a tensor, kept while the tensor lives and is unmodified (its
-    version counter, which in-place updates such as an optimizer's step advance); remade
-    otherwise. Inference tensors have no version counter: their values are not kept."""
+    """One value derived from a tensor, kept while the tensor lives and is unmodified
+    (``tensor_stamp``); remade otherwise. Inference tensors have no version counter: their
+    values are not kept."""
 
     def __init__(self) -> None:
-        self._entries: dict[int, tuple[int, Value]] = {}
+        self._entries: dict[int, tuple[Stamp, Value]] = {}
 
     def get(self, tensor: torch.Tensor, make: Callable[[], Value]) -> Value:
         if tensor.is_inference():
             return make()
-        key, version = id(tensor), tensor._version
+        key, stamp = id(tensor), tensor_stamp(tensor)
         cached = self._entries.get(key)
-        if cached is not None and cached[0] == version:
+        if cached is not None and cached[0] == stamp:
             return cached[1]
         value = make()
         if cached is None:
             weakref.finalize(tensor, self._entries.pop, key, None)
-        self._entries[key] = (version, value)
+        self._entries[key] = (stamp, value)
         return value
 
     def __len__(self) -> int:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from quant_gru.kernels.derived import Stamp, tensor_stamp
 from quant_gru.kernels.torch.decomposed_gru import PointHook, decomposed_direction
 from quant_gru.kernels.torch.quant_gru import quantized_gru
 from quant_gru.kernels.torch.stack import (
@@ -93,7 +94,7 @@ class ProgramCache:
 
     def __init__(self) -> None:
         self._weights: tuple[Tensor | None, ...] = ()
-        self._stamps: tuple[tuple[int, int, tuple[int, ...]] | None, ...] = ()
+        self._stamps: tuple[Stamp | None, ...] = ()
         self._programs: list[DirectionProgram] = []
 
     def get(self, weights: tuple[Tensor | None, ...]) -> list[DirectionProgram] | None:
@@ -106,10 +107,8 @@ class ProgramCache:
         self._weights, self._stamps, self._programs = weights, _stamps(weights), programs
 
 
-def _stamps(
-    weights: tuple[Tensor | None, ...],
-) -> tuple[tuple[int, int, tuple[int, ...]] | None, ...]:
-    return tuple(None if w is None else (w._version, w.data_ptr(), tuple(w.shape)) for w in weights)
+def _stamps(weights: tuple[Tensor | None, ...]) -> tuple[Stamp | None, ...]:
+    return tuple(None if w is None else tensor_stamp(w) for w in weights)
 
 
 @dataclass(frozen=True)
