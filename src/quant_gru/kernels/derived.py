@@ -29,12 +29,21 @@ class _Cache(Generic[Value]):
         make: Callable[[], Value],
         variant: object = None,
     ) -> Value:
-        key = (id(owner), str(device), variant)
-        value = self._find(key, owner)
+        value = self.find(owner, device, variant)
         if value is None:
             value = make()
-            self._keep(key, owner, value)
+            self.keep(owner, device, value, variant)
         return value
+
+    def find(self, owner: object, device: torch.device, variant: object = None) -> Value | None:
+        """The value kept for (owner, device, variant), or None."""
+        return self._find((id(owner), str(device), variant), owner)
+
+    def keep(
+        self, owner: object, device: torch.device, value: Value, variant: object = None
+    ) -> None:
+        """Keep ``value`` for (owner, device, variant), made by the caller."""
+        self._keep((id(owner), str(device), variant), owner, value)
 
     def _find(self, key: _Key, owner: object) -> Value | None:
         raise NotImplementedError

@@ -10,13 +10,12 @@ step's time. The points made with a weight's codes are kept for as long as those
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from quant_gru.kernels.derived import DerivedCache
 from quant_gru.kernels.triton.launch import Launcher
 from quant_gru.kernels.triton.plans import ceil_div
 from quant_gru.quantize.device_copies import device_copy
@@ -27,8 +26,8 @@ __all__ = ["kept_value", "kernel_weight_codes", "kernel_weight_point"]
 _BLOCK = 1024
 _WARPS = 4
 
-# By id of a codes tensor: its weak reference and the points made with it.
-_POINTS: dict[int, tuple[weakref.ref[Tensor], tuple[Tensor, Tensor]]] = {}
+# The points made with a weight's codes, kept as long as the codes tensor lives.
+_POINTS: DerivedCache[tuple[Tensor, Tensor]] = DerivedCache()
 
 
 @triton.jit
@@ -70,8 +69,7 @@ def kernel_weight_codes(weight: Tensor, quant: OperatorQuant) -> Tensor:
     kernel_weight_point then returns for these codes without a launch."""
     codes, points = _points(weight, quant, codes=True)
     assert codes is not None
-    key = id(codes)
-    _POINTS[key] = (weakref.ref(codes, lambda _: _POINTS.pop(key, None)), points)
+    _POINTS.keep(codes, codes.device, points)
     return codes
 
 
@@ -82,19 +80,15 @@ def kernel_weight_point(
     ``quant`` (1, 3 or one scale a row), both in the weight's type: weight_point's values to
     the bit (a 16-bit type's value rounded through float32, as torch rounds float64). Those
     kept with ``codes`` (kernel_weight_codes' codes of this weight) where there are some."""
-    kept = None if codes is None else _POINTS.get(id(codes))
-    if kept is not None and kept[0]() is codes:
-        return kept[1]
-    return _points(weight, quant, codes=False)[1]
+    kept = None if codes is None else _POINTS.find(codes, codes.device)
+    return kept if kept is not None else _points(weight, quant, codes=False)[1]
 
 
 def kept_value(codes: Tensor, dtype: torch.dtype) -> Tensor | None:
     """The dequantized codes kept with ``codes`` (kernel_weight_codes'), when kept in
     ``dtype``."""
-    kept = _POINTS.get(id(codes))
-    if kept is None or kept[0]() is not codes or kept[1][0].dtype != dtype:
-        return None
-    return kept[1][0]
+    kept = _POINTS.find(codes, codes.device)
+    return kept[0] if kept is not None and kept[0].dtype == dtype else None
 
 
 def _points(
