@@ -7,7 +7,9 @@ in every float type, with values that saturate, NaN and infinities:
   power-of-two scales;
 - the first layer's input (kernels/triton/qat_input.py): its codes (input_codes), operand
   digits (digit_input_projection's), dequantized values (quantize.scales.dequantize's in the
-  model's type) and clamp masks (integer_qat's), for inputs of one digit and wider.
+  model's type) and clamp masks (integer_qat's), for inputs of one digit and wider;
+- W's and R's one-digit operands (kernels/triton/weight_operands.py): the shifted codes as
+  digits and in int64, and the head rows with o * rowsum, wrapping modulo 2^64.
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ from quant_gru.kernels.triton.integer_projection import projection_operands  # n
 from quant_gru.kernels.triton.integer_qat import _dequantized, _mask  # noqa: E402
 from quant_gru.kernels.triton.qat_input import qat_input  # noqa: E402
 from quant_gru.kernels.triton.qat_save import point_thresholds  # noqa: E402
+from quant_gru.kernels.triton.weight_operands import (  # noqa: E402
+    one_digit_operands,
+    one_digit_operands_reference,
+)
 from quant_gru.kernels.triton.weight_points import (  # noqa: E402
     kernel_weight_codes,
     kernel_weight_point,
@@ -157,3 +163,47 @@ def test_kernel_qat_input_equals_the_plain_operands(
     assert made.digits is not None
     operand = rounding_right_shift(zero_corrected, operands.x_shift) - operands.x_offset
     assert torch.equal(made.digits, operand.to(torch.int8))
+
+
+@pytest.mark.parametrize(
+    ("rows", "columns", "shift", "offset"),
+    [
+        (1, 1, 0, 0),
+        (5, 3, 1, -128),
+        (37, 300, 3, 129),  # rows and columns past one block
+        (48, 128, 0, 2**50),  # o * rowsum wraps modulo 2^64
+        (17, 9, 62, -(2**40)),
+        (4, 7, 63, 5),  # rshr by more than 62 gives 0
+    ],
+)
+@pytest.mark.parametrize("head_rows", [0, 2])
+def test_one_digit_operands_equal_the_plain_ones(
+    rows: int, columns: int, shift: int, offset: int, head_rows: int
+) -> None:
+    generator = torch.Generator().manual_seed(rows * 1000 + columns + shift)
+    span = min(2**shift, 2**40)  # codes whose rshr takes one digit
+    codes = torch.randint(-128 * span, 127 * span + 1, (rows, columns), generator=generator)
+    codes[0, 0] = -128 * span  # the digit range's ends
+    codes[-1, -1] = 127 * span
+    codes = codes.to(DEVICE)
+    head = None
+    if head_rows:
+        head = torch.randint(-(2**62), 2**62, (head_rows, rows), generator=generator).to(DEVICE)
+    made = one_digit_operands(codes, shift, offset, head, shifted=True)
+    expected = one_digit_operands_reference(codes, shift, offset, head, shifted=True)
+    assert made.digits.dtype == torch.int8 and torch.equal(made.digits, expected.digits)
+    assert made.shifted is not None and torch.equal(made.shifted, expected.shifted)
+    assert made.rows.shape == (head_rows + 1, rows) and torch.equal(made.rows, expected.rows)
+    if shift <= 8 and codes.numel() > 1:
+        assert int(made.digits.min()) == -128 and int(made.digits.max()) == 127
+    assert one_digit_operands(codes, shift, offset).shifted is None
+
+
+def test_one_digit_operands_reject_bad_arguments() -> None:
+    codes = torch.zeros(3, 4, dtype=torch.int64, device=DEVICE)
+    with pytest.raises(ValueError, match="int64 codes"):
+        one_digit_operands(codes.int(), 0, 0)
+    with pytest.raises(ValueError, match="shift >= 0"):
+        one_digit_operands(codes, -1, 0)
+    with pytest.raises(ValueError, match=r"\(HEAD, 3\)"):
+        one_digit_operands(codes, 0, 0, head=torch.zeros(2, 4, dtype=torch.int64))

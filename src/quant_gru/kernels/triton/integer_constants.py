@@ -39,6 +39,7 @@ from quant_gru.kernels.triton.integer_digits import (
     digits_for_values,
     split_digits,
 )
+from quant_gru.kernels.triton.weight_operands import one_digit_operands
 from quant_gru.quantize.program import ActivationFormat, DirectionProgram
 from quant_gru.quantize.requant import Term
 
@@ -191,22 +192,29 @@ def _make_constants(program: DirectionProgram, device: torch.device) -> KernelCo
     terms, hidden = program.terms, program.hidden_size
     rows = 3 * hidden
     (rh_dot,) = terms["matmul.Rh"]
-    weight = program.weight_R.to(device, torch.int64)
-    weight = rounding_right_shift(weight, rh_dot.operand_shifts[0])
-    # o * rowsum(R) wraps modulo 2^64 like the kernel's sums (integer_digits).
-    correction = weight.sum(dim=1) * static.h_offset
+    codes = program.weight_R.to(device, torch.int64)
+    r_digits = static.r_digits
+    if r_digits == 1:  # one launch for R's digits, and rh with o * rowsum(R)
+        operands = one_digit_operands(
+            codes, rh_dot.operand_shifts[0], static.h_offset, head=static.rh_multipliers
+        )
+        digits, rh = operands.digits.view(1, rows, hidden), operands.rows
+    else:
+        weight = rounding_right_shift(codes, rh_dot.operand_shifts[0])
+        # o * rowsum(R) wraps modulo 2^64 like the kernel's sums (integer_digits).
+        correction = weight.sum(dim=1) * static.h_offset
+        digits = split_digits(weight, r_digits).view(r_digits, rows, hidden)
+        rh = torch.cat([static.rh_multipliers, correction[None]]).contiguous()
     rb_bias = apply_term(program.bias_r.to(device, torch.int64), terms["op.Rh_add_br"][1])
     if static.narrow == 2:
         # clamp(t + b, lo, hi) with |t|, |lo|, |hi| < 2^29 is the same for b and for b
         # saturated at +-2^30 (both sums lie past the range, on b's side), which the
         # SHORT kernel reads in int32.
         rb_bias = rb_bias.clamp(-_SHORT_BIAS, _SHORT_BIAS)
-    r_digits = static.r_digits
-    digits = split_digits(weight, r_digits).view(r_digits, rows, hidden)
     return KernelConstants(
         digits=digits,
         words=packed_words(digits[0]) if r_digits == 1 and hidden % 4 == 0 else None,
-        rh=torch.cat([static.rh_multipliers, correction[None]]).contiguous(),
+        rh=rh,
         rb_bias=rb_bias.expand(rows).contiguous(),
         specialization=static.specialization,
         tables=static.tables,

@@ -41,6 +41,7 @@ from quant_gru.kernels.triton.projection_kernel import (
     _quantize_kernel,
     _requantize_kernel,
 )
+from quant_gru.kernels.triton.weight_operands import one_digit_operands
 from quant_gru.quantize.device_copies import device_copy
 from quant_gru.quantize.program import ActivationFormat, DirectionProgram
 from quant_gru.quantize.requant import ceil_log2
@@ -102,18 +103,17 @@ def projection_operands(program: DirectionProgram, device: torch.device) -> Proj
 def _make_operands(program: DirectionProgram, device: torch.device) -> ProjectionOperands:
     static = _CALIBRATED.get(program.terms, device, lambda: _calibrated(program, device))
     dot, bias_term = program.terms["matmul.Wx"]
-    weight = rounding_right_shift(program.weight_W.to(device, torch.int64), dot.operand_shifts[0])
+    codes = program.weight_W.to(device, torch.int64)
     bias = apply_term(program.bias_w.to(device, torch.int64), bias_term)
-    bias = bias + program.formats["matmul.Wx"].zero_point
-    operands = dataclasses.replace(
-        static, weight=weight, bias=bias.expand(weight.shape[0]).contiguous()
-    )
+    bias = (bias + program.formats["matmul.Wx"].zero_point).expand(codes.shape[0]).contiguous()
     if static.multiplier is None:
-        return operands
+        weight = rounding_right_shift(codes, dot.operand_shifts[0])
+        return dataclasses.replace(static, weight=weight, bias=bias)
+    # One launch for W's digits, shifted codes and o * rowsum(W).
+    made = one_digit_operands(codes, dot.operand_shifts[0], static.x_offset, shifted=True)
+    assert made.shifted is not None
     return dataclasses.replace(
-        operands,
-        digits=weight.to(torch.int8).contiguous(),
-        correction=weight.sum(dim=1) * static.x_offset,
+        static, weight=made.shifted, bias=bias, digits=made.digits, correction=made.rows[0]
     )
 
 
