@@ -39,12 +39,25 @@ def test_tensors_that_require_grad_are_copied_every_time() -> None:
     assert first.requires_grad and device_copy(learned, OTHER) is not first
 
 
+def test_a_host_tensor_given_new_data_is_copied_again() -> None:
+    scales = torch.tensor([0.5, 0.25])
+    first = device_copy(scales, OTHER)
+    scales.data = torch.tensor([4.0, 8.0])  # keeps the version counter
+    assert device_copy(scales, OTHER) is not first
+
+
+def test_inference_tensors_are_copied_every_time() -> None:
+    with torch.inference_mode():
+        scales = torch.tensor([0.5])
+    assert device_copy(scales, OTHER) is not device_copy(scales, OTHER)
+
+
 def test_copies_go_with_their_host_tensor() -> None:
     from quant_gru.quantize import device_copies
 
     scales = torch.tensor([0.5])
+    before = len(device_copies._COPIES)
     device_copy(scales, OTHER)
-    key = id(scales)
-    assert key in device_copies._COPIES
+    assert len(device_copies._COPIES) == before + 1
     del scales
-    assert key not in device_copies._COPIES
+    assert len(device_copies._COPIES) == before
