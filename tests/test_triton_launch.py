@@ -148,6 +148,7 @@ def test_integer_kernels_launch_with_every_constexpr_named(monkeypatch):
         integer_gru,
         integer_projection,
         qat_input,
+        weight_operands,
         weight_points,
     )
 
@@ -180,7 +181,8 @@ def test_integer_kernels_launch_with_every_constexpr_named(monkeypatch):
     launchers = (
         integer_gru._launch_rows, integer_gru._launch_tiles, integer_projection._launch_quantize,
         integer_projection._launch_requantize, integer_projection._launch_projection,
-        qat_input._launch, weight_points._launch_kernel, gru_backward._launch_rows,
+        qat_input._launch, weight_points._launch_kernel, weight_operands._launch_kernel,
+        gru_backward._launch_rows,
     )  # fmt: skip
     kernels = {launcher._kernel for launcher in launchers}
     launches = [entry for entry in seen if entry[0] in kernels]
