@@ -48,6 +48,7 @@ from quant_gru.kernels.triton.weight_operands import (  # noqa: E402
 from quant_gru.kernels.triton.weight_points import (  # noqa: E402
     kernel_weight_codes,
     kernel_weight_point,
+    kernel_weights_codes,
 )
 from quant_gru.quantize.program import quantize_weight  # noqa: E402
 from quant_gru.quantize.scales import dequantize  # noqa: E402
@@ -130,6 +131,30 @@ def test_kernel_weight_points_equal_the_plain_points(
             assert torch.equal(mask_on_kernel, expected_mask), name
         saturated += int((expected_mask == 0).sum())
     assert saturated > 3  # the case exercises the masks, not only the NaN and infinities
+
+
+@pytest.mark.parametrize("order", [(0, 1, 2, 3), (3, 0, 1), (1, 2, 3, 0, 1, 2), (2,)])
+def test_weights_made_together_equal_each_made_alone(
+    tmp_path: Path, order: tuple[int, ...]
+) -> None:
+    """kernel_weights_codes launches up to four weights at once (blocks split among them,
+    places left over unused): the same codes and points as one at a time, in any order and
+    count, with an empty weight among them."""
+    model = _calibrated(_config(tmp_path / "config.json", 8, "per_channel", "float"), torch.float32)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(1.7)
+    quant = model._quantized_model().quant[0]
+    weights = model._direction_weights()[0]
+    chosen = [weights[i] for i in order] + [weights[0][:0]]  # and an empty one
+    quants = [quant[NAMES[i]] for i in order] + [quant["weight.W"]]
+    together = kernel_weights_codes(chosen, quants)
+    assert len(together) == len(chosen)
+    for codes, value, operator in zip(together, chosen, quants, strict=True):
+        assert torch.equal(codes, quantize_weight(value, operator))
+        alone = kernel_weight_point(value, operator)
+        kept = kernel_weight_point(value, operator, codes)
+        assert torch.equal(kept[0], alone[0]) and torch.equal(kept[1], alone[1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

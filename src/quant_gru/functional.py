@@ -97,13 +97,13 @@ def quantized_gru(
         # Imported here: importing the package must not import triton (kernels/triton/ops.py).
         from quant_gru.kernels.triton.integer_gru import triton_integer_gru
         from quant_gru.kernels.triton.integer_qat import KernelQat
-        from quant_gru.kernels.triton.weight_points import kernel_weight_codes
+        from quant_gru.kernels.triton.weight_points import kernel_weights_codes
 
         model = dataclasses.replace(
             model,
             realization=triton_integer_gru,
             straight_through=KernelQat,
-            weight_quantizer=kernel_weight_codes,
+            weight_quantizer=kernel_weights_codes,
         )
         out, h_n = quantized_forward(x, h0, lengths, weights, shape, model, dropout, training)
     else:

@@ -113,32 +113,37 @@ def build_program(
     return with_weights(constants, weights, quant)
 
 
-# A weight's codes from its float values and parameters, as quantize_weight makes them (a
-# realization may make them otherwise, e.g. on a kernel that also keeps what QAT reads).
-WeightQuantizer = Callable[[Tensor, OperatorQuant], Tensor]
+# Weights' codes from their float values and parameters, as quantize_weight makes them, for a
+# direction's weights at once (a realization may make them otherwise, e.g. on one kernel that
+# also keeps what QAT reads).
+WeightsQuantizer = Callable[[Sequence[Tensor], Sequence[OperatorQuant]], list[Tensor]]
+
+
+def quantize_weights(weights: Sequence[Tensor], quants: Sequence[OperatorQuant]) -> list[Tensor]:
+    """quantize_weight of each weight with its parameters."""
+    return [quantize_weight(w, q) for w, q in zip(weights, quants, strict=True)]
 
 
 def with_weights(
     constants: DirectionConstants,
     weights: tuple[Tensor, Tensor, Tensor | None, Tensor | None],
     quant: DirectionQuant,
-    quantizer: WeightQuantizer = quantize_weight,
+    quantizer: WeightsQuantizer = quantize_weights,
 ) -> DirectionProgram:
     """Complete cached constants with the codes of the current weights."""
     w_ih, w_hh, b_ih, b_hh = weights
-
-    def bias_codes(bias: Tensor | None, name: str) -> Tensor:
-        """A missing bias is zeros (made only then: a tensor op costs host time a step)."""
-        return quantizer(bias if bias is not None else w_ih.new_zeros(w_ih.shape[0]), quant[name])
-
+    # A missing bias is zeros (made only then: a tensor op costs host time a step).
+    biases = [b if b is not None else w_ih.new_zeros(w_ih.shape[0]) for b in (b_ih, b_hh)]
+    names = ("weight.W", "weight.R", "weight.bw", "weight.br")
+    codes = quantizer([w_ih, w_hh, *biases], [quant[name] for name in names])
     return DirectionProgram(
         input_size=constants.input_size,
         hidden_size=constants.hidden_size,
         formats=constants.formats,
-        weight_W=quantizer(w_ih, quant["weight.W"]),
-        weight_R=quantizer(w_hh, quant["weight.R"]),
-        bias_w=bias_codes(b_ih, "weight.bw"),
-        bias_r=bias_codes(b_hh, "weight.br"),
+        weight_W=codes[0],
+        weight_R=codes[1],
+        bias_w=codes[2],
+        bias_r=codes[3],
         terms=constants.terms,
         tables=constants.tables,
         weight_ranges=constants.weight_ranges,

@@ -33,8 +33,8 @@ from quant_gru.quantize.program import (
     ActivationFormat,
     DirectionConstants,
     DirectionProgram,
-    WeightQuantizer,
-    quantize_weight,
+    WeightsQuantizer,
+    quantize_weights,
     with_weights,
 )
 from quant_gru.quantize.scales import dequantize, per_row, quantize
@@ -120,7 +120,7 @@ class QuantizedModel:
     realization: Realization = quantized_gru
     # QAT's gradients: None for the graph of hooks (_straight_through).
     straight_through: StraightThroughFactory | None = None
-    weight_quantizer: WeightQuantizer = quantize_weight
+    weight_quantizer: WeightsQuantizer = quantize_weights
     programs: ProgramCache = field(default_factory=ProgramCache, compare=False, repr=False)
 
 
