@@ -9,7 +9,8 @@ in every float type, with values that saturate, NaN and infinities:
   digits (digit_input_projection's), dequantized values (quantize.scales.dequantize's in the
   model's type) and clamp masks (integer_qat's), for inputs of one digit and wider;
 - W's and R's one-digit operands (kernels/triton/weight_operands.py): the shifted codes as
-  digits and in int64, and the head rows with o * rowsum, wrapping modulo 2^64.
+  digits and in int64, the head rows with o * rowsum, wrapping modulo 2^64, and the biases'
+  terms against apply_term.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # read when the kernel module is first imported
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-from quant_gru.kernels.torch.quant_gru import rounding_right_shift  # noqa: E402
+from quant_gru.kernels.torch.quant_gru import apply_term, rounding_right_shift  # noqa: E402
 from quant_gru.kernels.torch.quantized_forward import (  # noqa: E402
     build_programs,
     input_codes,
@@ -42,6 +43,7 @@ from quant_gru.kernels.triton.integer_qat import _dequantized, _mask  # noqa: E4
 from quant_gru.kernels.triton.qat_input import qat_input  # noqa: E402
 from quant_gru.kernels.triton.qat_save import point_thresholds  # noqa: E402
 from quant_gru.kernels.triton.weight_operands import (  # noqa: E402
+    bias_term,
     one_digit_operands,
     one_digit_operands_reference,
 )
@@ -51,6 +53,7 @@ from quant_gru.kernels.triton.weight_points import (  # noqa: E402
     kernel_weights_codes,
 )
 from quant_gru.quantize.program import quantize_weight  # noqa: E402
+from quant_gru.quantize.requant import Term  # noqa: E402
 from quant_gru.quantize.scales import dequantize  # noqa: E402
 
 NAMES = ("weight.W", "weight.R", "weight.bw", "weight.br")
@@ -232,3 +235,44 @@ def test_one_digit_operands_reject_bad_arguments() -> None:
         one_digit_operands(codes, -1, 0)
     with pytest.raises(ValueError, match=r"\(HEAD, 3\)"):
         one_digit_operands(codes, 0, 0, head=torch.zeros(2, 4, dtype=torch.int64))
+
+
+def _terms(rows: int) -> dict[str, Term]:
+    generator = torch.Generator().manual_seed(rows)
+    beyond = torch.randint(1, 40, (rows,), generator=generator)
+    beyond[::3] = 70  # rshr by more than 62 gives 0
+    return {
+        "per channel": Term(
+            torch.randint(1, 2**20, (rows,), generator=generator),
+            torch.randint(1, 40, (rows,), generator=generator), 0, (0, 0),
+        ),
+        "one channel": Term(torch.tensor([3]), torch.tensor([0]), 0, (0, 0)),
+        "shared shift": Term(torch.tensor([12345]), torch.tensor([17]), 0, (0, 0)),
+        "some beyond": Term(
+            torch.randint(1, 2**20, (rows,), generator=generator), beyond, 0, (0, 0)
+        ),
+        "left shift": Term(torch.tensor([5]), torch.tensor([-3]), 0, (0, 0)),  # apply_term's
+        "pre-shift": Term(torch.tensor([7]), torch.tensor([4]), 2, (0, 0)),  # apply_term's
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(_terms(1)))
+@pytest.mark.parametrize(("add", "bounds"), [(0, ()), (-7, (-(2**30), 2**30)), (3, (-5, 9))])
+def test_one_digit_operands_bias_terms_equal_apply_term(
+    name: str, add: int, bounds: tuple[int, ...]
+) -> None:
+    rows, columns = 37, 11
+    term = _terms(rows)[name]
+    generator = torch.Generator().manual_seed(len(name))
+    codes = torch.randint(-100, 100, (rows, columns), generator=generator).to(DEVICE)
+    bias_codes = torch.randint(-(2**40), 2**40, (rows,), generator=generator).to(DEVICE)
+    bias_codes[:3] = torch.tensor([0, 2**40, -(2**40)])
+    bias = bias_term(bias_codes, term, add, *bounds)
+    assert (bias.channels is None) == (name in ("left shift", "pre-shift"))
+    made = one_digit_operands(codes, 0, 1, bias=bias)
+    expected = apply_term(bias_codes, term) + add
+    if bounds:
+        expected = expected.clamp(*bounds)
+    assert made.bias is not None and torch.equal(made.bias, expected.expand(rows))
+    reference = one_digit_operands_reference(codes, 0, 1, bias=bias)
+    assert reference.bias is not None and torch.equal(reference.bias, made.bias)

@@ -27,6 +27,7 @@ from quant_gru.quantize.tables import Table
 
 __all__ = [
     "TRACED_OPERATORS",
+    "TermChannels",
     "apply_term",
     "exact_int_matmul",
     "prepared_codes",
@@ -34,6 +35,7 @@ __all__ = [
     "rounding_right_shift",
     "saturating_left_shift",
     "table_lookup",
+    "term_channels",
 ]
 
 FLOAT64_EXACT_BITS = 52  # float64 sums of integers of magnitude <= 2^52 are exact
@@ -287,6 +289,38 @@ def apply_term(v: Tensor, term: Term, negate: bool = False) -> Tensor:
 # (every QAT step), while the terms live as long as a calibration; making a scaler copies its
 # constants to the device, which waits for the device's queue.
 _APPLIED: CalibrationCache[_Scaler] = CalibrationCache(size=256)
+
+
+@dataclass(frozen=True)
+class TermChannels:
+    """A term that is a plain rounding shift of a product per channel: t = (h + v * m) >> n,
+    clamped to +-2^60 where ``saturate``; ``channels`` (3, C) int64 holds m, h and n."""
+
+    channels: Tensor
+    saturate: bool
+
+
+def term_channels(term: Term, width: int, device: torch.device) -> TermChannels | None:
+    """apply_term's term over ``width`` channels as TermChannels, for a kernel to form in one
+    pass; None when the term takes more (a pre-shift, a negation first, a left shift that
+    could overflow). Made once per term, device and width."""
+
+    def make() -> TermChannels | None:
+        scaler = _APPLIED.get(
+            term, device, lambda: _scaler([(term, width)], None, False, device), (width, False)
+        )
+        if not _is(scaler.pre_shift, 0) or scaler.negate_first or scaler.limit is not None:
+            return None
+        parts = [
+            torch.as_tensor(value, dtype=torch.int64, device=device).expand(width)
+            for value in (scaler.mult, scaler.half, scaler.right)
+        ]
+        return TermChannels(torch.stack(parts).contiguous(), scaler.saturate)
+
+    return _CHANNELS.get(term, device, make, width)
+
+
+_CHANNELS: CalibrationCache[TermChannels | None] = CalibrationCache(size=256)
 
 
 def _product(a: Tensor, c: Tensor, shifts: tuple[int, int]) -> Tensor:

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from quant_gru.kernels.derived import CalibrationCache, DerivedCache
-from quant_gru.kernels.torch.quant_gru import apply_term, rounding_right_shift
+from quant_gru.kernels.torch.quant_gru import rounding_right_shift
 from quant_gru.kernels.triton import integer_layout as layout
 from quant_gru.kernels.triton.integer_digits import (
     MAX_PRODUCT_TERMS,
@@ -39,7 +39,7 @@ from quant_gru.kernels.triton.integer_digits import (
     digits_for_values,
     split_digits,
 )
-from quant_gru.kernels.triton.weight_operands import one_digit_operands
+from quant_gru.kernels.triton.weight_operands import bias_term, one_digit_operands
 from quant_gru.quantize.program import ActivationFormat, DirectionProgram
 from quant_gru.quantize.requant import Term
 
@@ -194,28 +194,29 @@ def _make_constants(program: DirectionProgram, device: torch.device) -> KernelCo
     (rh_dot,) = terms["matmul.Rh"]
     codes = program.weight_R.to(device, torch.int64)
     r_digits = static.r_digits
-    if r_digits == 1:  # one launch for R's digits, and rh with o * rowsum(R)
+    # clamp(t + b, lo, hi) with |t|, |lo|, |hi| < 2^29 is the same for b and for b saturated
+    # at +-2^30 (both sums lie past the range, on b's side), which the SHORT kernel reads in
+    # int32.
+    short = (-_SHORT_BIAS, _SHORT_BIAS) if static.narrow == 2 else ()
+    bias = bias_term(program.bias_r.to(device, torch.int64), terms["op.Rh_add_br"][1], 0, *short)
+    if r_digits == 1:  # one launch for R's digits, rh with o * rowsum(R), and the bias term
         operands = one_digit_operands(
-            codes, rh_dot.operand_shifts[0], static.h_offset, head=static.rh_multipliers
+            codes, rh_dot.operand_shifts[0], static.h_offset, static.rh_multipliers, bias=bias
         )
-        digits, rh = operands.digits.view(1, rows, hidden), operands.rows
+        digits, rh, rb_bias = operands.digits.view(1, rows, hidden), operands.rows, operands.bias
+        assert rb_bias is not None
     else:
         weight = rounding_right_shift(codes, rh_dot.operand_shifts[0])
         # o * rowsum(R) wraps modulo 2^64 like the kernel's sums (integer_digits).
         correction = weight.sum(dim=1) * static.h_offset
         digits = split_digits(weight, r_digits).view(r_digits, rows, hidden)
         rh = torch.cat([static.rh_multipliers, correction[None]]).contiguous()
-    rb_bias = apply_term(program.bias_r.to(device, torch.int64), terms["op.Rh_add_br"][1])
-    if static.narrow == 2:
-        # clamp(t + b, lo, hi) with |t|, |lo|, |hi| < 2^29 is the same for b and for b
-        # saturated at +-2^30 (both sums lie past the range, on b's side), which the
-        # SHORT kernel reads in int32.
-        rb_bias = rb_bias.clamp(-_SHORT_BIAS, _SHORT_BIAS)
+        rb_bias = bias.value(rows)
     return KernelConstants(
         digits=digits,
         words=packed_words(digits[0]) if r_digits == 1 and hidden % 4 == 0 else None,
         rh=rh,
-        rb_bias=rb_bias.expand(rows).contiguous(),
+        rb_bias=rb_bias,
         specialization=static.specialization,
         tables=static.tables,
         output_scale=static.output_scale,

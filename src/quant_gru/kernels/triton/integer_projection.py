@@ -41,7 +41,7 @@ from quant_gru.kernels.triton.projection_kernel import (
     _quantize_kernel,
     _requantize_kernel,
 )
-from quant_gru.kernels.triton.weight_operands import one_digit_operands
+from quant_gru.kernels.triton.weight_operands import bias_term, one_digit_operands
 from quant_gru.quantize.device_copies import device_copy
 from quant_gru.quantize.program import ActivationFormat, DirectionProgram
 from quant_gru.quantize.requant import ceil_log2
@@ -102,18 +102,20 @@ def projection_operands(program: DirectionProgram, device: torch.device) -> Proj
 
 def _make_operands(program: DirectionProgram, device: torch.device) -> ProjectionOperands:
     static = _CALIBRATED.get(program.terms, device, lambda: _calibrated(program, device))
-    dot, bias_term = program.terms["matmul.Wx"]
+    dot, bias_dot = program.terms["matmul.Wx"]
     codes = program.weight_W.to(device, torch.int64)
-    bias = apply_term(program.bias_w.to(device, torch.int64), bias_term)
-    bias = (bias + program.formats["matmul.Wx"].zero_point).expand(codes.shape[0]).contiguous()
+    zero_point = program.formats["matmul.Wx"].zero_point
+    bias = bias_term(program.bias_w.to(device, torch.int64), bias_dot, zero_point)
     if static.multiplier is None:
         weight = rounding_right_shift(codes, dot.operand_shifts[0])
-        return dataclasses.replace(static, weight=weight, bias=bias)
-    # One launch for W's digits, shifted codes and o * rowsum(W).
-    made = one_digit_operands(codes, dot.operand_shifts[0], static.x_offset, shifted=True)
-    assert made.shifted is not None
+        return dataclasses.replace(static, weight=weight, bias=bias.value(codes.shape[0]))
+    # One launch for W's digits, shifted codes, o * rowsum(W) and the bias term.
+    made = one_digit_operands(
+        codes, dot.operand_shifts[0], static.x_offset, shifted=True, bias=bias
+    )
+    assert made.shifted is not None and made.bias is not None
     return dataclasses.replace(
-        static, weight=made.shifted, bias=bias, digits=made.digits, correction=made.rows[0]
+        static, weight=made.shifted, bias=made.bias, digits=made.digits, correction=made.rows[0]
     )
 
 

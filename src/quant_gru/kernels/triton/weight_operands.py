@@ -1,10 +1,11 @@
 """A weight's one-digit operands on one kernel: from its codes (rows, K), the operand-shifted
-codes rshr(q, e) as int8 digits (and as int64 where asked), and the offset correction
-o * rowsum (integer_digits.py) after given head rows: what the integer kernels read of W and R.
+codes rshr(q, e) as int8 digits (and as int64 where asked), the offset correction o * rowsum
+(integer_digits.py) after given head rows, and its bias's term (one per row): what the integer
+kernels read of W and bw, and of R and br.
 
 The plain-PyTorch reference is ``one_digit_operands_reference`` (rounding_right_shift,
-``.to(torch.int8)``, ``sum(dim=1) * o``, ``torch.cat``): six or seven small operations a weight,
-each a launch on a GPU, made again after every weight update in QAT.
+``.to(torch.int8)``, ``sum(dim=1) * o``, ``torch.cat``, apply_term and a clamp): nine or ten
+small operations a weight, each a launch on a GPU, made again after every weight update in QAT.
 """
 
 from __future__ import annotations
@@ -16,11 +17,23 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from quant_gru.kernels.torch.quant_gru import rounding_right_shift
+from quant_gru.kernels.torch.quant_gru import (
+    TermChannels,
+    apply_term,
+    rounding_right_shift,
+    term_channels,
+)
 from quant_gru.kernels.triton.launch import Launcher
 from quant_gru.kernels.triton.plans import ceil_div
+from quant_gru.quantize.requant import TERM_LIMIT, Term
 
-__all__ = ["OneDigitOperands", "one_digit_operands", "one_digit_operands_reference"]
+__all__ = [
+    "BiasTerm",
+    "OneDigitOperands",
+    "bias_term",
+    "one_digit_operands",
+    "one_digit_operands_reference",
+]
 
 _BLOCK_ROWS = 16
 _BLOCK_COLUMNS = 128
@@ -28,10 +41,37 @@ _WARPS = 4
 
 
 @dataclass(frozen=True)
+class BiasTerm:
+    """clamp(term(codes) + add, low, high) per row: a bias's §4 term moved by a constant and
+    clamped, formed on the kernel as ``channels`` says (term_channels'; None: by apply_term)."""
+
+    codes: Tensor  # (rows,) int64
+    term: Term
+    channels: TermChannels | None
+    add: int = 0
+    low: int = -(2**63)  # no clamp
+    high: int = 2**63 - 1
+
+    def value(self, rows: int) -> Tensor:
+        """The bias's value in plain PyTorch: (rows,) int64."""
+        term = apply_term(self.codes.to(torch.int64), self.term)
+        return (term + self.add).clamp(self.low, self.high).expand(rows).contiguous()
+
+
+def bias_term(
+    codes: Tensor, term: Term, add: int = 0, low: int = -(2**63), high: int = 2**63 - 1
+) -> BiasTerm:
+    """BiasTerm of bias codes (rows,), with its term's channels where a kernel can form it."""
+    channels = term_channels(term, codes.shape[0], codes.device)
+    return BiasTerm(codes, term, channels, add, low, high)
+
+
+@dataclass(frozen=True)
 class OneDigitOperands:
     digits: Tensor  # (rows, K) int8: rshr(q, shift), each within [-128, 127]
     shifted: Tensor | None  # (rows, K) int64: the same values, where asked for
     rows: Tensor  # (HEAD + 1, rows) int64: the head rows, then o * rowsum(digits) mod 2^64
+    bias: Tensor | None  # (rows,) int64: BiasTerm's value, where asked for
 
 
 @triton.jit
@@ -41,12 +81,21 @@ def _one_digit_operands_kernel(
     digits_ptr,  # (rows, columns) int8 out
     shifted_ptr,  # (rows, columns) int64 out (SHIFTED)
     rows_ptr,  # (HEAD + 1, rows) int64 out
+    bias_ptr,  # (rows,) int64 (BIAS): the bias's codes
+    term_ptr,  # (3, rows) int64 (BIAS): its term's m, h and n per row
+    bias_out_ptr,  # (rows,) int64 out (BIAS)
     rows,
     columns,
     offset,
+    add,
+    low,
+    high,
     SHIFT: tl.constexpr,
     HEAD: tl.constexpr,
     SHIFTED: tl.constexpr,
+    BIAS: tl.constexpr,
+    SATURATE: tl.constexpr,
+    LIMIT: tl.constexpr,  # 2^60
     BLOCK_ROWS: tl.constexpr,
     BLOCK_COLUMNS: tl.constexpr,
 ):
@@ -71,48 +120,87 @@ def _one_digit_operands_kernel(
         tl.store(rows_ptr + head * rows + row, kept, mask=row_ok)
     # int64 products wrap modulo 2^64, as the kernels' sums do.
     tl.store(rows_ptr + HEAD * rows + row, total * offset, mask=row_ok)
+    if BIAS:  # apply_term's (h + v * m) >> n, then its clamp to +-2^60 where it can matter
+        v = tl.load(bias_ptr + row, mask=row_ok, other=0)
+        m = tl.load(term_ptr + row, mask=row_ok, other=0)
+        h = tl.load(term_ptr + rows + row, mask=row_ok, other=0)
+        n = tl.load(term_ptr + 2 * rows + row, mask=row_ok, other=0)
+        term = (h + v * m) >> n
+        if SATURATE:
+            term = tl.minimum(tl.maximum(term, -LIMIT), LIMIT)
+        term = tl.minimum(tl.maximum(term + add, low), high)
+        tl.store(bias_out_ptr + row, term, mask=row_ok)
 
 
 _launch_kernel = Launcher(_one_digit_operands_kernel)
 
 
 def one_digit_operands(
-    codes: Tensor, shift: int, offset: int, head: Tensor | None = None, shifted: bool = False
+    codes: Tensor,
+    shift: int,
+    offset: int,
+    head: Tensor | None = None,
+    shifted: bool = False,
+    bias: BiasTerm | None = None,
 ) -> OneDigitOperands:
     """One-digit operands of weight codes (rows, K), int64 on the kernels' device: the
     caller has checked that rshr(codes, shift) lies in [-128, 127] (for a checked weight
     range: reading the codes here would wait for the device). ``head`` (HEAD, rows) int64
-    rows go before the correction row; ``shifted``: also the shifted codes in int64."""
+    rows go before the correction row; ``shifted``: also the shifted codes in int64;
+    ``bias``: also its value."""
     rows, columns = codes.shape
     if codes.dtype != torch.int64 or shift < 0:
         raise ValueError(f"expected int64 codes and a shift >= 0, got {codes.dtype}, {shift}")
     head = codes.new_empty(0, rows) if head is None else head.to(torch.int64).contiguous()
     if head.dim() != 2 or head.shape[1] != rows:
         raise ValueError(f"head rows must be (HEAD, {rows}), got {tuple(head.shape)}")
+    if bias is not None and bias.codes.shape != (rows,):
+        raise ValueError(f"a bias of {rows} codes was expected, got {tuple(bias.codes.shape)}")
+    # A term the kernel cannot form is made by apply_term.
+    channels = None if bias is None else bias.channels
     codes = codes.contiguous()
     digits = torch.empty(rows, columns, dtype=torch.int8, device=codes.device)
     wide = torch.empty_like(codes) if shifted else None
     out = codes.new_empty(head.shape[0] + 1, rows)
+    bias_out = None if channels is None else codes.new_empty(rows)
     if rows:
+        on_kernel = bias if channels is not None else None
+        bias_codes = out if on_kernel is None else on_kernel.codes.to(torch.int64).contiguous()
+        term = out if channels is None else channels.channels
+        add, low, high = (
+            (0, 0, 0) if on_kernel is None else (on_kernel.add, on_kernel.low, on_kernel.high)
+        )
         _launch_kernel(
             (ceil_div(rows, _BLOCK_ROWS), 1),
-            (codes, head, digits, digits if wide is None else wide, out, rows, columns, offset),
+            (
+                codes, head, digits, digits if wide is None else wide, out, bias_codes, term,
+                out if bias_out is None else bias_out, rows, columns, offset, add, low, high,
+            ),
             dict(
-                SHIFT=shift, HEAD=head.shape[0], SHIFTED=shifted,
+                SHIFT=shift, HEAD=head.shape[0], SHIFTED=shifted, BIAS=channels is not None,
+                SATURATE=channels is not None and channels.saturate, LIMIT=TERM_LIMIT,
                 BLOCK_ROWS=_BLOCK_ROWS, BLOCK_COLUMNS=_BLOCK_COLUMNS,
             ),
             _WARPS,
         )  # fmt: skip
-    return OneDigitOperands(digits, wide, out)
+    if bias is not None and bias_out is None:
+        bias_out = bias.value(rows)
+    return OneDigitOperands(digits, wide, out, bias_out)
 
 
 def one_digit_operands_reference(
-    codes: Tensor, shift: int, offset: int, head: Tensor | None = None, shifted: bool = False
+    codes: Tensor,
+    shift: int,
+    offset: int,
+    head: Tensor | None = None,
+    shifted: bool = False,
+    bias: BiasTerm | None = None,
 ) -> OneDigitOperands:
-    """one_digit_operands in plain PyTorch."""
+    """one_digit_operands in plain PyTorch (the bias by apply_term)."""
     value = rounding_right_shift(codes.to(torch.int64), shift)
     correction = (value.sum(dim=1) * offset)[None]
     rows = correction if head is None else torch.cat([head.to(torch.int64), correction])
+    bias_out = None if bias is None else bias.value(codes.shape[0])
     return OneDigitOperands(
-        value.to(torch.int8).contiguous(), value if shifted else None, rows.contiguous()
+        value.to(torch.int8).contiguous(), value if shifted else None, rows.contiguous(), bias_out
     )
