@@ -1,7 +1,7 @@
-"""QAT's weights on one kernel each: a weight's codes, and its dequantized codes and clamp mask
-in the weight's type, from its float values in one pass (the plain-PyTorch references are
-quantize.program.quantize_weight and kernels/torch/quantized_forward.weight_point, a dozen
-tensor operations each).
+"""QAT's weights on one kernel: a weight's codes, and its dequantized codes and clamp mask in
+the weight's type, from its float values in one pass, for up to four weights a launch (a
+direction's W, R and biases; the plain-PyTorch references are quantize.program.quantize_weight
+and kernels/torch/quantized_forward.weight_point, a dozen tensor operations each).
 
 QAT makes the weights' programs again after every weight update, and its backward reads all
 four weights' points, when the host's cost of a dozen small operations a weight shows in the
@@ -156,7 +156,7 @@ def _points(
     for start in range(0, len(launches), _MOST_WEIGHTS):
         _launch_group(launches[start : start + _MOST_WEIGHTS], codes)
     # In the weight's type once made (the masks are already).
-    return [(out, (value.to(mask.dtype), mask)) for out, (value, mask) in made]
+    return [(out, (_in_type(value, mask.dtype), mask)) for out, (value, mask) in made]
 
 
 def _launch_group(group: list[tuple[tuple[object, ...], int]], codes: bool) -> None:
@@ -174,3 +174,7 @@ def _launch_group(group: list[tuple[tuple[object, ...], int]], codes: bool) -> N
         if index < _MOST_WEIGHTS - 1:
             flat.append(ends[index])
     _launch_kernel((ends[-1], 1), flat, dict(CODES=codes, BLOCK=_BLOCK), _WARPS)
+
+
+def _in_type(value: Tensor, dtype: torch.dtype) -> Tensor:
+    return value if value.dtype == dtype else value.to(dtype)  # no call for a no-op
