@@ -75,14 +75,15 @@ class QatSave:
     made them (integer_projection.WxMasks)."""
 
     constants: Tensor
+    bias: Tensor  # weight.br's values (qat_save.qat_constants)
     coefficients: Tensor
     masks: Tensor
     rounding: int
     wx_masks: Tensor | None = None
 
     @property
-    def operands(self) -> tuple[Tensor, Tensor, Tensor]:
-        return self.constants, self.coefficients, self.masks
+    def operands(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return self.constants, self.bias, self.coefficients, self.masks
 
 
 def run_direction(
@@ -147,7 +148,7 @@ def run_direction(
             (
                 wx_codes, constants.words if packed else constants.digits, constants.rh,
                 constants.rb_bias, constants.tables, h0, lengths32, out, h_n, scale, words,
-                *(save.operands if save else (out, out, out)), steps, batch, hidden,
+                *(save.operands if save else (out,) * 4), steps, batch, hidden,
                 out.stride(1),
             ),
             dict(
@@ -171,7 +172,7 @@ def run_direction(
             (
                 wx_codes, constants.digits, constants.rh, constants.rb_bias,
                 constants.tables, h0, lengths32, out, h_n, scale,
-                out if traced is None else traced, *(save.operands if save else (out, out, out)),
+                out if traced is None else traced, *(save.operands if save else (out,) * 4),
                 exchange, counters, steps, batch, hidden, out.stride(1), start, end,
             ),
             dict(

@@ -442,6 +442,7 @@ def _integer_gru_kernel(
     scale_ptr,  # (1,) float64: output.h's scale (OUT_FLOAT)
     trace_ptr,  # (T, B, 15H) int64 (TRACE only; integer_layout.TRACE_BLOCKS)
     qat_ptr,  # float32: qat_save.qat_constants (SAVE only)
+    qat_bias_ptr,  # (3H,) the model's type: weight.br's values (SAVE only)
     save_ptr,  # (T, B, 5H) float32: QAT's coefficients (SAVE only; qat_save.py)
     mask_ptr,  # (T, B, H) int8: QAT's recurrent masks (SAVE only)
     exchange_ptr,  # (2, H_DIGITS, B, H) int8: the state's digits, double-buffered
@@ -487,7 +488,7 @@ def _integer_gru_kernel(
     _barrier(counter, hidden_tiles)
 
     channels = _channel_constants(rh_ptr, rb_bias_ptr, units, unit_ok, hidden, C, NARROW)
-    qat_channels = _qat_channels(qat_ptr, units, unit_ok, hidden, SAVE)
+    qat_channels = _qat_channels(qat_ptr, qat_bias_ptr, units, unit_ok, hidden, SAVE)
 
     if RESIDENT:
         w_r_all, w_z_all, w_n_all = _resident_digits(digits_ptr, units, unit_ok, hidden, BK, CHUNKS)

@@ -245,11 +245,13 @@ def digits_projection(
 @dataclass(frozen=True)
 class WxMasks:
     """Where the projection kernel writes QAT's clamp masks of matmul.Wx (``out``, (T, B, 3H)
-    int8) and what it computes them from: the float value's scale per channel and the bias
-    (``values``, (2, 3H) float32), the thresholds, the model type's rounding."""
+    int8) and what it computes them from: the float value's scale per channel (``scale``,
+    (3H,) float32) and the bias's values (``bias``, (3H,) in the model's type; both from
+    qat_save.projection_mask_values), the thresholds, the model type's rounding."""
 
     out: Tensor
-    values: Tensor
+    scale: Tensor
+    bias: Tensor
     low: float
     high: float
     rounding: int
@@ -308,7 +310,7 @@ def _digit_projection(
             (
                 digits, operands.digits, operands.multiplier, operands.shift,
                 operands.correction, operands.bias, codes,
-                *((masks.out, masks.values) if masks else (codes, codes)),
+                *((masks.out, masks.scale, masks.bias) if masks else (codes,) * 3),
                 rows, columns, depth, wx.qmin, wx.qmax,
                 *((masks.low, masks.high) if masks else (0.0, 0.0)),
             ),

@@ -141,8 +141,8 @@ class KernelQat:
         steps, batch, _ = x.shape
         low, high = point_thresholds(program.formats["matmul.Wx"])
         out = torch.empty(steps, batch, 3 * program.hidden_size, dtype=torch.int8, device=x.device)
-        values = projection_mask_values(program, quant, self.dtype, x.device)
-        return WxMasks(out, values, low, high, self.rounding)
+        scale, bias = projection_mask_values(program, quant, self.dtype, x.device)
+        return WxMasks(out, scale, bias, low, high, self.rounding)
 
     def _save(
         self,
@@ -153,8 +153,10 @@ class KernelQat:
     ) -> QatSave:
         steps, batch, _ = x.shape
         hidden = program.hidden_size
+        constants, bias = qat_constants(program, quant, self.dtype, x.device)
         return QatSave(
-            constants=qat_constants(program, quant, self.dtype, x.device),
+            constants=constants,
+            bias=bias,
             coefficients=torch.empty(
                 steps, batch, COEFFICIENTS * hidden, dtype=torch.float32, device=x.device
             ),

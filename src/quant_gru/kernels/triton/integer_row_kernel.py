@@ -108,6 +108,7 @@ def _integer_gru_row_kernel(
     words_ptr,  # (2, B, H) int64, zeros: the state's digits tagged with their step (not
     # SINGLE); PACKED: (2, B, H/4), four digits a word
     qat_ptr,  # as integer_kernel's (SAVE only)
+    qat_bias_ptr,
     save_ptr,
     mask_ptr,
     steps,
@@ -132,7 +133,7 @@ def _integer_gru_row_kernel(
     length = _lengths(lengths_ptr, rows, row_ok, steps, BB, HAS_LENGTHS)
     h = _carried(tl.load(h0_ptr + own_offsets, mask=own, other=0), NARROW)
     channels = _channel_constants(rh_ptr, rb_bias_ptr, units, unit_ok, hidden, C, NARROW)
-    qat_channels = _qat_channels(qat_ptr, units, unit_ok, hidden, SAVE)
+    qat_channels = _qat_channels(qat_ptr, qat_bias_ptr, units, unit_ok, hidden, SAVE)
     if PACKED:
         width = hidden // 4  # the state's words a row
         w_r = _word_rows(digits_ptr, 0, units, unit_ok, hidden, BK)

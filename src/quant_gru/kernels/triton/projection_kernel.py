@@ -64,7 +64,8 @@ def _projection_kernel(
     bias_ptr,  # (N,) int64: the bias term's values plus matmul.Wx's zero point
     codes_ptr,  # (M, N): matmul.Wx's codes
     mask_ptr,  # (M, N) int8 out (MASKS): QAT's clamp mask of matmul.Wx
-    mask_values_ptr,  # (2, N) float32 (MASKS): the float value's scale per channel, the bias
+    mask_scale_ptr,  # (N,) float32 (MASKS): the float value's scale per channel
+    mask_bias_ptr,  # (N,) the model's type (MASKS): the bias's values
     rows,
     columns,
     depth,
@@ -116,8 +117,8 @@ def _projection_kernel(
     own = row_ok[:, None] & column_ok[None, :]
     tl.store(codes_ptr + offsets, codes.to(codes_ptr.dtype.element_ty), mask=own)
     if MASKS:
-        sigma = tl.load(mask_values_ptr + column, mask=column_ok, other=0.0)[None, :]
-        bias = tl.load(mask_values_ptr + columns + column, mask=column_ok, other=0.0)[None, :]
+        sigma = tl.load(mask_scale_ptr + column, mask=column_ok, other=0.0)[None, :]
+        bias = tl.load(mask_bias_ptr + column, mask=column_ok, other=0.0).to(tl.float32)[None, :]
         value = _rounded(_rounded(sums.to(tl.float32) * sigma, ROUND) + bias, ROUND)
         inside = (value >= mask_low) & (value < mask_high)
         tl.store(mask_ptr + offsets, inside.to(tl.int8), mask=own)

@@ -82,27 +82,16 @@ def rounding(dtype: torch.dtype) -> int:
     return _ROUNDING[dtype]
 
 
-_CONSTANTS: DerivedCache[Tensor] = DerivedCache()
-
-
 def qat_constants(
     program: DirectionProgram, quant: DirectionQuant, dtype: torch.dtype, device: torch.device
-) -> Tensor:
-    """The float32 vector the kernel reads at Q_*: every point's scale and mask thresholds,
-    then matmul.Rh's term scale per channel (the state's times R's row's, times
-    2^(e_a + e_c)) and weight.br's dequantized values in ``dtype``. Made once per program and
-    type."""
-    return _CONSTANTS.get(
-        program, device, lambda: _make_constants(program, quant, dtype, device), dtype
-    )
-
-
-def _make_constants(
-    program: DirectionProgram, quant: DirectionQuant, dtype: torch.dtype, device: torch.device
-) -> Tensor:
+) -> tuple[Tensor, Tensor]:
+    """What the kernel reads at Q_*, float32: every point's scale and mask thresholds, then
+    matmul.Rh's term scale per channel (the state's times R's row's, times 2^(e_a + e_c)),
+    made once per calibration; and weight.br's dequantized values (3H,) in ``dtype``, the
+    kernel's own pointer (no copy after a weight update: those kept with the codes)."""
     rows = 3 * program.hidden_size
 
-    def calibrated() -> Tensor:  # the points and matmul.Rh's scales: once per calibration
+    def calibrated() -> Tensor:
         head = _point_constants(tuple(program.formats[name] for name in POINTS), device)
         shifts = sum(program.terms["matmul.Rh"][0].operand_shifts)
         scale = float(program.formats["output.h"].scale) * 2.0**shifts
@@ -110,8 +99,7 @@ def _make_constants(
         return torch.cat([head, sigma]).float()
 
     static = _CALIBRATED.get(program.terms, device, calibrated, "recurrent")
-    bias = _values(program.bias_r, quant, "weight.br", dtype, device).expand(rows)
-    return torch.cat([static, bias.float()])
+    return static, _bias_values(program, quant, "weight.br", dtype, device)
 
 
 # The parts of the constants that depend on a calibration alone, by the programs' terms.
@@ -146,29 +134,42 @@ def _values(
     return dequantize(codes.to(device), scales, 0).to(dtype)
 
 
-_PROJECTION: DerivedCache[Tensor] = DerivedCache()
-
-
 def projection_mask_values(
     program: DirectionProgram, quant: DirectionQuant, dtype: torch.dtype, device: torch.device
-) -> Tensor:
-    """(2, 3H) float32: matmul.Wx's float value per unit of the exact product of the input's
-    and W's codes (s_x times W's row scale), and weight.bw's dequantized values in ``dtype``:
-    what the projection kernel computes QAT's matmul.Wx masks from. Once per program and
-    type."""
-
+) -> tuple[Tensor, Tensor]:
+    """What the projection kernel computes QAT's matmul.Wx masks from: matmul.Wx's float value
+    per unit of the exact product of the input's and W's codes (s_x times W's row scale;
+    (3H,) float32, once per calibration), and weight.bw's dequantized values (3H,) in
+    ``dtype``."""
     rows = 3 * program.hidden_size
 
-    def calibrated() -> Tensor:  # once per calibration
+    def calibrated() -> Tensor:
         x_scale = float(program.formats["input.x"].scale)
         return (_row_scales(quant, "weight.W", rows, device) * x_scale).float()
 
-    def make() -> Tensor:
-        sigma = _CALIBRATED.get(program.terms, device, calibrated, "projection")
-        bias = _values(program.bias_w, quant, "weight.bw", dtype, device).expand(rows)
-        return torch.stack([sigma, bias.float()])
+    sigma = _CALIBRATED.get(program.terms, device, calibrated, "projection")
+    return sigma, _bias_values(program, quant, "weight.bw", dtype, device)
 
-    return _PROJECTION.get(program, device, make, dtype)
+
+def _bias_values(
+    program: DirectionProgram,
+    quant: DirectionQuant,
+    name: str,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> Tensor:
+    """A bias's dequantized codes (3H,) in ``dtype``, contiguous (the kernels read them): those
+    kept with its codes where they were made on the kernel; once per program and type."""
+    codes = program.bias_w if name == "weight.bw" else program.bias_r
+
+    def make() -> Tensor:
+        values = _values(codes, quant, name, dtype, device)
+        return values if values.is_contiguous() else values.contiguous()
+
+    return _BIASES.get(program, device, make, (name, dtype))
+
+
+_BIASES: DerivedCache[Tensor] = DerivedCache()
 
 
 @functools.lru_cache(maxsize=1024)
@@ -229,15 +230,20 @@ def _inside(value, qat, POINT: tl.constexpr):
 
 
 @triton.jit
-def _qat_channels(qat, units, unit_ok, hidden, SAVE):
-    """This program's per-channel QAT constants, (1, BH) rows: matmul.Rh's σ per gate, then
-    weight.br's values per gate (none without SAVE). (Unannotated, as integer_kernel's
-    _resident_digits: mypy has no type for Triton's tuples; SAVE stays the caller's
-    constexpr.)"""
+def _qat_channels(qat, qat_bias, units, unit_ok, hidden, SAVE):
+    """This program's per-channel QAT constants, (1, BH) float32 rows: matmul.Rh's σ per gate
+    (after Q_CHANNELS of ``qat``), then weight.br's values per gate (``qat_bias``, the model's
+    type); none without SAVE. (Unannotated, as integer_kernel's _resident_digits: mypy has no
+    type for Triton's tuples; SAVE stays the caller's constexpr.)"""
     channels = ()
-    for block in tl.static_range(6 if SAVE else 0):
-        row = tl.load(qat + Q_CHANNELS + block * hidden + units, mask=unit_ok, other=0.0)
+    for gate in tl.static_range(3 if SAVE else 0):
+        place = qat + Q_CHANNELS + gate * hidden
+        row = tl.load(place + units, mask=unit_ok, other=0.0)
         channels = channels + (row[None, :],)  # noqa: RUF005 (Triton's tuples take `+` only)
+    for gate in tl.static_range(3 if SAVE else 0):
+        place = qat_bias + gate * hidden
+        row = tl.load(place + units, mask=unit_ok, other=0.0).to(tl.float32)
+        channels = channels + (row[None, :],)  # noqa: RUF005
     return channels
 
 
