@@ -277,12 +277,16 @@ def apply_term(v: Tensor, term: Term, negate: bool = False) -> Tensor:
     """The term t of §4 for term integers v (..., C) (C = the term's channels, or any when the
     term has one): pre-shift p, multiply by m, rshr by n or saturated left shift, clamp to
     +-2^60. ``negate``: the term of -v (§5). Operand shifts are the caller's."""
-    width = v.shape[-1] if v.dim() else 1
+    return _term_scaler(term, v.shape[-1] if v.dim() else 1, v.device, negate)(v)
+
+
+def _term_scaler(term: Term, width: int, device: torch.device, negate: bool = False) -> _Scaler:
+    """apply_term's scaler of ``term`` over ``width`` channels, made once per calibration."""
 
     def make() -> _Scaler:
-        return _scaler([(term, width)], None, False, v.device, negate)
+        return _scaler([(term, width)], None, False, device, negate)
 
-    return _APPLIED.get(term, v.device, make, (width, negate))(v)
+    return _APPLIED.get(term, device, make, (width, negate))
 
 
 # apply_term's scalers by term: the kernels apply the bias terms whenever the weights change
@@ -306,9 +310,7 @@ def term_channels(term: Term, width: int, device: torch.device) -> TermChannels 
     could overflow). Made once per term, device and width."""
 
     def make() -> TermChannels | None:
-        scaler = _APPLIED.get(
-            term, device, lambda: _scaler([(term, width)], None, False, device), (width, False)
-        )
+        scaler = _term_scaler(term, width, device)
         if not _is(scaler.pre_shift, 0) or scaler.negate_first or scaler.limit is not None:
             return None
         parts = [

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from quant_gru.kernels.derived import TensorCache
 from quant_gru.kernels.triton.launch import Launcher
+from quant_gru.kernels.triton.plans import ceil_div
 
 TF32 = "tf32-rounded"
 TF32_SPLIT = "tf32-split"
@@ -75,7 +76,7 @@ def _scaled_half(weight: Tensor) -> tuple[Tensor, Tensor]:
     scales = torch.empty(2, rows, device=weight.device, dtype=torch.float32)
     count = weight.numel()
     _launch_scaled_half(
-        (-(-count // HALF_BLOCK), 1),
+        (ceil_div(count, HALF_BLOCK), 1),
         (weight, half, bounds, scales, count, columns, rows),
         {"BLOCK": HALF_BLOCK},
         4,

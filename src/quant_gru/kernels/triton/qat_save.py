@@ -99,7 +99,7 @@ def qat_constants(
         return torch.cat([head, sigma]).float()
 
     static = _CALIBRATED.get(program.terms, device, calibrated, "recurrent")
-    return static, _bias_values(program, quant, "weight.br", dtype, device)
+    return static, _bias_values(program.bias_r, quant, "weight.br", dtype, device)
 
 
 # The parts of the constants that depend on a calibration alone, by the programs' terms.
@@ -148,25 +148,20 @@ def projection_mask_values(
         return (_row_scales(quant, "weight.W", rows, device) * x_scale).float()
 
     sigma = _CALIBRATED.get(program.terms, device, calibrated, "projection")
-    return sigma, _bias_values(program, quant, "weight.bw", dtype, device)
+    return sigma, _bias_values(program.bias_w, quant, "weight.bw", dtype, device)
 
 
 def _bias_values(
-    program: DirectionProgram,
-    quant: DirectionQuant,
-    name: str,
-    dtype: torch.dtype,
-    device: torch.device,
+    codes: Tensor, quant: DirectionQuant, name: str, dtype: torch.dtype, device: torch.device
 ) -> Tensor:
     """A bias's dequantized codes (3H,) in ``dtype``, contiguous (the kernels read them): those
-    kept with its codes where they were made on the kernel; once per program and type."""
-    codes = program.bias_w if name == "weight.bw" else program.bias_r
+    kept with the codes where they were made on the kernel; once per codes tensor and type."""
 
     def make() -> Tensor:
         values = _values(codes, quant, name, dtype, device)
         return values if values.is_contiguous() else values.contiguous()
 
-    return _BIASES.get(program, device, make, (name, dtype))
+    return _BIASES.get(codes, device, make, dtype)
 
 
 _BIASES: DerivedCache[Tensor] = DerivedCache()

@@ -157,19 +157,20 @@ def one_digit_operands(
     if bias is not None and bias.codes.shape != (rows,):
         raise ValueError(f"a bias of {rows} codes was expected, got {tuple(bias.codes.shape)}")
     # A term the kernel cannot form is made by apply_term.
-    channels = None if bias is None else bias.channels
+    on_kernel = bias if bias is not None and bias.channels is not None else None
     codes = codes.contiguous()
     digits = torch.empty(rows, columns, dtype=torch.int8, device=codes.device)
     wide = torch.empty_like(codes) if shifted else None
     out = codes.new_empty(head.shape[0] + 1, rows)
-    bias_out = None if channels is None else codes.new_empty(rows)
+    bias_out = None if on_kernel is None else codes.new_empty(rows)
     if rows:
-        on_kernel = bias if channels is not None else None
-        bias_codes = out if on_kernel is None else on_kernel.codes.to(torch.int64).contiguous()
-        term = out if channels is None else channels.channels
-        add, low, high = (
-            (0, 0, 0) if on_kernel is None else (on_kernel.add, on_kernel.low, on_kernel.high)
-        )
+        if on_kernel is None:  # unread: any tensors and numbers in their places
+            bias_codes, term, add, low, high, saturate = out, out, 0, 0, 0, False
+        else:
+            assert on_kernel.channels is not None
+            bias_codes = on_kernel.codes.to(torch.int64).contiguous()
+            term, saturate = on_kernel.channels.channels, on_kernel.channels.saturate
+            add, low, high = on_kernel.add, on_kernel.low, on_kernel.high
         _launch_kernel(
             (ceil_div(rows, _BLOCK_ROWS), 1),
             (
@@ -177,8 +178,8 @@ def one_digit_operands(
                 out if bias_out is None else bias_out, rows, columns, offset, add, low, high,
             ),
             dict(
-                SHIFT=shift, HEAD=head.shape[0], SHIFTED=shifted, BIAS=channels is not None,
-                SATURATE=channels is not None and channels.saturate, LIMIT=TERM_LIMIT,
+                SHIFT=shift, HEAD=head.shape[0], SHIFTED=shifted, BIAS=on_kernel is not None,
+                SATURATE=saturate, LIMIT=TERM_LIMIT,
                 BLOCK_ROWS=_BLOCK_ROWS, BLOCK_COLUMNS=_BLOCK_COLUMNS,
             ),
             _WARPS,
