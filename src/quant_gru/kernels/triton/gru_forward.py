@@ -138,20 +138,47 @@ def _store_weight_chunk(ptr, w_r, w_z, w_n, units, unit_ok, k0, hidden, BK: tl.c
 
 
 @triton.jit
-def _resident_slice(w_ptr, units, unit_ok, hidden, BK, CHUNKS):
-    """This program's whole R^T slice, kept on chip for every step: per gate a tuple of CHUNKS
-    (BK, BH) tiles, so that the products take the state in chunks too and fewer operand
+def _gate_columns(hidden, BH: tl.constexpr):
+    """The columns of this program's R^T tiles: the three gates side by side, gate g's unit u
+    at column g * BH + u, and a fourth gate of zeros (tensor dimensions are powers of two).
+    One product of N = 4 BH a chunk then takes one matrix instruction where three of N = BH
+    took three, each waited for, and spreads over the warps where a (16, BH) tile is copied
+    on each. Returns the row of R of each column and whether it has one."""
+    columns = tl.arange(0, 4 * BH)
+    gate = columns // BH
+    unit = tl.program_id(1) * BH + columns % BH
+    return gate * hidden + unit, (gate < 3) & (unit < hidden)
+
+
+@triton.jit
+def _weight_tile(w_ptr, r_rows, column_ok, k0, hidden, BK: tl.constexpr):
+    """Rows [k0, k0 + BK) of R^T at the columns _gate_columns gives: (BK, 4 BH), zeros where
+    a column has no row of R and past H."""
+    ks = k0 + tl.arange(0, BK)
+    offsets = r_rows[None, :] * hidden + ks[:, None]
+    return tl.load(w_ptr + offsets, mask=(ks < hidden)[:, None] & column_ok[None, :], other=0)
+
+
+@triton.jit
+def _split_gates(acc, BB: tl.constexpr, BH: tl.constexpr):
+    """A (BB, 4 BH) product's gates r, z, n as (BB, BH) each (_gate_columns' order)."""
+    parts = tl.permute(tl.reshape(acc, (BB, 2, 2, BH)), (0, 3, 1, 2))  # [b, u, g // 2, g % 2]
+    even, odd = tl.split(parts)
+    gate_r, gate_n = tl.split(even)
+    gate_z, _ = tl.split(odd)
+    return gate_r, gate_z, gate_n
+
+
+@triton.jit
+def _resident_tiles(w_ptr, r_rows, column_ok, hidden, BK, CHUNKS):
+    """This program's whole R^T slice, kept on chip for every step: a tuple of CHUNKS
+    (BK, 4 BH) tiles, so that the products take the state in chunks too and fewer operand
     registers are live at once. (Unannotated: mypy has no type for Triton's tuples; the
     caller's constexpr arguments stay constexpr here.)"""
-    w_r_all = ()
-    w_z_all = ()
-    w_n_all = ()
+    tiles = ()
     for chunk in tl.static_range(CHUNKS):  # Triton's tuples take `+`, not `*` unpacking
-        w_r, w_z, w_n = _weight_chunk(w_ptr, units, unit_ok, chunk * BK, hidden, BK)
-        w_r_all = w_r_all + (w_r,)  # noqa: RUF005
-        w_z_all = w_z_all + (w_z,)  # noqa: RUF005
-        w_n_all = w_n_all + (w_n,)  # noqa: RUF005
-    return w_r_all, w_z_all, w_n_all
+        tiles = tiles + (_weight_tile(w_ptr, r_rows, column_ok, chunk * BK, hidden, BK),)  # noqa: RUF005
+    return tiles
 
 
 @triton.jit
@@ -237,8 +264,9 @@ def _gru_forward_tile_kernel(
         _barrier(counter, hidden_tiles)
     bias_r, bias_z, bias_n = _gate_biases(bias_ptr, units, unit_ok, hidden)
     dtype = w_ptr.dtype.element_ty
+    r_rows, column_ok = _gate_columns(hidden, BH)
     if RESIDENT:
-        w_r_all, w_z_all, w_n_all = _resident_slice(w_ptr, units, unit_ok, hidden, BK, CHUNKS)
+        w_all = _resident_tiles(w_ptr, r_rows, column_ok, hidden, BK, CHUNKS)
 
     # Each step's input projections are loaded one step ahead: they do not depend on the
     # state, so their latency hides behind the previous step's work.
@@ -249,29 +277,21 @@ def _gru_forward_tile_kernel(
         t, t_next = _step_time(step, steps, REVERSE)
         next_r, next_z, next_n = _input_projections(gx_rows, t_next, batch, hidden, own)
         source = exchange_ptr + (step % 2) * plane
-        acc_r = tl.zeros((BB, BH), dtype=tl.float32)
-        acc_z = tl.zeros((BB, BH), dtype=tl.float32)
-        acc_n = tl.zeros((BB, BH), dtype=tl.float32)
+        acc = tl.zeros((BB, 4 * BH), dtype=tl.float32)
         if SINGLE:
             # This program holds the whole state (CHUNKS == 1): no exchange.
-            h_all = (h * h_up).to(dtype)
-            acc_r = _product(h_all, w_r_all[0], acc_r, PRECISION)
-            acc_z = _product(h_all, w_z_all[0], acc_z, PRECISION)
-            acc_n = _product(h_all, w_n_all[0], acc_n, PRECISION)
+            acc = _product((h * h_up).to(dtype), w_all[0], acc, PRECISION)
         elif RESIDENT:
             for chunk in tl.static_range(CHUNKS):
                 k0 = chunk * BK
                 h_k = _rows_chunk(source, rows, row_ok, hidden, k0, hidden - k0, BK).to(dtype)
-                acc_r = _product(h_k, w_r_all[chunk], acc_r, PRECISION)
-                acc_z = _product(h_k, w_z_all[chunk], acc_z, PRECISION)
-                acc_n = _product(h_k, w_n_all[chunk], acc_n, PRECISION)
+                acc = _product(h_k, w_all[chunk], acc, PRECISION)
         else:
             for k0 in range(0, hidden, BK):
                 h_k = _rows_chunk(source, rows, row_ok, hidden, k0, hidden - k0, BK).to(dtype)
-                w_r, w_z, w_n = _weight_chunk(w_ptr, units, unit_ok, k0, hidden, BK)
-                acc_r = _product(h_k, w_r, acc_r, PRECISION)
-                acc_z = _product(h_k, w_z, acc_z, PRECISION)
-                acc_n = _product(h_k, w_n, acc_n, PRECISION)
+                w = _weight_tile(w_ptr, r_rows, column_ok, k0, hidden, BK)
+                acc = _product(h_k, w, acc, PRECISION)
+        acc_r, acc_z, acc_n = _split_gates(acc, BB, BH)
         if PRECISION == "tf32-half":  # exact: powers of two
             acc_r = acc_r * down_r * h_down
             acc_z = acc_z * down_z * h_down

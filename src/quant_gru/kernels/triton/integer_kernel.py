@@ -17,7 +17,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from quant_gru.kernels.triton.gru_forward import _step_time
+from quant_gru.kernels.triton.gru_forward import (
+    _gate_columns,
+    _resident_tiles,
+    _split_gates,
+    _step_time,
+    _weight_tile,
+)
 from quant_gru.kernels.triton.integer_layout import (
     H_DIGIT_OFFSET,
     H_OPERAND_SHIFT,
@@ -235,32 +241,15 @@ def _digit_chunk(planes, digit, rows, row_ok, k0, batch, hidden, BK: tl.constexp
 
 
 @triton.jit
-def _weight_digits(digits_ptr, digit, gate, units, unit_ok, k0, hidden, BK: tl.constexpr):
-    """Rows [k0, k0 + BK) of one digit of R_gate^T for this program's units: (BK, BH) int8."""
-    ks = k0 + tl.arange(0, BK)
-    offsets = (digit * 3 + gate) * hidden * hidden + units[None, :] * hidden + ks[:, None]
-    return tl.load(digits_ptr + offsets, mask=(ks < hidden)[:, None] & unit_ok[None, :], other=0)
-
-
-@triton.jit
-def _resident_digits(digits_ptr, units, unit_ok, hidden, BK, CHUNKS):
-    """This program's whole slice of R^T (one digit), kept on chip for every step: per gate a
-    tuple of CHUNKS (BK, BH) tiles. (Unannotated: mypy has no type for Triton's tuples; the
-    caller's constexpr arguments stay constexpr here.)"""
-    w_r_all = ()
-    w_z_all = ()
-    w_n_all = ()
-    for chunk in tl.static_range(CHUNKS):  # Triton's tuples take `+`, not `*` unpacking
-        k0 = chunk * BK
-        w_r_all = w_r_all + (_weight_digits(digits_ptr, 0, 0, units, unit_ok, k0, hidden, BK),)  # noqa: RUF005
-        w_z_all = w_z_all + (_weight_digits(digits_ptr, 0, 1, units, unit_ok, k0, hidden, BK),)  # noqa: RUF005
-        w_n_all = w_n_all + (_weight_digits(digits_ptr, 0, 2, units, unit_ok, k0, hidden, BK),)  # noqa: RUF005
-    return w_r_all, w_z_all, w_n_all
+def _weight_digits(digits_ptr, digit, r_rows, column_ok, k0, hidden, BK: tl.constexpr):
+    """Rows [k0, k0 + BK) of one digit of R^T at the columns gru_forward._gate_columns gives:
+    (BK, 4 BH) int8."""
+    return _weight_tile(digits_ptr + digit * 3 * hidden * hidden, r_rows, column_ok, k0, hidden, BK)
 
 
 @triton.jit
 def _recurrent_sums(
-    planes, digits_ptr, rows, row_ok, units, unit_ok, batch, hidden,
+    planes, digits_ptr, rows, row_ok, r_rows, column_ok, batch, hidden,
     BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
     H_DIGITS: tl.constexpr, R_DIGITS: tl.constexpr,
 ):  # fmt: skip
@@ -268,37 +257,23 @@ def _recurrent_sums(
     planes of y (the offset state) and the digits of R."""
     if H_DIGITS * R_DIGITS == 1:
         # One digit each: int32 sums over all of K are exact (integer_digits.MAX_PRODUCT_TERMS).
-        acc_r = tl.zeros((BB, BH), dtype=tl.int32)
-        acc_z = tl.zeros((BB, BH), dtype=tl.int32)
-        acc_n = tl.zeros((BB, BH), dtype=tl.int32)
+        acc = tl.zeros((BB, 4 * BH), dtype=tl.int32)
         for k0 in range(0, hidden, BK):
             y = _digit_chunk(planes, 0, rows, row_ok, k0, batch, hidden, BK)
-            w_r = _weight_digits(digits_ptr, 0, 0, units, unit_ok, k0, hidden, BK)
-            w_z = _weight_digits(digits_ptr, 0, 1, units, unit_ok, k0, hidden, BK)
-            w_n = _weight_digits(digits_ptr, 0, 2, units, unit_ok, k0, hidden, BK)
-            acc_r = tl.dot(y, w_r, acc_r, out_dtype=tl.int32)
-            acc_z = tl.dot(y, w_z, acc_z, out_dtype=tl.int32)
-            acc_n = tl.dot(y, w_n, acc_n, out_dtype=tl.int32)
-        sum_r = acc_r.to(tl.int64)
-        sum_z = acc_z.to(tl.int64)
-        sum_n = acc_n.to(tl.int64)
+            w = _weight_digits(digits_ptr, 0, r_rows, column_ok, k0, hidden, BK)
+            acc = tl.dot(y, w, acc, out_dtype=tl.int32)
+        sums = acc.to(tl.int64)
     else:
         # Several digits: each chunk's digit products are exact in int32 and weighted by
         # 256^(i + j) in int64.
-        sum_r = tl.zeros((BB, BH), dtype=tl.int64)
-        sum_z = tl.zeros((BB, BH), dtype=tl.int64)
-        sum_n = tl.zeros((BB, BH), dtype=tl.int64)
+        sums = tl.zeros((BB, 4 * BH), dtype=tl.int64)
         for k0 in range(0, hidden, BK):
             for i in tl.static_range(H_DIGITS):
                 y = _digit_chunk(planes, i, rows, row_ok, k0, batch, hidden, BK)
                 for j in tl.static_range(R_DIGITS):
-                    w_r = _weight_digits(digits_ptr, j, 0, units, unit_ok, k0, hidden, BK)
-                    w_z = _weight_digits(digits_ptr, j, 1, units, unit_ok, k0, hidden, BK)
-                    w_n = _weight_digits(digits_ptr, j, 2, units, unit_ok, k0, hidden, BK)
-                    sum_r += tl.dot(y, w_r, out_dtype=tl.int32).to(tl.int64) << (8 * (i + j))
-                    sum_z += tl.dot(y, w_z, out_dtype=tl.int32).to(tl.int64) << (8 * (i + j))
-                    sum_n += tl.dot(y, w_n, out_dtype=tl.int32).to(tl.int64) << (8 * (i + j))
-    return sum_r, sum_z, sum_n
+                    w = _weight_digits(digits_ptr, j, r_rows, column_ok, k0, hidden, BK)
+                    sums += tl.dot(y, w, out_dtype=tl.int32).to(tl.int64) << (8 * (i + j))
+    return _split_gates(sums, BB, BH)
 
 
 @triton.jit
@@ -490,8 +465,9 @@ def _integer_gru_kernel(
     channels = _channel_constants(rh_ptr, rb_bias_ptr, units, unit_ok, hidden, C, NARROW)
     qat_channels = _qat_channels(qat_ptr, qat_bias_ptr, units, unit_ok, hidden, SAVE)
 
+    r_rows, column_ok = _gate_columns(hidden, BH)
     if RESIDENT:
-        w_r_all, w_z_all, w_n_all = _resident_digits(digits_ptr, units, unit_ok, hidden, BK, CHUNKS)
+        w_all = _resident_tiles(digits_ptr, r_rows, column_ok, hidden, BK, CHUNKS)
 
     # matmul.Wx's codes are loaded a step ahead: their latency hides behind the step before.
     wx_rows = wx_ptr + rows[:, None] * (3 * hidden) + units[None, :]
@@ -502,20 +478,14 @@ def _integer_gru_kernel(
         next_r, next_z, next_n = _wx_step(wx_rows, t_next, batch, hidden, own, C, NARROW)
         planes = exchange_ptr + (step % 2) * plane_set
         if RESIDENT:
-            acc_r = tl.zeros((BB, BH), dtype=tl.int32)
-            acc_z = tl.zeros((BB, BH), dtype=tl.int32)
-            acc_n = tl.zeros((BB, BH), dtype=tl.int32)
+            acc = tl.zeros((BB, 4 * BH), dtype=tl.int32)
             for chunk in tl.static_range(CHUNKS):
                 y = _digit_chunk(planes, 0, rows, row_ok, chunk * BK, batch, hidden, BK)
-                acc_r = tl.dot(y, w_r_all[chunk], acc_r, out_dtype=tl.int32)
-                acc_z = tl.dot(y, w_z_all[chunk], acc_z, out_dtype=tl.int32)
-                acc_n = tl.dot(y, w_n_all[chunk], acc_n, out_dtype=tl.int32)
-            sum_r = acc_r.to(tl.int64)
-            sum_z = acc_z.to(tl.int64)
-            sum_n = acc_n.to(tl.int64)
+                acc = tl.dot(y, w_all[chunk], acc, out_dtype=tl.int32)
+            sum_r, sum_z, sum_n = _split_gates(acc.to(tl.int64), BB, BH)
         else:
             sum_r, sum_z, sum_n = _recurrent_sums(
-                planes, digits_ptr, rows, row_ok, units, unit_ok, batch, hidden,
+                planes, digits_ptr, rows, row_ok, r_rows, column_ok, batch, hidden,
                 BB, BH, BK, H_DIGITS, R_DIGITS,
             )  # fmt: skip
 

@@ -140,8 +140,10 @@ def _half_scales(
         if HAS_H0:
             bound = tl.maximum(tl.load(bounds_ptr + rows, mask=row_ok, other=1.0), 1.0)
         up, down = _half_scale(bound)
-        return down_r, down_z, down_n, up[:, None], down[:, None]
-    return 1.0, 1.0, 1.0, 1.0, 1.0
+        scales = (down_r, down_z, down_n, up[:, None], down[:, None])
+    else:  # one return: Triton 3.6 refuses returns of different types after a constexpr if
+        scales = (1.0, 1.0, 1.0, 1.0, 1.0)
+    return scales
 
 
 def rounded_to_tf32(weight: Tensor, out: Tensor | None = None) -> Tensor:

@@ -228,7 +228,7 @@ def _inside(value, qat, POINT: tl.constexpr):
 def _qat_channels(qat, qat_bias, units, unit_ok, hidden, SAVE):
     """This program's per-channel QAT constants, (1, BH) float32 rows: matmul.Rh's σ per gate
     (after Q_CHANNELS of ``qat``), then weight.br's values per gate (``qat_bias``, the model's
-    type); none without SAVE. (Unannotated, as integer_kernel's _resident_digits: mypy has no
+    type); none without SAVE. (Unannotated, as gru_forward's _resident_tiles: mypy has no
     type for Triton's tuples; SAVE stays the caller's constexpr.)"""
     channels = ()
     for gate in tl.static_range(3 if SAVE else 0):
