@@ -8,7 +8,8 @@ the code after it did, for one). This drives the package on CPU tensors with eve
 ``launch.Launcher`` compiling its kernel for an H100 (Triton's own ``warmup``: bind, specialize,
 compile, no launch) instead of launching it, on the GPU's plans (132 programs), over the
 float, integer and QAT paths. Prints each kernel's number of compiled specializations; exits
-non-zero where a compilation fails or a launcher of the package compiled nothing.
+non-zero where a compilation fails, a kernel needs more shared memory than an H100 block has,
+or a launcher of the package compiled nothing.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from quant_gru.kernels.triton import launch
 from quant_gru.kernels.triton.integer_gru import triton_integer_gru
 
 H100_PROGRAMS = 132
+H100_SHARED_BYTES = 232448  # a block's most shared memory on an H100 (227 KiB)
 
 
 class _Hopper:
@@ -56,6 +58,8 @@ class _Hopper:
 
 
 compiled: Counter[str] = Counter()
+too_large: list[str] = []
+most_shared: Counter[str] = Counter()
 _seen: set[object] = set()
 
 
@@ -73,8 +77,13 @@ def _compile(
     if key in _seen:
         return
     _seen.add(key)
-    self._kernel.warmup(*arguments, grid=grid, **constants, **options)
-    compiled[self._kernel.fn.__name__] += 1
+    kernel = self._kernel.warmup(*arguments, grid=grid, **constants, **options)
+    name = self._kernel.fn.__name__
+    compiled[name] += 1
+    shared = kernel.metadata.shared  # the launch would fail past the multiprocessor's
+    most_shared[name] = max(most_shared[name], shared)
+    if shared > H100_SHARED_BYTES:
+        too_large.append(f"{name} {constants}: {shared} bytes of shared memory")
 
 
 def _kernel_modules() -> list[ModuleType]:
@@ -166,7 +175,7 @@ def main() -> int:
     _traced(_calibrated(QuantGRU(32, 64), 32))
 
     for name, count in sorted(compiled.items()):
-        print(f"{name}: {count} specializations")
+        print(f"{name}: {count} specializations, at most {most_shared[name]} bytes shared")
     launchers = {
         value._kernel.fn.__name__
         for module in _kernel_modules()
@@ -176,8 +185,9 @@ def main() -> int:
     missing = sorted(launchers - set(compiled))
     if missing:
         print("never compiled:", ", ".join(missing))
-        return 1
-    return 0
+    for line in too_large:
+        print("too much shared memory:", line)
+    return 1 if missing or too_large else 0
 
 
 if __name__ == "__main__":
