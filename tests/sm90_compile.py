@@ -7,9 +7,9 @@ test here and still fail to compile on the GPU (a constexpr branch returning oth
 the code after it did, for one). This drives the package on CPU tensors with every
 ``launch.Launcher`` compiling its kernel for an H100 (Triton's own ``warmup``: bind, specialize,
 compile, no launch) instead of launching it, on the GPU's plans (132 programs), over the
-float, integer and QAT paths. Prints each kernel's number of compiled specializations; exits
-non-zero where a compilation fails, a kernel needs more shared memory than an H100 block has,
-or a launcher of the package compiled nothing.
+float, integer and QAT paths and the autotuner's tile plans. Prints each kernel's number of
+compiled specializations; exits non-zero where a compilation fails, a kernel needs more
+shared memory than an H100 block has, or a launcher of the package compiled nothing.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from quant_gru.kernels.torch.quantized_forward import (
     initial_codes,
     input_codes,
 )
-from quant_gru.kernels.triton import launch
+from quant_gru.kernels.triton import launch, tuning
 from quant_gru.kernels.triton.integer_gru import triton_integer_gru
 
 H100_PROGRAMS = 132
@@ -173,6 +173,14 @@ def main() -> int:
         _run(model, 1, train=True)
         _traced(model)
     _traced(_calibrated(QuantGRU(32, 64), 32))
+
+    # The tile plans QUANT_GRU_AUTOTUNE=1 tries (plans.tile_candidates), each run once.
+    os.environ[tuning.ENVIRONMENT] = "1"
+    tuning.tuned.__defaults__ = (lambda run: (run(), 0.0)[1],)
+    for dtype, tf32 in ((torch.float32, True), (torch.float32, False), (torch.bfloat16, False)):
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        for batch, hidden in ((64, 256), (64, 512), (256, 1024)):
+            _run(QuantGRU(32, hidden).to(dtype), batch, train=True)
 
     for name, count in sorted(compiled.items()):
         print(f"{name}: {count} specializations, at most {most_shared[name]} bytes shared")
