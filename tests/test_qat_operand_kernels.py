@@ -48,7 +48,6 @@ from quant_gru.kernels.triton.weight_operands import (  # noqa: E402
     one_digit_operands_reference,
 )
 from quant_gru.kernels.triton.weight_points import (  # noqa: E402
-    kernel_weight_codes,
     kernel_weight_point,
     kernel_weights_codes,
 )
@@ -118,11 +117,11 @@ def test_kernel_weight_points_equal_the_plain_points(
     saturated = 0
     for name, value in zip(NAMES, weights, strict=True):
         expected_value, expected_mask = weight_point(program, quant, name, value)
-        codes = kernel_weight_codes(value, quant[name])
+        (codes,) = kernel_weights_codes([value], [quant[name]])
         assert torch.equal(codes, quantize_weight(value, quant[name])), name
         strided = torch.stack([value, value], dim=-1)[..., 0]  # the same values, not contiguous
         assert not strided.is_contiguous()
-        assert torch.equal(kernel_weight_codes(strided, quant[name]), codes), name
+        assert torch.equal(kernel_weights_codes([strided], [quant[name]])[0], codes), name
         # Made afresh, and kept from the codes' making.
         for points in (
             kernel_weight_point(value, quant[name]),

@@ -23,7 +23,7 @@ from quant_gru.kernels.triton.plans import ceil_div
 from quant_gru.quantize.device_copies import device_copy
 from quant_gru.quantize.params import OperatorQuant
 
-__all__ = ["kept_value", "kernel_weight_codes", "kernel_weight_point", "kernel_weights_codes"]
+__all__ = ["kept_value", "kernel_weight_point", "kernel_weights_codes"]
 
 _BLOCK = 1024
 _WARPS = 4
@@ -90,16 +90,12 @@ _launch_kernel = Launcher(_weight_point_kernel)
 _MOST_WEIGHTS = 4
 
 
-def kernel_weight_codes(weight: Tensor, quant: OperatorQuant) -> Tensor:
-    """quantize_weight's codes of a weight or bias, made on the kernel with its points, which
-    kernel_weight_point then returns for these codes without a launch."""
-    return kernel_weights_codes([weight], [quant])[0]
-
-
 def kernel_weights_codes(
     weights: Sequence[Tensor], quants: Sequence[OperatorQuant]
 ) -> list[Tensor]:
-    """kernel_weight_codes of several weights (a direction's four: one launch)."""
+    """quantize_weight's codes of each weight or bias, made on the kernel with its points (a
+    direction's four on one launch), which kernel_weight_point then returns for these codes
+    without a launch."""
     made = _points(weights, quants, codes=True)
     codes: list[Tensor] = []
     for out, points in made:
@@ -115,13 +111,13 @@ def kernel_weight_point(
     """(dequantized codes, clamp mask) of a weight or bias with symmetric parameters
     ``quant`` (1, 3 or one scale a row), both in the weight's type: weight_point's values to
     the bit (a 16-bit type's value rounded through float32, as torch rounds float64). Those
-    kept with ``codes`` (kernel_weight_codes' codes of this weight) where there are some."""
+    kept with ``codes`` (kernel_weights_codes' codes of this weight) where there are some."""
     kept = None if codes is None else _POINTS.find(codes, codes.device)
     return kept if kept is not None else _points([weight], [quant], codes=False)[0][1]
 
 
 def kept_value(codes: Tensor, dtype: torch.dtype) -> Tensor | None:
-    """The dequantized codes kept with ``codes`` (kernel_weight_codes'), when kept in
+    """The dequantized codes kept with ``codes`` (kernel_weights_codes'), when kept in
     ``dtype``."""
     kept = _POINTS.find(codes, codes.device)
     return kept[0] if kept is not None and kept[0].dtype == dtype else None
