@@ -187,10 +187,7 @@ def main() -> None:
     if args.autotune:
         os.environ[tuning.ENVIRONMENT] = "1"
     out = args.out or (RESULTS_AUTOTUNED if args.autotune else RESULTS)
-    rows = []
-    for shape in args.shapes:
-        rows.append(measure(shape, args.repeats))
-        print(table(rows[-1:]).splitlines()[-1], flush=True)
+    rows: list[dict] = []
     document = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
@@ -205,7 +202,11 @@ def main() -> None:
         "rows": rows,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(document, indent=2) + "\n")
+    for shape in args.shapes:
+        rows.append(measure(shape, args.repeats))
+        print(table(rows[-1:]).splitlines()[-1], flush=True)
+        # Written after every shape: a run cut short keeps the rows it measured.
+        out.write_text(json.dumps(document, indent=2) + "\n")
     for kind in ("infer", "infer_graph", "train"):
         print()
         print(table(rows, kind))

@@ -155,17 +155,18 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA device")
-    rows = []
-    for shape in args.shapes:
-        rows.append(measure(tuple(shape[:4]), args.repeats, args.qat))
-        print(summary(rows[-1]), flush=True)
+    rows: list[dict] = []
     document = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "qat": args.qat,
         "rows": rows,
     }
-    args.out.write_text(json.dumps(document, indent=1) + "\n")
+    for shape in args.shapes:
+        rows.append(measure(tuple(shape[:4]), args.repeats, args.qat))
+        print(summary(rows[-1]), flush=True)
+        # Written after every shape: a run cut short keeps the rows it measured.
+        args.out.write_text(json.dumps(document, indent=1) + "\n")
 
 
 if __name__ == "__main__":
