@@ -427,7 +427,7 @@ def gru_direction_forward(
     # TF32_HALF's operands are 16-bit: the tiles of 16-bit types.
     element_size = 2 if precision == TF32_HALF else w_hh.element_size()
     if plan is None:
-        plan = forward_plan(batch, hidden, element_size, device)
+        plan = forward_plan(batch, hidden, element_size, device, precision == TF32_HALF)
         if tuning.enabled():
             save = saved is not None
             problem = ("forward", batch, hidden, w_hh.dtype, precision, save)
@@ -435,7 +435,9 @@ def gru_direction_forward(
             plan = tuning.tuned(
                 (*problem, device),
                 plan,
-                lambda: tile_candidates(batch, hidden, element_size, device, False),
+                lambda: tile_candidates(
+                    batch, hidden, element_size, device, False, precision == TF32_HALF
+                ),
                 lambda p: gru_direction_forward(*arguments, p),
             )
     # Absent lengths and h0 take the out tensor's place: the kernels do not read them then.

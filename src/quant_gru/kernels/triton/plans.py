@@ -32,12 +32,15 @@ SINGLE_BYTES = 96 * 1024
 # and TF32 up to 16 rows, and no more in bfloat16. (Row programs holding all of R, and the
 # forward's wide slices, reach past it: ROW_REGISTER_ELEMENTS.)
 ROW_KERNEL_MAX_BATCH = 16
-# Warps of a tile program (``_tile_warps``): 8 for float32 tiles of at least LARGE_TILE
-# elements, 2 for tiles of at most SMALL_TILE elements in 16-bit types and in the float32
-# backward, else 4. Measured on an H100, a step:
+# Warps of a tile program (``_tile_warps``): 8 for tiles of at least LARGE_TILE elements
+# with a float32 state (float32, and TF32 on 16-bit operands in the forward), 2 for tiles of
+# at most SMALL_TILE elements in 16-bit types and in the float32 backward, else 4. Measured
+# on an H100, a step:
 # - float32 (TF32) at (256, H=1024), forward 64 x 32 tiles: 18.5 us on 8 warps, 20.1 on 4
 #   (training forward 18.6 against 21.9); backward 32 x 64: 33 against 35-36 on 4 in chunks
 #   of 32 (the autotuner tries that too), 45-46 on 4 in chunks of 64.
+# - TF32 on 16-bit operands (TF32_HALF), forward 64 x 32 tiles at (256, H=1024), the gates in
+#   one product: a whole inference 2.47 ms on 8 warps, 3.22 on 4 (ptxas: 4 warps spill).
 # - float32 tiles of 1024 elements at (128, H=1024) and (256, H=512): 4 warps fastest, by
 #   8 to 20 %; bfloat16 64 x 32 at (256, H=1024): 8.5 on 4, 10.4 on 8.
 # - 2 warps against 4, tiles of 128 and 256 elements at (64, H=256) and (64, H=512):
@@ -365,42 +368,55 @@ def tile_plan(batch: int, hidden: int, element_size: int, device: torch.device) 
     return _tile_plan(batch, hidden, element_size, resident_programs(device))
 
 
-def _tile_plan(batch: int, hidden: int, element_size: int, programs: int | None) -> Plan:
+def _tile_plan(
+    batch: int, hidden: int, element_size: int, programs: int | None, float_state: bool = False
+) -> Plan:
     block_b, block_h = _tile_tiles(batch, hidden, element_size, programs)
     full = padded(hidden)
     weight_bytes = 3 * full * block_h * element_size
     single = block_h == full and weight_bytes <= SINGLE_BYTES
     if not single:
-        return _forward_tile_plan(block_b, block_h, hidden, element_size)
+        return _forward_tile_plan(block_b, block_h, hidden, element_size, float_state)
     # One program holds all of R: enough warps for about 48 registers a thread. The state never
     # leaves its registers, so the products take it in one chunk.
     warps = 16 if weight_bytes > RESIDENT_BYTES else 8
     return Plan(False, block_b, block_h, full, warps, resident=True, single=True)
 
 
-def _forward_tile_plan(block_b: int, block_h: int, hidden: int, element_size: int) -> Plan:
+def _forward_tile_plan(
+    block_b: int, block_h: int, hidden: int, element_size: int, float_state: bool = False
+) -> Plan:
     """The forward tile kernel's plan for these tiles (not single): R's slice stays on chip
     where it fits RESIDENT_BYTES, in K chunks by ``_resident_chunk``, else it is read in
-    chunks every step."""
+    chunks every step. ``float_state``: float32 states on operands of ``element_size``
+    bytes (TF32_HALF)."""
     full = padded(hidden)
     resident = 3 * block_h * full * element_size <= RESIDENT_BYTES
     block_k = _resident_chunk(full, element_size) if resident else min(CHUNK, full)
-    warps = _tile_warps(block_b, block_h, element_size, backward=False)
+    warps = _tile_warps(block_b, block_h, element_size, backward=False, float_state=float_state)
     return Plan(False, block_b, block_h, block_k, warps, resident=resident)
 
 
-def _tile_warps(block_b: int, block_h: int, element_size: int, backward: bool) -> int:
+def _tile_warps(
+    block_b: int, block_h: int, element_size: int, backward: bool, float_state: bool = False
+) -> int:
     """The warps of a tile program (measurements at LARGE_TILE)."""
     tile = block_b * block_h
-    if element_size == 4 and tile >= LARGE_TILE:
+    if (element_size == 4 or float_state) and tile >= LARGE_TILE:
         return 8
     if tile <= SMALL_TILE and (backward or element_size < 4):
         return 2
     return 4
 
 
-def forward_plan(batch: int, hidden: int, element_size: int, device: torch.device) -> Plan:
-    return _plan(batch, hidden, element_size, resident_programs(device), backward=False)
+def forward_plan(
+    batch: int, hidden: int, element_size: int, device: torch.device, float_state: bool = False
+) -> Plan:
+    """``float_state``: operands of ``element_size`` bytes with float32 states (TF32_HALF)."""
+    return _plan(
+        batch, hidden, element_size, resident_programs(device), backward=False,
+        float_state=float_state,
+    )  # fmt: skip
 
 
 def backward_plan(batch: int, hidden: int, element_size: int, device: torch.device) -> Plan:
@@ -410,7 +426,14 @@ def backward_plan(batch: int, hidden: int, element_size: int, device: torch.devi
 # Cached: a plan is made on every call, and in Python that cost tens of microseconds of the
 # host time an eager call spends before its kernel starts.
 @functools.lru_cache(maxsize=4096)
-def _plan(batch: int, hidden: int, element_size: int, programs: int | None, backward: bool) -> Plan:
+def _plan(
+    batch: int,
+    hidden: int,
+    element_size: int,
+    programs: int | None,
+    backward: bool,
+    float_state: bool = False,
+) -> Plan:
     """The forward's kernel and tiles: the row kernel where a few programs hold R in
     registers (``_row_plan``), else the tile kernel. The backward's: the row kernel where R's
     columns fit likewise, else the tile kernel with ``_backward_tiles``."""
@@ -418,7 +441,7 @@ def _plan(batch: int, hidden: int, element_size: int, programs: int | None, back
     if plan is not None:
         return plan
     if not backward:
-        return _tile_plan(batch, hidden, element_size, programs)
+        return _tile_plan(batch, hidden, element_size, programs, float_state)
     block_b, block_h = _backward_tiles(batch, hidden, element_size, programs)
     return _backward_tile_plan(block_b, block_h, hidden, element_size)
 
@@ -436,7 +459,12 @@ def _backward_tile_plan(block_b: int, block_h: int, hidden: int, element_size: i
 
 
 def tile_candidates(
-    batch: int, hidden: int, element_size: int, device: torch.device, backward: bool
+    batch: int,
+    hidden: int,
+    element_size: int,
+    device: torch.device,
+    backward: bool,
+    float_state: bool = False,
 ) -> list[Plan]:
     """The tile plans the autotuner measures (tuning.py): batch tiles of 16 to 64 rows and
     hidden tiles of 8 to 32 units (64 too in the backward) whose grid fits on the SMs once.
@@ -459,7 +487,7 @@ def tile_candidates(
             if backward:
                 plan = _backward_tile_plan(block_b, block_h, hidden, element_size)
             else:
-                plan = _forward_tile_plan(block_b, block_h, hidden, element_size)
+                plan = _forward_tile_plan(block_b, block_h, hidden, element_size, float_state)
             plans.append(plan)
             if plan.warps == 8 and backward:
                 plans.append(replace(plan, block_k=min(32, full), warps=4))
