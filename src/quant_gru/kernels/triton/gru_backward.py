@@ -225,17 +225,10 @@ def _gradients(
 def _column_chunk(w_ptr, gate, units, unit_ok, k0, hidden, BK: tl.constexpr):
     """Rows [k0, k0 + BK) of gate ``gate``'s block of R, this program's columns (units):
     a (BK, BH) tile, zeros past H."""
-    return _r_rows(w_ptr + gate * hidden * hidden, units, unit_ok, k0, hidden, hidden, BK)
-
-
-@triton.jit
-def _r_rows(w_ptr, units, unit_ok, k0, rows, hidden, BK: tl.constexpr):
-    """Rows [k0, k0 + BK) of R (or of one gate's block, from its first row) at this
-    program's columns (units): a (BK, BH) tile, zeros from row ``rows`` on."""
     ks = k0 + tl.arange(0, BK)
     return tl.load(
-        w_ptr + ks[:, None] * hidden + units[None, :],
-        mask=(ks < rows)[:, None] & unit_ok[None, :],
+        w_ptr + (gate * hidden + ks[:, None]) * hidden + units[None, :],
+        mask=(ks < hidden)[:, None] & unit_ok[None, :],
         other=0.0,
     )
 
@@ -346,13 +339,13 @@ def _gru_backward_tile_kernel(
                     )
                     acc = _product(d_k.to(dtype), columns[gate * CHUNKS + chunk], acc, PRECISION)
         else:
-            # The gates' blocks of R follow one another along K (its 3H rows), as the
-            # gradients do in the exchange buffer's rows: one loop over all of them, which
-            # Triton pipelines as one.
-            for k0 in range(0, 3 * hidden, BK):
-                d_k = _rows_chunk(buffer, rows, row_ok, 3 * hidden, k0, 3 * hidden - k0, BK)
-                w_k = _r_rows(w_ptr, units, unit_ok, k0, 3 * hidden, hidden, BK)
-                acc = _product(d_k.to(dtype), w_k, acc, PRECISION)
+            for gate in tl.static_range(3):
+                for k0 in range(0, hidden, BK):
+                    d_k = _rows_chunk(
+                        buffer, rows, row_ok, 3 * hidden, gate * hidden + k0, hidden - k0, BK
+                    )
+                    w_k = _column_chunk(w_ptr, gate, units, unit_ok, k0, hidden, BK)
+                    acc = _product(d_k.to(dtype), w_k, acc, PRECISION)
         carry = tl.where(active, dh * z + acc, dh)
 
     tl.store(grad_h0_ptr + own_offsets, carry, mask=own)
