@@ -40,6 +40,7 @@ from quant_gru.kernels.triton.integer_digits import (  # noqa: E402
 from quant_gru.kernels.triton.integer_gru import triton_integer_gru  # noqa: E402
 from quant_gru.kernels.triton.integer_plans import (  # noqa: E402
     RESIDENT_BYTES,
+    WIDE_CHUNK,
     IntegerPlan,
     integer_plan,
 )
@@ -148,6 +149,22 @@ def test_r_on_chip_or_read_every_step(monkeypatch: pytest.MonkeyPatch, resident:
     case = case_with(
         config, input_size=8, hidden_size=72, batch=5, steps=3, lengths=[3, 1, 2, 3, 2]
     )
+    _, _, _, _, _, expected, actual = run_both(case, DEVICE, triton_integer_gru)
+    assert_same_run(actual, expected)
+
+
+def test_wide_chunks_of_k(monkeypatch: pytest.MonkeyPatch) -> None:
+    """K in chunks of 128 (the large tiles' WIDE_CHUNK), R re-read every step: H = 200 takes
+    two chunks, the second partly past H; the same codes."""
+    real = integer_host.plan_for
+
+    def forced(*args: object) -> IntegerPlan:
+        plan = real(*args)  # type: ignore[arg-type]
+        return dataclasses.replace(plan, block_k=WIDE_CHUNK, resident=False)
+
+    monkeypatch.setattr(integer_host, "plan_for", forced)
+    config = uniform_config(8, False, False, "float")
+    case = case_with(config, input_size=8, hidden_size=200, batch=3, steps=2, lengths=[2, 1, 2])
     _, _, _, _, _, expected, actual = run_both(case, DEVICE, triton_integer_gru)
     assert_same_run(actual, expected)
 
@@ -322,3 +339,6 @@ def test_chunks_of_k_suit_int8_matrix_cores() -> None:
     for programs in (None, 132):
         assert integer_plan(4, 5, 1, 1, programs).block_k == 32
         assert integer_plan(4, 1000, 1, 1, programs).block_k == 64
+    # Tiles of LARGE_TILE elements that re-read R: chunks of 128 (fewer int8 waits a step).
+    assert integer_plan(256, 1024, 1, 1, 132).block_k == WIDE_CHUNK
+    assert integer_plan(64, 512, 1, 1, 132).block_k == 64  # 16 x 16 tiles

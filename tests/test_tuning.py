@@ -3,6 +3,7 @@ when it measures, the candidates it measures; on a GPU, training through tuned p
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 
@@ -174,6 +175,29 @@ def test_rule_tiles(
     forward = plans.tile_plan(batch, hidden, element_size, DEVICE)
     if element_size == 2:
         assert (plan.block_b, plan.block_h) == (forward.block_b, forward.block_h)
+
+
+@pytest.mark.parametrize(
+    ("batch", "hidden", "tiles", "chunk", "warps"),
+    [((256, 1024, (64, 32), 64, 8)), ((64, 512, (16, 16), 512, 2))],
+)
+def test_rule_tiles_of_tf32_on_16_bit_operands(
+    monkeypatch: pytest.MonkeyPatch,
+    batch: int,
+    hidden: int,
+    tiles: tuple[int, int],
+    chunk: int,
+    warps: int,
+) -> None:
+    """TF32_HALF: the 16-bit types' tiles and chunks, but a float32 state, so large tiles run
+    on 8 warps as float32 ones do (bfloat16's stay on 4); small ones on 2, as 16-bit ones."""
+    monkeypatch.setattr(plans, "resident_programs", lambda _device: 132)
+    plan = plans.forward_plan(batch, hidden, 2, DEVICE, float_state=True)
+    assert ((plan.block_b, plan.block_h), plan.block_k, plan.warps) == (tiles, chunk, warps)
+    sixteen_bit = plans.forward_plan(batch, hidden, 2, DEVICE)
+    assert dataclasses.replace(sixteen_bit, warps=plan.warps) == plan
+    candidates = plans.tile_candidates(batch, hidden, 2, DEVICE, False, float_state=True)
+    assert plan in candidates
 
 
 @pytest.mark.parametrize(
