@@ -40,9 +40,11 @@ from quant_gru.kernels.triton.integer_digits import (  # noqa: E402
 from quant_gru.kernels.triton.integer_gru import triton_integer_gru  # noqa: E402
 from quant_gru.kernels.triton.integer_plans import (  # noqa: E402
     RESIDENT_BYTES,
+    ROW_UNITS,
     WIDE_CHUNK,
     IntegerPlan,
     integer_plan,
+    integer_row_plan,
 )
 
 
@@ -332,6 +334,23 @@ def test_plans_keep_every_program_resident() -> None:
     assert integer_plan(7, 40, 1, 1, None).block_h == 64  # one program holds every unit
     with pytest.raises(ValueError, match="more than 4 programs"):
         integer_plan(16, 4096, 1, 1, 4)
+
+
+def test_row_plans_of_few_units_are_widened() -> None:
+    """The float row plans' programs of a few units (one row, many programs) take ROW_UNITS
+    units four digits a word, on 4 warps or, where the slice's words pass the 4-warp budget,
+    8; plans of 16 units or more, single ones, and models without words keep the float plan."""
+    from quant_gru.kernels.triton.plans import _plan
+
+    def widened(batch: int, hidden: int, words: bool = True) -> tuple[int, int]:
+        plan = integer_row_plan(_plan(batch, hidden, 4, 132, False), hidden, words)
+        return plan.block_h, plan.warps
+
+    assert widened(1, 256) == (ROW_UNITS, 4)  # the float plan: 4 units a program
+    assert widened(1, 1024) == (ROW_UNITS, 8)  # 24576 words: the 8-warp budget
+    assert widened(1, 256, words=False) == (4, 4)  # a digit a word: as the float plan
+    assert widened(64, 256) == (64, 8)  # 2 rows x 64 units: unchanged
+    assert widened(16, 128) == (128, 8)  # one program holds all of R
 
 
 def test_chunks_of_k_suit_int8_matrix_cores() -> None:

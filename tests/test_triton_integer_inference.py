@@ -225,17 +225,22 @@ def test_tensor_values_kept_while_the_tensor_is_unmodified() -> None:
         (Plan(rows=True, block_b=1, block_h=16, block_k=16, warps=4, single=True), 16),
         (Plan(rows=True, block_b=2, block_h=16, block_k=16, warps=4, single=False), 16),
         (Plan(rows=True, block_b=2, block_h=16, block_k=16, warps=4, single=False), 10),
+        # Programs of 4 units (one row a program, many programs): the integer plan takes 32,
+        # here all of H (under the interpreter programs run one after another, so none may
+        # wait for another's words).
+        (Plan(rows=True, block_b=1, block_h=4, block_k=32, warps=8, single=False), 32),
         (None, 16),  # the tile kernel
     ],
-    ids=["rows-single-packed", "rows-words-packed", "rows-words-digits", "tiles"],
+    ids=["rows-single-packed", "rows-words-packed", "rows-words-digits", "rows-widened", "tiles"],
 )
 def test_row_and_tile_kernels_agree(
     monkeypatch: pytest.MonkeyPatch, plan: Plan | None, hidden: int
 ) -> None:
     """Inference of one-digit models runs on the row kernel where the float kernels' plan has
     rows (its state kept in one program, or handed over as tagged words; four digits a word
-    and dp4a where H is a multiple of 4, else a digit a word), else on the tile kernel; each
-    equals the plain-PyTorch path, with lengths and both directions."""
+    and dp4a where H is a multiple of 4, else a digit a word; programs of fewer than 16 units
+    widened to 32), else on the tile kernel; each equals the plain-PyTorch path, with lengths
+    and both directions."""
     from quant_gru.kernels.triton import integer_gru
 
     float_plan = plan or Plan(rows=False, block_b=16, block_h=16, block_k=16, warps=4)
@@ -249,6 +254,9 @@ def test_row_and_tile_kernels_agree(
     constants = kernel_constants(programs[0], DEVICE)
     rows = integer_gru.row_plan_for(3, hidden, constants, DEVICE)
     assert (rows is not None) == (plan is not None)
+    if plan is not None:
+        widened = plan.block_h < 16
+        assert (rows.block_h, rows.warps) == ((32, 4) if widened else (plan.block_h, plan.warps))
     assert (constants.words is not None) == (hidden % 4 == 0)
     for data in (x, packed):
         expected, actual = both_backends(model, data)

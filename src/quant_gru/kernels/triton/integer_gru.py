@@ -22,7 +22,12 @@ from quant_gru.kernels.triton.integer_constants import (
     zero_corrected_range,
 )
 from quant_gru.kernels.triton.integer_kernel import _integer_gru_kernel
-from quant_gru.kernels.triton.integer_plans import IntegerPlan, integer_plan
+from quant_gru.kernels.triton.integer_plans import (
+    PACKED_UNITS,
+    IntegerPlan,
+    integer_plan,
+    integer_row_plan,
+)
 from quant_gru.kernels.triton.integer_projection import input_projection
 from quant_gru.kernels.triton.integer_row_kernel import _integer_gru_row_kernel
 from quant_gru.kernels.triton.launch import Launcher
@@ -38,8 +43,6 @@ from quant_gru.kernels.triton.sync import zero_words
 from quant_gru.quantize.program import ACTIVATION_OPERATORS, DirectionProgram
 
 __all__ = ["triton_integer_gru"]
-
-PACKED_UNITS = 16  # the fewest units a row program packs its products for (dp4a)
 
 # Triton's own launch path spends tens of microseconds of host time a launch (launch.py).
 _launch_rows = Launcher(_integer_gru_row_kernel)
@@ -60,11 +63,14 @@ def row_plan_for(
 ) -> Plan | None:
     """The row kernel's plan (integer_row_kernel.py) where it applies: one-digit models, on
     the float kernels' row plans (their R slices in float32 registers, ours in int32), which
-    small batches take; None: the tile kernel."""
+    small batches take, with more units a program where those hold few
+    (integer_plans.integer_row_plan); None: the tile kernel."""
     if constants.h_digits != 1 or constants.r_digits != 1:
         return None
     plan = forward_plan(batch, hidden, 4, device)
-    return plan if plan.rows else None
+    if not plan.rows:
+        return None
+    return integer_row_plan(plan, hidden, constants.words is not None)
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,18 @@ there, 0.1 KB re-read). Slices up to 8 KiB are not measured.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
-from quant_gru.kernels.triton.plans import ceil_div, power_of_two
+from quant_gru.kernels.triton.plans import (
+    ROW_SLICE_ELEMENTS,
+    ROW_SLICE_ELEMENTS_4_WARPS,
+    Plan,
+    ceil_div,
+    padded,
+    power_of_two,
+)
 
 ROW_TILES = (16, 32, 64, 128)  # tl.dot takes at least 16 rows
 UNIT_TILES = (16, 32, 64, 128, 256)
@@ -32,6 +40,13 @@ WIDE_CHUNK = 128
 MIN_CHUNK = 32  # tl.dot of int8 on the matrix cores takes K >= 32 (past H: masked zeros)
 LARGE_TILE = 2048  # tiles of this many elements or more run on 8 warps, others on 4
 RESIDENT_BYTES = 8 * 1024  # R's slices (int8) kept on chip up to this size
+PACKED_UNITS = 16  # the fewest units a row program packs its products for (dp4a)
+# Row programs of the float plans with fewer units than PACKED_UNITS (one row, many programs)
+# take this many instead, four digits a word. Measured on an H100, 8-bit inference at
+# (1, 1000, 256, 256), one row a program (whole call, ms): 4 units on 4 warps (64 programs,
+# the float plan, a digit a word) 2.02; 32 on 4 1.61; 64 on 4 1.76; 64 on 8 1.78; 128 on 8
+# 2.00; all 256 on 16 warps 3.00 (our float inference 1.70 in that run).
+ROW_UNITS = 32
 
 
 @dataclass(frozen=True)
@@ -95,3 +110,19 @@ def integer_plan(
     if best is None:
         raise ValueError(f"hidden_size {hidden} needs more than {programs} programs a batch tile")
     return best[1]
+
+
+def integer_row_plan(float_plan: Plan, hidden: int, words: bool) -> Plan:
+    """The integer row kernel's plan from the float row kernel's ``float_plan`` (the same
+    rows and hand-over): where its programs hold fewer than PACKED_UNITS units and R has
+    words of four digits (``words``), ROW_UNITS units a program instead (fewer programs, each
+    with products four digits at a time), on 4 warps or, past ROW_SLICE_ELEMENTS_4_WARPS
+    words, 8; unchanged where that slice would not fit ROW_SLICE_ELEMENTS."""
+    if float_plan.single or float_plan.block_h >= PACKED_UNITS or not words:
+        return float_plan
+    block_h = min(ROW_UNITS, padded(hidden))
+    slice_words = 3 * block_h * padded(hidden) // 4
+    if block_h < PACKED_UNITS or slice_words > ROW_SLICE_ELEMENTS:
+        return float_plan
+    warps = 4 if slice_words <= ROW_SLICE_ELEMENTS_4_WARPS else 8
+    return dataclasses.replace(float_plan, block_h=block_h, warps=warps)
