@@ -16,9 +16,8 @@ there, 0.1 KB re-read). Slices up to 8 KiB are not measured.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from quant_gru.kernels.triton.plans import (
     ROW_SLICE_ELEMENTS,
@@ -112,6 +111,8 @@ def integer_plan(
     return best[1]
 
 
+# Cached as integer_plan is: the row plan is made on every launch.
+@functools.lru_cache(maxsize=4096)
 def integer_row_plan(float_plan: Plan, hidden: int, words: bool) -> Plan:
     """The integer row kernel's plan from the float row kernel's ``float_plan`` (the same
     rows and hand-over): where its programs hold fewer than PACKED_UNITS units and R has
@@ -120,9 +121,10 @@ def integer_row_plan(float_plan: Plan, hidden: int, words: bool) -> Plan:
     words, 8; unchanged where that slice would not fit ROW_SLICE_ELEMENTS."""
     if float_plan.single or float_plan.block_h >= PACKED_UNITS or not words:
         return float_plan
-    block_h = min(ROW_UNITS, padded(hidden))
-    slice_words = 3 * block_h * padded(hidden) // 4
+    full = padded(hidden)
+    block_h = min(ROW_UNITS, full)
+    slice_words = 3 * block_h * full // 4
     if block_h < PACKED_UNITS or slice_words > ROW_SLICE_ELEMENTS:
         return float_plan
     warps = 4 if slice_words <= ROW_SLICE_ELEMENTS_4_WARPS else 8
-    return dataclasses.replace(float_plan, block_h=block_h, warps=warps)
+    return replace(float_plan, block_h=block_h, warps=warps)
