@@ -33,7 +33,7 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 from quant_gru.kernels.derived import CalibrationCache, DerivedCache, TensorCache  # noqa: E402
 from quant_gru.kernels.triton.integer_constants import kernel_constants  # noqa: E402
-from quant_gru.kernels.triton.integer_gru import layer_input  # noqa: E402
+from quant_gru.kernels.triton.integer_gru import layer_input, run_direction  # noqa: E402
 from quant_gru.kernels.triton.integer_projection import (  # noqa: E402
     codes_input_projection,
     digit_input_projection,
@@ -89,6 +89,32 @@ def test_inference_equals_torch_path(case: dict) -> None:
     data = x if lengths is None else pack_padded_sequence(x, lengths, enforce_sorted=False)
     expected, actual = both_backends(model, data, hx)
     assert_identical(expected, actual)
+
+
+def test_no_rows_or_steps_with_and_without_an_initial_state() -> None:
+    """No rows: empty results as the plain path gives them, with and without hx. No step
+    (inside the package; the public call refuses T = 0 as nn.GRU does): the final state is
+    the initial one, zero where none is given (the kernels then read no initial state)."""
+    torch.manual_seed(0)
+    model = QuantGRU(12, 10, num_layers=2, bidirectional=True)
+    model = calibrated(model, torch.randn(3, 6, 12)).to(DEVICE)
+    x = torch.randn(3, 6, 12, device=DEVICE)
+    hx = torch.randn(4, 6, 10, device=DEVICE)
+    for state in (hx[:, :0], None):
+        expected, actual = both_backends(model, x[:, :0], state)
+        assert_identical(expected, actual)
+    program = build_programs(model._quantized_model(), model._direction_weights())[0]
+    constants = kernel_constants(program, DEVICE)
+    wx = torch.zeros(0, 6, 30, dtype=torch.int32, device=DEVICE)
+    start = torch.arange(-30, 30, dtype=torch.int64, device=DEVICE).view(6, 10)
+    for h0, want in ((start, start), (None, torch.zeros_like(start))):
+        _, h_n, _ = run_direction(program, constants, wx, h0, None, False, False)
+        assert torch.equal(h_n, want)
+        out = torch.empty(0, 6, 10, device=DEVICE)
+        floats = (out, torch.empty(6, 10, device=DEVICE))
+        _, h_n, _ = run_direction(program, constants, wx, h0, None, False, False, floats)
+        scale = program.formats["output.h"].scale
+        assert torch.equal(h_n, (want.double() * scale).float())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

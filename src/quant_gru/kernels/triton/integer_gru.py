@@ -96,7 +96,7 @@ def run_direction(
     program: DirectionProgram,
     constants: KernelConstants,
     wx_codes: Tensor,
-    h0: Tensor,
+    h0: Tensor | None,
     lengths: Tensor | None,
     reverse: bool,
     trace: bool,
@@ -104,8 +104,8 @@ def run_direction(
     save: QatSave | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """The recurrence over matmul.Wx's codes ``wx_codes`` (T, B, 3H, contiguous) from the
-    zero-corrected state ``h0`` (B, H): zero-corrected outputs (T, B, H; 0 at padded steps),
-    the final state and, with ``trace``, the kernel's trace (T, B, 15H;
+    zero-corrected state ``h0`` (B, H; None: zero, not read): zero-corrected outputs (T, B, H;
+    0 at padded steps), the final state and, with ``trace``, the kernel's trace (T, B, 15H;
     integer_layout.TRACE_BLOCKS). ``floats``: float destinations (out (T, B, H), a view
     whose rows may be longer; h_n (B, H), contiguous) that get the dequantized outputs and
     final state instead (output.h's scale, quantize.scales.dequantize) and are returned.
@@ -127,19 +127,23 @@ def run_direction(
     else:
         out, h_n = floats
         scale = constants.output_scale
-        if out.shape != (steps, batch, hidden) or out.stride()[1:] != (out.stride(0) // batch, 1):
+        rows_apart = out.stride(0) // max(batch, 1)
+        if out.shape != (steps, batch, hidden) or out.stride()[1:] != (rows_apart, 1):
             raise ValueError("float outputs must be (T, B, H) rows of one (T, B, ·) tensor")
     traced = (
         torch.empty(steps, batch, layout.TRACE_WIDTH * hidden, dtype=torch.int64, device=device)
         if trace
         else None
     )
-    h0 = h0.contiguous()
-    if steps == 0 or batch == 0:
-        if floats is None:
-            return out, h0.clone(), traced
-        h_n.copy_((h0.double() * scale).float())
+    if steps == 0 or batch == 0:  # the final state is the initial one
+        if h0 is None:
+            h_n.zero_()
+        elif floats is None:
+            h_n.copy_(h0)
+        else:
+            h_n.copy_((h0.double() * scale).float())
         return out, h_n, traced
+    initial = out if h0 is None else h0.contiguous()  # None: a place the kernels do not read
     lengths32 = out if lengths is None else lengths.to(device=device, dtype=torch.int32)
     rows = None if trace else row_plan_for(batch, hidden, constants, device)
     if rows is not None:
@@ -153,7 +157,7 @@ def run_direction(
             rows.grid(batch, hidden),
             (
                 wx_codes, constants.words if packed else constants.digits, constants.rh,
-                constants.rb_bias, constants.tables, h0, lengths32, out, h_n, scale, words,
+                constants.rb_bias, constants.tables, initial, lengths32, out, h_n, scale, words,
                 *(save.operands if save else (out,) * 4), steps, batch, hidden,
                 out.stride(1),
             ),
@@ -161,7 +165,7 @@ def run_direction(
                 REVERSE=reverse, BB=rows.block_b, BH=rows.block_h, BK=rows.block_k,
                 SINGLE=rows.single, HAS_LENGTHS=lengths is not None, NARROW=constants.narrow,
                 C=constants.specialization, OUT_FLOAT=floats is not None, PACKED=packed,
-                COMPILED=not interpreted(), SAVE=save is not None,
+                COMPILED=not interpreted(), SAVE=save is not None, HAS_H0=h0 is not None,
                 ROUND=save.rounding if save else 0,
             ),
             rows.warps,
@@ -177,7 +181,7 @@ def run_direction(
             grid,
             (
                 wx_codes, constants.digits, constants.rh, constants.rb_bias,
-                constants.tables, h0, lengths32, out, h_n, scale,
+                constants.tables, initial, lengths32, out, h_n, scale,
                 out if traced is None else traced, *(save.operands if save else (out,) * 4),
                 exchange, counters, steps, batch, hidden, out.stride(1), start, end,
             ),
@@ -187,7 +191,7 @@ def run_direction(
                 HAS_LENGTHS=lengths is not None, TRACE=traced is not None,
                 NARROW=constants.narrow, RESIDENT=plan.resident, CHUNKS=plan.chunks(hidden),
                 C=constants.specialization, OUT_FLOAT=floats is not None, SAVE=save is not None,
-                ROUND=save.rounding if save else 0,
+                ROUND=save.rounding if save else 0, HAS_H0=h0 is not None,
             ),
             plan.warps,
         )  # fmt: skip

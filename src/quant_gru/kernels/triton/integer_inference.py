@@ -30,6 +30,7 @@ from quant_gru.kernels.triton.integer_projection import (
     float_input_projection,
     input_projection,
 )
+from quant_gru.quantize.program import DirectionProgram
 
 
 def quantized_inference(
@@ -45,7 +46,8 @@ def quantized_inference(
     programs = build_programs(model, weights)
     steps, batch, _ = x.shape
     num_dirs, hidden = shape.num_directions, shape.hidden_size
-    h0_codes = initial_codes(h0, programs, x)
+    # A zero initial state's zero-corrected codes are zero: the kernels start there unasked.
+    h0_codes = None if h0 is None else initial_codes(h0, programs, x)
     out = torch.empty(steps, batch, num_dirs * hidden, dtype=x.dtype, device=x.device)
     h_n = torch.empty(len(programs), batch, hidden, dtype=x.dtype, device=x.device)
     below: list[Tensor] = []
@@ -56,7 +58,6 @@ def quantized_inference(
         for direction in range(num_dirs):
             index = layer * num_dirs + direction
             program = programs[index]
-            zero = program.formats["output.h"].zero_point
             if layer > 0:
                 wx = codes_input_projection(program, below)
             elif program.formats["input.x"] == programs[0].formats["input.x"]:
@@ -77,8 +78,8 @@ def quantized_inference(
             if last:
                 floats = (out[..., direction * hidden : (direction + 1) * hidden], h_n[index])
             values, final, _ = run_direction(
-                program, kernel_constants(program, x.device), wx, h0_codes[index] - zero,
-                lengths, direction == 1, False, floats,
+                program, kernel_constants(program, x.device), wx,
+                _zero_corrected(h0_codes, index, program), lengths, direction == 1, False, floats,
             )  # fmt: skip
             if not last:
                 outputs.append(values)
@@ -90,3 +91,8 @@ def quantized_inference(
 def _dequantized(values: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
     """Zero-corrected values as quantize.scales.dequantize gives them, in ``dtype``."""
     return (values.double() * scale).to(dtype)
+
+
+def _zero_corrected(codes: Tensor | None, index: int, program: DirectionProgram) -> Tensor | None:
+    """Direction ``index``'s initial codes less output.h's zero point (None stays None)."""
+    return None if codes is None else codes[index] - program.formats["output.h"].zero_point

@@ -137,6 +137,17 @@ def _carried(v, NARROW: tl.constexpr):
 
 
 @triton.jit
+def _initial_state(h0_ptr, offsets, own, HAS_H0: tl.constexpr):
+    """The zero-corrected initial state of the program's (rows, units): h0's, or 0 (the code
+    of a zero state is the zero point) without reading h0."""
+    if HAS_H0:
+        h = tl.load(h0_ptr + offsets, mask=own, other=0)
+    else:
+        h = tl.zeros(offsets.shape, dtype=tl.int64)
+    return h
+
+
+@triton.jit
 def _channel_term(v, m, n, P: tl.constexpr, NARROW: tl.constexpr):
     """§4's term of v with per-channel multipliers ``m`` and shifts ``n`` (tensors that
     broadcast against v) and the pre-shift P; NARROW as in _term. Returns int64."""
@@ -441,6 +452,7 @@ def _integer_gru_kernel(
     CHUNKS: tl.constexpr,  # RESIDENT: CHUNKS * BK covers H
     C: tl.constexpr,  # the specialization: integer_layout's constants (KernelConstants)
     OUT_FLOAT: tl.constexpr,  # outputs and final state as floats s * (q - zp) (quantize.scales)
+    HAS_H0: tl.constexpr = True,  # else the state starts at zero (h0_ptr unread)
     SAVE: tl.constexpr = False,  # store what QAT's backward reads (qat_save.py)
     ROUND: tl.constexpr = 0,  # SAVE: the model's type (qat_save.rounding)
 ):
@@ -458,7 +470,7 @@ def _integer_gru_kernel(
         length = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
     else:
         length = tl.zeros((BB,), dtype=tl.int32) + steps
-    h = _carried(tl.load(h0_ptr + own_offsets, mask=own, other=0), NARROW)
+    h = _carried(_initial_state(h0_ptr, own_offsets, own, HAS_H0), NARROW)
     _store_digits(exchange_ptr, own_offsets, own, h, C, batch, hidden, H_DIGITS)
     _barrier(counter, hidden_tiles)
 

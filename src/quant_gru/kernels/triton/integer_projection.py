@@ -208,7 +208,7 @@ def float_input_projection(program: DirectionProgram, x: Tensor) -> Tensor | Non
             (x, digits, digits.numel(), operands.x_format, operands.x_shift, operands.x_offset),
             dict(BLOCK=_QUANTIZE_BLOCK), _ELEMENTWISE_WARPS,
         )  # fmt: skip
-    return _digit_projection(program, operands, digits).view(steps, batch, -1)
+    return _digit_projection(program, operands, digits).view(steps, batch, 3 * program.hidden_size)
 
 
 def digit_input_projection(
@@ -239,7 +239,9 @@ def digits_projection(
         return None
     steps, batch, depth = digits.shape
     flat = digits.view(steps * batch, depth)
-    return _digit_projection(program, operands, flat, masks).view(steps, batch, -1)
+    return _digit_projection(program, operands, flat, masks).view(
+        steps, batch, 3 * program.hidden_size
+    )
 
 
 @dataclass(frozen=True)
@@ -281,7 +283,7 @@ def codes_input_projection(program: DirectionProgram, below: Sequence[Tensor]) -
             (values.contiguous(), digits, steps * batch, hidden, width, direction * hidden),
             dict(C=constants, BLOCK=_QUANTIZE_BLOCK), _ELEMENTWISE_WARPS,
         )  # fmt: skip
-    return _digit_projection(program, operands, digits).view(steps, batch, -1)
+    return _digit_projection(program, operands, digits).view(steps, batch, 3 * program.hidden_size)
 
 
 def _digit_projection(

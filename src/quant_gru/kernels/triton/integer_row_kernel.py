@@ -27,6 +27,7 @@ from quant_gru.kernels.triton.integer_kernel import (
     _carried,
     _channel_constants,
     _gru_step,
+    _initial_state,
     _output,
     _state_digit,
     _wx_step,
@@ -128,10 +129,11 @@ def _integer_gru_row_kernel(
     COMPILED: tl.constexpr,  # False under TRITON_INTERPRET=1
     SAVE: tl.constexpr = False,  # as integer_kernel's
     ROUND: tl.constexpr = 0,
+    HAS_H0: tl.constexpr = True,  # else the state starts at zero (h0_ptr unread)
 ):
     rows, units, row_ok, unit_ok, own, own_offsets = _program_tile(batch, hidden, BB, BH)
     length = _lengths(lengths_ptr, rows, row_ok, steps, BB, HAS_LENGTHS)
-    h = _carried(tl.load(h0_ptr + own_offsets, mask=own, other=0), NARROW)
+    h = _carried(_initial_state(h0_ptr, own_offsets, own, HAS_H0), NARROW)
     channels = _channel_constants(rh_ptr, rb_bias_ptr, units, unit_ok, hidden, C, NARROW)
     qat_channels = _qat_channels(qat_ptr, qat_bias_ptr, units, unit_ok, hidden, SAVE)
     if PACKED:
