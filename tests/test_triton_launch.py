@@ -34,6 +34,22 @@ def test_key_tells_apart_what_triton_specializes_on():
     assert argument_key("text") is None  # unknown: Triton's own launch path
 
 
+def test_launch_key_tells_apart_what_argument_key_does():
+    """The launcher's key (tensors and ints made inline) tells two argument lists apart exactly
+    where argument_key tells an argument apart."""
+    storage = torch.zeros(64)
+    samples = [
+        storage[:8], storage[1:9], storage[4:12], storage[:8].half(),
+        torch.nn.Parameter(torch.zeros(8)), 1, 3, 5, 16, 17, 2**31, -16, True, None, 1.5, 1e300,
+    ]  # fmt: skip
+    for first in samples:
+        for second in samples:
+            same_part = argument_key(first) == argument_key(second)
+            keys = [Launcher._key(0, [7, a, storage], {"A": 1}, 4, None) for a in (first, second)]
+            assert (keys[0] == keys[1]) == same_part, (first, second)
+    assert Launcher._key(0, ["text"], {}, 4, None) is None
+
+
 class _FakeCompiled:
     function, packed_metadata = "function", "metadata"
 
