@@ -89,6 +89,9 @@ CASES = {
     "three layers, dropout": dict(
         layers=3, bidirectional=False, lengths=False, hx=True, bits=8, dropout=0.4
     ),
+    "packed, dropout, no hx": dict(
+        layers=2, bidirectional=True, lengths=True, hx=False, bits=8, dropout=0.4
+    ),
 }
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import overload
 
 import numpy as np
 import torch
@@ -720,6 +721,7 @@ def _codes(values: Tensor, fmt: ActivationFormat, active: Tensor | None) -> Tens
     return torch.where(active, codes, fmt.zero_point)
 
 
+@overload
 def prepared_codes(
     programs: Sequence[DirectionProgram],
     x_codes: Tensor,
@@ -727,10 +729,32 @@ def prepared_codes(
     lengths: Tensor | None,
     num_layers: int,
     num_dirs: int,
-) -> tuple[Tensor, Tensor, Tensor | None]:
+) -> tuple[Tensor, Tensor, Tensor | None]: ...
+
+
+@overload
+def prepared_codes(
+    programs: Sequence[DirectionProgram],
+    x_codes: Tensor,
+    h0_codes: Tensor | None,
+    lengths: Tensor | None,
+    num_layers: int,
+    num_dirs: int,
+) -> tuple[Tensor, Tensor | None, Tensor | None]: ...
+
+
+def prepared_codes(
+    programs: Sequence[DirectionProgram],
+    x_codes: Tensor,
+    h0_codes: Tensor | None,
+    lengths: Tensor | None,
+    num_layers: int,
+    num_dirs: int,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """The arguments of a realization of the integer GRU checked (ValueError where they
-    disagree) and made ready: x_codes and h0_codes as int64 on x_codes' device, and where
-    ``lengths`` are given the (T, B, 1) mask of the steps inside each sequence."""
+    disagree) and made ready: x_codes and h0_codes as int64 on x_codes' device (None, a zero
+    state, where a realization takes it so), and where ``lengths`` are given the (T, B, 1)
+    mask of the steps inside each sequence."""
     if num_layers < 1:
         raise ValueError(f"num_layers must be at least 1, got {num_layers}")
     if len(programs) != num_layers * num_dirs:
@@ -738,14 +762,16 @@ def prepared_codes(
             f"expected {num_layers * num_dirs} programs for {num_layers} layers and "
             f"{num_dirs} directions, got {len(programs)}"
         )
-    if x_codes.dim() != 3 or h0_codes.dim() != 3:
+    if x_codes.dim() != 3 or (h0_codes is not None and h0_codes.dim() != 3):
         raise ValueError("x_codes must be (T, B, I) and h0_codes (L*D, B, H)")
     device = x_codes.device
     active = None
     if lengths is not None:
         time = torch.arange(x_codes.shape[0], device=device).unsqueeze(1)
         active = (time < lengths.to(device).view(1, -1)).unsqueeze(-1)
-    return x_codes.to(torch.int64), h0_codes.to(device=device, dtype=torch.int64), active
+    if h0_codes is not None:
+        h0_codes = h0_codes.to(device=device, dtype=torch.int64)
+    return x_codes.to(torch.int64), h0_codes, active
 
 
 def quantized_gru(

@@ -67,7 +67,7 @@ class StraightThrough(Protocol):
         program: DirectionProgram,
         record: Any,
         x: Tensor,
-        h0: Tensor,
+        h0: Tensor | None,
         weights: DirectionWeights,
         lengths: Tensor | None,
         reverse: bool,
@@ -136,12 +136,13 @@ def quantized_forward(
 ) -> tuple[Tensor, Tensor]:
     """Time-major x (T, B, I) and h0 (L*D, B, H) or None -> (output (T, B, D*H), h_n)."""
     programs = build_programs(model, weights)
-    h0_codes = initial_codes(h0, programs, x)
     records = records_gradient(x, h0, weights)
     masks = _dropout_masks(x, shape, dropout, training)
     kernel = None
     if records and model.straight_through is not None:
         kernel = model.straight_through(programs, model.quant, x.dtype)
+    # The kernels start a default (zero) state without reading codes of it: none are made.
+    h0_codes = None if h0 is None and kernel is not None else initial_codes(h0, programs, x)
     if kernel is None:
         realization, quantize_input = model.realization, input_codes
     else:
@@ -158,17 +159,20 @@ def quantized_forward(
     def run_direction(
         index: int, x_in: Tensor, h_in: Tensor | None, lens: Tensor | None, reverse: bool
     ) -> tuple[Tensor, Tensor]:
-        assert h_in is not None  # run_layers slices `start` below
         if kernel is not None:
             return kernel.direction(
                 index, programs[index], traces[index], x_in, h_in, weights[index], lens, reverse
             )
+        assert h_in is not None and h0_codes is not None  # `start` below; codes made above
         hook = _straight_through(
             programs[index], model.quant[index], traces[index], h0_codes[index]
         )
         return decomposed_direction(x_in, h_in, weights[index], lens, reverse, hook)
 
-    start = h0 if h0 is not None else x.new_zeros(len(programs), x.shape[1], hidden)
+    # The hooks' graph starts from a tensor; the kernels' from None for zeros.
+    start = h0
+    if h0 is None and kernel is None:
+        start = x.new_zeros(len(programs), x.shape[1], hidden)
     between = None if masks is None else (lambda layer, o: o * masks[layer])
     out_graph, h_n_graph = run_layers(x, start, lengths, shape, run_direction, between)
     if kernel is not None:  # valued as the dequantized codes already (StraightThrough)
@@ -231,7 +235,7 @@ def input_codes(x: Tensor, programs: Sequence[DirectionProgram]) -> Tensor:
 
 def _integer_model(
     x_codes: Tensor,
-    h0_codes: Tensor,
+    h0_codes: Tensor | None,
     lengths: Tensor | None,
     shape: GRUShape,
     programs: Sequence[DirectionProgram],
@@ -243,7 +247,8 @@ def _integer_model(
     """The codes of the whole stack. Without dropout the realization runs every layer (layer
     boundaries stay integer, §8); with dropout in training each layer runs alone and the
     dropped-out dequantized output is quantized again for the next layer. ``x_codes``: layer
-    0's input codes; ``dtype``: the model's type."""
+    0's input codes; ``h0_codes``: None for a zero state where ``realization`` is a kernel's
+    (KernelQat's); ``dtype``: the model's type."""
     if masks is None:
         return realization(
             programs, x_codes, h0_codes, lengths, shape.num_layers, shape.bidirectional, trace
@@ -254,7 +259,13 @@ def _integer_model(
     for layer in range(shape.num_layers):
         pairs = slice(layer * num_dirs, (layer + 1) * num_dirs)
         out_codes, h_n_codes, layer_traces = realization(
-            programs[pairs], x_codes, h0_codes[pairs], lengths, 1, shape.bidirectional, trace
+            programs[pairs],
+            x_codes,
+            None if h0_codes is None else h0_codes[pairs],
+            lengths,
+            1,
+            shape.bidirectional,
+            trace,
         )
         finals.append(h_n_codes)
         traces.extend(layer_traces or [])

@@ -241,7 +241,7 @@ def triton_integer_gru(
     traces: list[dict[str, Tensor]] = []
 
     def direction(
-        index: int, program: DirectionProgram, x: Tensor, h0: Tensor
+        index: int, program: DirectionProgram, x: Tensor, h0: Tensor | None
     ) -> tuple[Tensor, Tensor]:
         wx = input_projection(program, x)
         constants = kernel_constants(program, x.device)
@@ -258,15 +258,15 @@ def triton_integer_gru(
     return out_codes, h_n_codes, traces if trace else None
 
 
-# (index, program, zero-corrected layer input, zero-corrected h0) -> the direction's
-# zero-corrected outputs (T, B, H) and final state (B, H).
-DirectionRun = Callable[[int, DirectionProgram, Tensor, Tensor], tuple[Tensor, Tensor]]
+# (index, program, zero-corrected layer input, zero-corrected h0 or None for zero) -> the
+# direction's zero-corrected outputs (T, B, H) and final state (B, H).
+DirectionRun = Callable[[int, DirectionProgram, Tensor, Tensor | None], tuple[Tensor, Tensor]]
 
 
 def stack_layers(
     programs: Sequence[DirectionProgram],
     x_codes: Tensor,
-    h0_codes: Tensor,
+    h0_codes: Tensor | None,
     num_layers: int,
     num_dirs: int,
     direction: DirectionRun,
@@ -275,7 +275,7 @@ def stack_layers(
     (layer, direction) run by ``direction``: the output codes (T, B, D*H) of the last layer
     and the final state codes (L*D, B, H). Layer inputs above the first by §8
     (layer_input); the first's is made once for both directions, which share input.x's
-    parameters (§8)."""
+    parameters (§8). ``h0_codes`` None: every direction starts from a zero state."""
     finals: list[Tensor] = []
     below: list[Tensor] = []
     first = x_codes - programs[0].formats["input.x"].zero_point
@@ -285,7 +285,8 @@ def stack_layers(
             program = programs[index]
             x = first if layer == 0 else layer_input(program, below)
             h_zero = program.formats["output.h"].zero_point
-            out, h_n = direction(index, program, x, h0_codes[index] - h_zero)
+            h0 = None if h0_codes is None else h0_codes[index] - h_zero
+            out, h_n = direction(index, program, x, h0)
             outputs.append(out)
             finals.append(h_n + h_zero)
         below = outputs

@@ -58,7 +58,7 @@ class DirectionRecord:
 
     x: Tensor | InputPoint
     out: Tensor
-    h0: Tensor
+    h0: Tensor | None  # None: a zero state
     h_n: Tensor
     lengths: Tensor | None  # int32, on the device
     save: QatSave
@@ -90,15 +90,16 @@ class KernelQat:
         self,
         programs: Sequence[DirectionProgram],
         x_codes: Tensor,
-        h0_codes: Tensor,
+        h0_codes: Tensor | None,
         lengths: Tensor | None,
         num_layers: int,
         bidirectional: bool,
         trace: bool = False,
     ) -> tuple[Tensor, Tensor, list[Any]]:
-        """The integer GRU's codes, as integer_gru.triton_integer_gru's, and a DirectionRecord
-        per (layer, direction) of ``programs`` (those of this call, from any layer) as its
-        traces, whatever ``trace`` says."""
+        """The integer GRU's codes, as integer_gru.triton_integer_gru's (``h0_codes`` None:
+        zero states, which the kernels start from unread), and a DirectionRecord per (layer,
+        direction) of ``programs`` (those of this call, from any layer) as its traces,
+        whatever ``trace`` says."""
         num_dirs = 2 if bidirectional else 1
         # The first layer's input as input_codes made it (not a layer's above, with dropout).
         first = self._input if self._input is not None and x_codes is self._input.codes else None
@@ -110,7 +111,7 @@ class KernelQat:
         records: list[Any] = []
 
         def direction(
-            index: int, program: DirectionProgram, x: Tensor, h0: Tensor
+            index: int, program: DirectionProgram, x: Tensor, h0: Tensor | None
         ) -> tuple[Tensor, Tensor]:
             quant = self.quant[self._index[id(program)]]
             wx_masks: WxMasks | None = self._wx_masks(program, quant, x)
@@ -171,15 +172,15 @@ class KernelQat:
         program: DirectionProgram,
         record: Any,
         x: Tensor,
-        h0: Tensor,
+        h0: Tensor | None,
         weights: DirectionWeights,
         lengths: Tensor | None,
         reverse: bool,
     ) -> tuple[Tensor, Tensor]:
         """The direction's outputs (T, B, H) and final state, their values the dequantized
         codes and their gradients the straight-through ones, from the layer input ``x`` and
-        initial state ``h0`` of the gradient graph (``lengths``: the record has them on the
-        device already)."""
+        initial state ``h0`` (None: zeros) of the gradient graph (``lengths``: the record has
+        them on the device already)."""
         context = _Context(program, self.quant[index], record, reverse)
         return _KernelQatDirection.apply(context, x, h0, *weights)
 
@@ -201,7 +202,7 @@ class _KernelQatDirection(torch.autograd.Function):
         ctx: Any,
         context: _Context,
         x: Tensor,
-        h0: Tensor,
+        h0: Tensor | None,
         w_ih: Tensor,
         w_hh: Tensor,
         b_ih: Tensor | None,
@@ -256,7 +257,9 @@ class _KernelQatDirection(torch.autograd.Function):
         if needs_b_ih:
             grad_b_ih = rows.sum(0).mul_(bw_mask)
         if needs_w_hh:
-            h0_value = _dequantized(record.h0, fmt["output.h"], dtype)
+            h0_value = None  # a zero state adds nothing to the gradient
+            if record.h0 is not None:
+                h0_value = _dequantized(record.h0, fmt["output.h"], dtype)
             grad_w_hh = torch.empty(w_hh.shape, dtype=torch.float32, device=x.device)
             recurrent_weight_grad([(grad_rh, grad_w_hh)], out, h0_value, lengths, context.reverse)
             grad_w_hh = grad_w_hh.to(dtype).mul_(r_mask)
