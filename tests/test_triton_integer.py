@@ -45,6 +45,7 @@ from quant_gru.kernels.triton.integer_plans import (  # noqa: E402
     IntegerPlan,
     integer_plan,
     integer_row_plan,
+    merged_gates,
 )
 
 
@@ -153,6 +154,36 @@ def test_r_on_chip_or_read_every_step(monkeypatch: pytest.MonkeyPatch, resident:
     )
     _, _, _, _, _, expected, actual = run_both(case, DEVICE, triton_integer_gru)
     assert_same_run(actual, expected)
+
+
+@pytest.mark.parametrize(
+    ("bits", "resident"), [(8, True), (8, False), (16, False)], ids=["8-on-chip", "8", "16"]
+)
+def test_a_product_a_gate(monkeypatch: pytest.MonkeyPatch, bits: int, resident: bool) -> None:
+    """The tile kernel's products one a gate (what QAT's saving launches on large tiles
+    take, integer_plans.merged_gates) instead of one of N = 4 BH: the same codes, with R's
+    slice kept on chip (two chunks of K) or re-read, and with several digits (16 bits)."""
+    monkeypatch.setattr(integer_host, "merged_gates", lambda plan, save: False)
+    real = integer_host.plan_for
+
+    def forced(*args: object) -> IntegerPlan:
+        return dataclasses.replace(real(*args), resident=resident)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(integer_host, "plan_for", forced)
+    config = uniform_config(bits, False, False, "float")
+    case = case_with(
+        config, input_size=8, hidden_size=72, batch=5, steps=3, lengths=[3, 1, 2, 3, 2]
+    )
+    _, _, _, _, _, expected, actual = run_both(case, DEVICE, triton_integer_gru)
+    assert_same_run(actual, expected)
+
+
+def test_merged_gates_rule() -> None:
+    """One product for the three gates but on QAT's saving launches with large tiles."""
+    small = IntegerPlan(16, 16, 64, 4, False, 16)
+    large = IntegerPlan(64, 32, WIDE_CHUNK, 8, False, 64)
+    assert merged_gates(small, save=True) and merged_gates(small, save=False)
+    assert merged_gates(large, save=False) and not merged_gates(large, save=True)
 
 
 def test_wide_chunks_of_k(monkeypatch: pytest.MonkeyPatch) -> None:

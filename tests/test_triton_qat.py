@@ -100,16 +100,19 @@ CASES = {
     [(case, torch.float32, "planned") for case in CASES]
     + [("one layer, hx", torch.bfloat16, kernel) for kernel in ("planned", "tiles")]
     + [("one layer, hx", torch.float16, "planned")]
-    + [(case, torch.float32, "tiles") for case in ("packed, hx", "4-bit")],
+    + [(case, torch.float32, "tiles") for case in ("packed, hx", "4-bit")]
+    + [("packed, hx", torch.float32, "tiles, a product a gate")],
     ids=lambda value: str(value).removeprefix("torch.") if isinstance(value, torch.dtype) else None,
 )
 def test_qat_on_the_kernels_matches_the_graph(
     case: str, dtype: torch.dtype, kernel: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``kernel``: as planned (small batches of one-digit models on the row kernel), or every
-    recurrence on the tile kernel."""
-    if kernel == "tiles":
+    recurrence on the tile kernel (with its products one a gate: integer_plans.merged_gates)."""
+    if kernel.startswith("tiles"):
         monkeypatch.setattr(integer_gru, "row_plan_for", lambda *arguments: None)
+    if kernel.endswith("a gate"):
+        monkeypatch.setattr(integer_gru, "merged_gates", lambda plan, save: False)
     spec = CASES[case]
     input_size, hidden, batch, steps = (24, 48, 5, 9) if GPU else (5, 7, 3, 4)
     model = calibrated(

@@ -27,6 +27,7 @@ from quant_gru.kernels.triton.integer_plans import (
     IntegerPlan,
     integer_plan,
     integer_row_plan,
+    merged_gates,
 )
 from quant_gru.kernels.triton.integer_projection import input_projection
 from quant_gru.kernels.triton.integer_row_kernel import _integer_gru_row_kernel
@@ -192,6 +193,7 @@ def run_direction(
                 NARROW=constants.narrow, RESIDENT=plan.resident, CHUNKS=plan.chunks(hidden),
                 C=constants.specialization, OUT_FLOAT=floats is not None, SAVE=save is not None,
                 ROUND=save.rounding if save else 0, HAS_H0=h0 is not None,
+                MERGED=merged_gates(plan, save is not None),
             ),
             plan.warps,
         )  # fmt: skip

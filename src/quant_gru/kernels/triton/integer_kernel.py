@@ -253,8 +253,8 @@ def _digit_chunk(planes, digit, rows, row_ok, k0, batch, hidden, BK: tl.constexp
 
 @triton.jit
 def _weight_digits(digits_ptr, digit, r_rows, column_ok, k0, hidden, BK: tl.constexpr):
-    """Rows [k0, k0 + BK) of one digit of R^T at the columns gru_forward._gate_columns gives:
-    (BK, 4 BH) int8."""
+    """Rows [k0, k0 + BK) of one digit of R^T at the rows of R ``r_rows``: those
+    gru_forward._gate_columns gives ((BK, 4 BH) int8), or one gate's ((BK, BH))."""
     return _weight_tile(digits_ptr + digit * 3 * hidden * hidden, r_rows, column_ok, k0, hidden, BK)
 
 
@@ -262,10 +262,32 @@ def _weight_digits(digits_ptr, digit, r_rows, column_ok, k0, hidden, BK: tl.cons
 def _recurrent_sums(
     planes, digits_ptr, rows, row_ok, r_rows, column_ok, batch, hidden,
     BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
-    H_DIGITS: tl.constexpr, R_DIGITS: tl.constexpr,
+    H_DIGITS: tl.constexpr, R_DIGITS: tl.constexpr, MERGED: tl.constexpr,
 ):  # fmt: skip
     """Σ_k R[g*H + i, k] y[b, k] for the three gates g, in int64 (modulo 2^64), from the digit
-    planes of y (the offset state) and the digits of R."""
+    planes of y (the offset state) and the digits of R. MERGED: the gates in one product of
+    N = 4 BH at _gate_columns' ``r_rows``; else a product a gate, ``r_rows`` gate r's rows of
+    R (the units) and ``column_ok`` the units' mask."""
+    if MERGED:
+        sum_r, sum_z, sum_n = _merged_sums(
+            planes, digits_ptr, rows, row_ok, r_rows, column_ok, batch, hidden,
+            BB, BH, BK, H_DIGITS, R_DIGITS,
+        )  # fmt: skip
+    else:
+        sum_r, sum_z, sum_n = _sums_by_gate(
+            planes, digits_ptr, rows, row_ok, r_rows, column_ok, batch, hidden,
+            BB, BH, BK, H_DIGITS, R_DIGITS,
+        )  # fmt: skip
+    return sum_r, sum_z, sum_n
+
+
+@triton.jit
+def _merged_sums(
+    planes, digits_ptr, rows, row_ok, r_rows, column_ok, batch, hidden,
+    BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
+    H_DIGITS: tl.constexpr, R_DIGITS: tl.constexpr,
+):  # fmt: skip
+    """_recurrent_sums' three gates from one product of N = 4 BH."""
     if H_DIGITS * R_DIGITS == 1:
         # One digit each: int32 sums over all of K are exact (integer_digits.MAX_PRODUCT_TERMS).
         acc = tl.zeros((BB, 4 * BH), dtype=tl.int32)
@@ -285,6 +307,77 @@ def _recurrent_sums(
                     w = _weight_digits(digits_ptr, j, r_rows, column_ok, k0, hidden, BK)
                     sums += tl.dot(y, w, out_dtype=tl.int32).to(tl.int64) << (8 * (i + j))
     return _split_gates(sums, BB, BH)
+
+
+@triton.jit
+def _sums_by_gate(
+    planes, digits_ptr, rows, row_ok, r_rows, unit_ok, batch, hidden,
+    BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
+    H_DIGITS: tl.constexpr, R_DIGITS: tl.constexpr,
+):  # fmt: skip
+    """_recurrent_sums' three gates from a product each, of the same state chunk: gate r at
+    R's rows ``r_rows``, z's H and n's 2H on."""
+    z_rows = r_rows + hidden
+    n_rows = r_rows + 2 * hidden
+    if H_DIGITS * R_DIGITS == 1:
+        acc_r = tl.zeros((BB, BH), dtype=tl.int32)
+        acc_z = tl.zeros((BB, BH), dtype=tl.int32)
+        acc_n = tl.zeros((BB, BH), dtype=tl.int32)
+        for k0 in range(0, hidden, BK):
+            y = _digit_chunk(planes, 0, rows, row_ok, k0, batch, hidden, BK)
+            w_r = _weight_digits(digits_ptr, 0, r_rows, unit_ok, k0, hidden, BK)
+            w_z = _weight_digits(digits_ptr, 0, z_rows, unit_ok, k0, hidden, BK)
+            w_n = _weight_digits(digits_ptr, 0, n_rows, unit_ok, k0, hidden, BK)
+            acc_r = tl.dot(y, w_r, acc_r, out_dtype=tl.int32)
+            acc_z = tl.dot(y, w_z, acc_z, out_dtype=tl.int32)
+            acc_n = tl.dot(y, w_n, acc_n, out_dtype=tl.int32)
+        sum_r = acc_r.to(tl.int64)
+        sum_z = acc_z.to(tl.int64)
+        sum_n = acc_n.to(tl.int64)
+    else:
+        sum_r = tl.zeros((BB, BH), dtype=tl.int64)
+        sum_z = tl.zeros((BB, BH), dtype=tl.int64)
+        sum_n = tl.zeros((BB, BH), dtype=tl.int64)
+        for k0 in range(0, hidden, BK):
+            for i in tl.static_range(H_DIGITS):
+                y = _digit_chunk(planes, i, rows, row_ok, k0, batch, hidden, BK)
+                for j in tl.static_range(R_DIGITS):
+                    w_r = _weight_digits(digits_ptr, j, r_rows, unit_ok, k0, hidden, BK)
+                    w_z = _weight_digits(digits_ptr, j, z_rows, unit_ok, k0, hidden, BK)
+                    w_n = _weight_digits(digits_ptr, j, n_rows, unit_ok, k0, hidden, BK)
+                    sum_r += tl.dot(y, w_r, out_dtype=tl.int32).to(tl.int64) << (8 * (i + j))
+                    sum_z += tl.dot(y, w_z, out_dtype=tl.int32).to(tl.int64) << (8 * (i + j))
+                    sum_n += tl.dot(y, w_n, out_dtype=tl.int32).to(tl.int64) << (8 * (i + j))
+    return sum_r, sum_z, sum_n
+
+
+@triton.jit
+def _resident_sums(
+    planes, w_all, rows, row_ok, batch, hidden,
+    BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, CHUNKS: tl.constexpr,
+    MERGED: tl.constexpr,
+):  # fmt: skip
+    """_recurrent_sums from R's slice kept on chip, one digit each: _resident_tiles' tiles
+    (MERGED), or a tuple of them a gate."""
+    if MERGED:
+        acc = tl.zeros((BB, 4 * BH), dtype=tl.int32)
+        for chunk in tl.static_range(CHUNKS):
+            y = _digit_chunk(planes, 0, rows, row_ok, chunk * BK, batch, hidden, BK)
+            acc = tl.dot(y, w_all[chunk], acc, out_dtype=tl.int32)
+        sum_r, sum_z, sum_n = _split_gates(acc.to(tl.int64), BB, BH)
+    else:
+        acc_r = tl.zeros((BB, BH), dtype=tl.int32)
+        acc_z = tl.zeros((BB, BH), dtype=tl.int32)
+        acc_n = tl.zeros((BB, BH), dtype=tl.int32)
+        for chunk in tl.static_range(CHUNKS):
+            y = _digit_chunk(planes, 0, rows, row_ok, chunk * BK, batch, hidden, BK)
+            acc_r = tl.dot(y, w_all[0][chunk], acc_r, out_dtype=tl.int32)
+            acc_z = tl.dot(y, w_all[1][chunk], acc_z, out_dtype=tl.int32)
+            acc_n = tl.dot(y, w_all[2][chunk], acc_n, out_dtype=tl.int32)
+        sum_r = acc_r.to(tl.int64)
+        sum_z = acc_z.to(tl.int64)
+        sum_n = acc_n.to(tl.int64)
+    return sum_r, sum_z, sum_n
 
 
 @triton.jit
@@ -455,6 +548,7 @@ def _integer_gru_kernel(
     HAS_H0: tl.constexpr = True,  # else the state starts at zero (h0_ptr unread)
     SAVE: tl.constexpr = False,  # store what QAT's backward reads (qat_save.py)
     ROUND: tl.constexpr = 0,  # SAVE: the model's type (qat_save.rounding)
+    MERGED: tl.constexpr = True,  # the gates in one product (integer_plans.merged_gates)
 ):
     rows = row_start + tl.program_id(0) * BB + tl.arange(0, BB)
     units = tl.program_id(1) * BH + tl.arange(0, BH)
@@ -477,9 +571,19 @@ def _integer_gru_kernel(
     channels = _channel_constants(rh_ptr, rb_bias_ptr, units, unit_ok, hidden, C, NARROW)
     qat_channels = _qat_channels(qat_ptr, qat_bias_ptr, units, unit_ok, hidden, SAVE)
 
-    r_rows, column_ok = _gate_columns(hidden, BH)
+    if MERGED:
+        r_rows, column_ok = _gate_columns(hidden, BH)
+    else:  # gate r's rows; z's and n's H and 2H on
+        r_rows, column_ok = units, unit_ok
     if RESIDENT:
-        w_all = _resident_tiles(digits_ptr, r_rows, column_ok, hidden, BK, CHUNKS)
+        if MERGED:
+            w_all = _resident_tiles(digits_ptr, r_rows, column_ok, hidden, BK, CHUNKS)
+        else:
+            w_all = (
+                _resident_tiles(digits_ptr, r_rows, column_ok, hidden, BK, CHUNKS),
+                _resident_tiles(digits_ptr, r_rows + hidden, column_ok, hidden, BK, CHUNKS),
+                _resident_tiles(digits_ptr, r_rows + 2 * hidden, column_ok, hidden, BK, CHUNKS),
+            )
 
     # matmul.Wx's codes are loaded a step ahead: their latency hides behind the step before.
     wx_rows = wx_ptr + rows[:, None] * (3 * hidden) + units[None, :]
@@ -490,15 +594,13 @@ def _integer_gru_kernel(
         next_r, next_z, next_n = _wx_step(wx_rows, t_next, batch, hidden, own, C, NARROW)
         planes = exchange_ptr + (step % 2) * plane_set
         if RESIDENT:
-            acc = tl.zeros((BB, 4 * BH), dtype=tl.int32)
-            for chunk in tl.static_range(CHUNKS):
-                y = _digit_chunk(planes, 0, rows, row_ok, chunk * BK, batch, hidden, BK)
-                acc = tl.dot(y, w_all[chunk], acc, out_dtype=tl.int32)
-            sum_r, sum_z, sum_n = _split_gates(acc.to(tl.int64), BB, BH)
+            sum_r, sum_z, sum_n = _resident_sums(
+                planes, w_all, rows, row_ok, batch, hidden, BB, BH, BK, CHUNKS, MERGED
+            )
         else:
             sum_r, sum_z, sum_n = _recurrent_sums(
                 planes, digits_ptr, rows, row_ok, r_rows, column_ok, batch, hidden,
-                BB, BH, BK, H_DIGITS, R_DIGITS,
+                BB, BH, BK, H_DIGITS, R_DIGITS, MERGED,
             )  # fmt: skip
 
         save = _save_place(

@@ -111,6 +111,19 @@ def integer_plan(
     return best[1]
 
 
+def merged_gates(plan: IntegerPlan, save: bool) -> bool:
+    """Whether the tile kernel takes the three gates in one product of N = 4 BH (else one
+    product a gate): everywhere but QAT's saving launches (``save``) on tiles of LARGE_TILE
+    elements or more. Compiled for sm_90a (Triton 3.6), the saving kernel at (256, H=1024)
+    (64 x 32 tiles, 8 warps, K chunks of 128) spills 1.1 KB a thread with one product against
+    0.24 KB with three (time loop: 4186 against 3879 instructions), while at (64, H=512)
+    (16 x 16, 4 warps) one product needs 1095 instructions a step and three 2492. On an H100
+    a QAT step at (256, 200, 1024, 1024) took 21.64 ms with the kernels of 0865297 (one
+    product) against 19.08 with 72dfc5f's (three; an A/B in one run, where the float
+    backward differed too), and 8.96 against 9.87 ms at (64, 512, 512, 512)."""
+    return not (save and plan.block_b * plan.block_h >= LARGE_TILE)
+
+
 # Cached as integer_plan is: the row plan is made on every launch.
 @functools.lru_cache(maxsize=4096)
 def integer_row_plan(float_plan: Plan, hidden: int, words: bool) -> Plan:
