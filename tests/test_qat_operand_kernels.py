@@ -5,7 +5,8 @@ in every float type, with values that saturate, NaN and infinities:
   (quantize.program.quantize_weight) and their points (quantized_forward.weight_point: the
   dequantized codes and clamp masks), for every granularity, widths up to 32 bits, float and
   power-of-two scales;
-- the first layer's input (kernels/triton/qat_input.py): its codes (input_codes), operand
+- the first layer's input (kernels/triton/qat_input.py): its codes less the zero point
+  (input_codes'), operand
   digits (digit_input_projection's), dequantized values (quantize.scales.dequantize's in the
   model's type) and clamp masks (integer_qat's), for inputs of one digit and wider;
 - W's and R's one-digit operands (kernels/triton/weight_operands.py): the shifted codes as
@@ -173,9 +174,8 @@ def test_kernel_qat_input_equals_the_plain_operands(
     x[1, 0, :2] = torch.tensor(point_thresholds(fmt))  # the mask's edges, in x's type
 
     made = qat_input(x, program)
-    codes = input_codes(x, [program])
-    assert torch.equal(made.codes, codes)
-    zero_corrected = codes - fmt.zero_point
+    zero_corrected = input_codes(x, [program]) - fmt.zero_point
+    assert torch.equal(made.levels, zero_corrected)
     expected_value = dequantize(zero_corrected, fmt.scale, 0).to(dtype)  # float64, rounded
     assert torch.equal(made.point.value, expected_value)
     assert torch.equal(_dequantized(zero_corrected, fmt, dtype), expected_value)

@@ -54,7 +54,8 @@ class StraightThrough(Protocol):
     forward's values themselves."""
 
     def input_codes(self, x: Tensor, programs: Sequence[DirectionProgram]) -> Tensor:
-        """input_codes' codes of ``x``, which ``realization`` then receives."""
+        """input_codes' codes of ``x`` in the form ``realization`` takes them (which then
+        receives them)."""
         ...
 
     def realization(

@@ -272,15 +272,17 @@ def stack_layers(
     num_layers: int,
     num_dirs: int,
     direction: DirectionRun,
+    zero_corrected: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """The integer GRU's layers over prepared codes (quant_gru.prepared_codes), each
     (layer, direction) run by ``direction``: the output codes (T, B, D*H) of the last layer
     and the final state codes (L*D, B, H). Layer inputs above the first by §8
     (layer_input); the first's is made once for both directions, which share input.x's
-    parameters (§8). ``h0_codes`` None: every direction starts from a zero state."""
+    parameters (§8). ``h0_codes`` None: every direction starts from a zero state;
+    ``zero_corrected``: ``x_codes`` are less input.x's zero point already."""
     finals: list[Tensor] = []
     below: list[Tensor] = []
-    first = x_codes - programs[0].formats["input.x"].zero_point
+    first = x_codes if zero_corrected else x_codes - programs[0].formats["input.x"].zero_point
     for layer in range(num_layers):
         outputs: list[Tensor] = []
         for index in range(layer * num_dirs, (layer + 1) * num_dirs):

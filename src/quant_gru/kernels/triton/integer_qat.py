@@ -81,10 +81,12 @@ class KernelQat:
         self._input: QatInput | None = None
 
     def input_codes(self, x: Tensor, programs: Sequence[DirectionProgram]) -> Tensor:
-        """quantized_forward.input_codes' codes of ``x``, made on one kernel with what the
-        first layer's projection and backward read of the input (qat_input.py)."""
+        """quantized_forward.input_codes' codes of ``x`` less input.x's zero point (the
+        first layer's input as the kernels take it: realization knows them by identity),
+        made on one kernel with what the first layer's projection and backward read of the
+        input (qat_input.py)."""
         self._input = qat_input(x, programs[0])
-        return self._input.codes
+        return self._input.levels
 
     def realization(
         self,
@@ -97,12 +99,13 @@ class KernelQat:
         trace: bool = False,
     ) -> tuple[Tensor, Tensor, list[Any]]:
         """The integer GRU's codes, as integer_gru.triton_integer_gru's (``h0_codes`` None:
-        zero states, which the kernels start from unread), and a DirectionRecord per (layer,
-        direction) of ``programs`` (those of this call, from any layer) as its traces,
-        whatever ``trace`` says."""
+        zero states, which the kernels start from unread; ``x_codes`` zero-corrected where
+        they are input_codes' of this call), and a DirectionRecord per (layer, direction) of
+        ``programs`` (those of this call, from any layer) as its traces, whatever ``trace``
+        says."""
         num_dirs = 2 if bidirectional else 1
         # The first layer's input as input_codes made it (not a layer's above, with dropout).
-        first = self._input if self._input is not None and x_codes is self._input.codes else None
+        first = self._input if self._input is not None and x_codes is self._input.levels else None
         x_codes, h0_codes, _ = prepared_codes(
             programs, x_codes, h0_codes, lengths, num_layers, num_dirs
         )
@@ -134,8 +137,9 @@ class KernelQat:
             return out, h_n
 
         out_codes, h_n_codes = stack_layers(
-            programs, x_codes, h0_codes, num_layers, num_dirs, direction
-        )
+            programs, x_codes, h0_codes, num_layers, num_dirs, direction,
+            zero_corrected=first is not None,
+        )  # fmt: skip
         return out_codes, h_n_codes, records
 
     def _wx_masks(self, program: DirectionProgram, quant: DirectionQuant, x: Tensor) -> WxMasks:

@@ -1,7 +1,8 @@
 """QAT's layer input on one kernel: from the float input of the first layer, everything the
 integer forward and QAT's backward read of it, in one pass (plain-PyTorch references:
-quantized_forward.input_codes for the codes, integer_projection.digit_input_projection's
-operand digits, integer_qat's float32 dequantization and clamp mask).
+quantized_forward.input_codes for the codes, here less the zero point;
+integer_projection.digit_input_projection's operand digits; integer_qat's float32
+dequantization and clamp mask).
 
 Made separately, they took about twenty tensor operations a QAT step, each a pass over the
 (T, B, I) input on the device and a launch's cost on the host.
@@ -41,12 +42,13 @@ class InputPoint:
 
 @dataclass(frozen=True)
 class QatInput:
-    """The first layer's input.x, from its float values x (T, B, I): the codes (int64, as
-    quantized_forward.input_codes); the operand digits of ``program``'s matmul.Wx (int8,
-    (T, B, I), as the projection kernels take them; None where its operands take more than
-    one digit) with the operand shift and offset they were made with; its point."""
+    """The first layer's input.x, from its float values x (T, B, I): the zero-corrected codes
+    q - zp (int64: quantized_forward.input_codes' less input.x's zero point); the operand
+    digits of ``program``'s matmul.Wx (int8, (T, B, I), as the projection kernels take them;
+    None where its operands take more than one digit) with the operand shift and offset they
+    were made with; its point."""
 
-    codes: Tensor
+    levels: Tensor
     digits: Tensor | None
     operand: tuple[int, int]
     point: InputPoint
@@ -55,13 +57,12 @@ class QatInput:
 @triton.jit
 def _qat_input_kernel(
     x_ptr,  # (n,) float: the layer input
-    codes_ptr,  # (n,) int64 out: q = level + zp
+    levels_ptr,  # (n,) int64 out: q - zp
     digits_ptr,  # (n,) int8 out (DIGITS): rshr(level, e) - o
     value_ptr,  # (n,) float32 out: s * level
     mask_ptr,  # (n,) out, x's type: low <= x < high in float32 (qat_save.point_thresholds)
     n,
     format_ptr,  # (3,) float64: input.x's scale, qmin - zp, qmax - zp
-    zero_point,
     operand_shift,  # e: matmul.Wx's shift of the input operand (§4)
     offset,  # o: the digit offset (integer_digits.digit_offset)
     mask_low,
@@ -73,10 +74,10 @@ def _qat_input_kernel(
     inside = index < n
     x = tl.load(x_ptr + index, mask=inside, other=0)
     level = input_levels(x, format_ptr)
-    codes = level.to(tl.int64)
-    tl.store(codes_ptr + index, codes + zero_point, mask=inside)
+    levels = level.to(tl.int64)
+    tl.store(levels_ptr + index, levels, mask=inside)
     if DIGITS:
-        operand = _rshr(codes, operand_shift) - offset
+        operand = _rshr(levels, operand_shift) - offset
         tl.store(digits_ptr + index, operand.to(tl.int8), mask=inside)
     # The exact float64 product rounded once: what float32 arithmetic on the code and the
     # float32 scale gives, and float64 dequantization converted to float32.
@@ -99,8 +100,8 @@ def qat_input(x: Tensor, program: DirectionProgram) -> QatInput:
     operands = projection_operands(program, x.device)
     digits_wanted = operands.digits is not None
     x = x.detach().contiguous()
-    codes = torch.empty(x.shape, dtype=torch.int64, device=x.device)
-    digits = torch.empty(x.shape, dtype=torch.int8, device=x.device) if digits_wanted else codes
+    levels = torch.empty(x.shape, dtype=torch.int64, device=x.device)
+    digits = torch.empty(x.shape, dtype=torch.int8, device=x.device) if digits_wanted else levels
     value = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     mask = torch.empty_like(x)
     if x.numel():
@@ -108,13 +109,13 @@ def qat_input(x: Tensor, program: DirectionProgram) -> QatInput:
         _launch(
             (ceil_div(x.numel(), _BLOCK), 1),
             (
-                x, codes, digits, value, mask, x.numel(), input_format(fmt, x.device),
-                fmt.zero_point, operands.x_shift, operands.x_offset, low, high,
+                x, levels, digits, value, mask, x.numel(), input_format(fmt, x.device),
+                operands.x_shift, operands.x_offset, low, high,
             ),
             dict(DIGITS=digits_wanted, BLOCK=_BLOCK), _WARPS,
         )  # fmt: skip
     return QatInput(
-        codes=codes,
+        levels=levels,
         digits=digits if digits_wanted else None,
         operand=(operands.x_shift, operands.x_offset),
         point=InputPoint(value.to(x.dtype), mask),
