@@ -56,14 +56,21 @@ class DerivedCache(_Cache[Value]):
     """Entries dropped when their owner is collected."""
 
     def __init__(self) -> None:
-        self._entries: dict[_Key, Value] = {}
+        # Each entry holds the weak reference whose callback drops it (a weakref.finalize
+        # costs several times as much, and QAT keeps about ten entries a weight update).
+        self._entries: dict[_Key, tuple[Value, weakref.ref[object]]] = {}
 
     def _find(self, key: _Key, owner: object) -> Value | None:
-        return self._entries.get(key)
+        entry = self._entries.get(key)
+        return None if entry is None else entry[0]
 
     def _keep(self, key: _Key, owner: object, value: Value) -> None:
-        self._entries[key] = value
-        weakref.finalize(owner, self._entries.pop, key, None)
+        entries = self._entries
+
+        def drop(_: weakref.ref[object]) -> None:
+            entries.pop(key, None)
+
+        entries[key] = (value, weakref.ref(owner, drop))
 
     def __len__(self) -> int:
         return len(self._entries)
