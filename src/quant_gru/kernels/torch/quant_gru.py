@@ -729,6 +729,7 @@ def prepared_codes(
     lengths: Tensor | None,
     num_layers: int,
     num_dirs: int,
+    steps_mask: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor | None]: ...
 
 
@@ -740,6 +741,7 @@ def prepared_codes(
     lengths: Tensor | None,
     num_layers: int,
     num_dirs: int,
+    steps_mask: bool = True,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]: ...
 
 
@@ -750,11 +752,12 @@ def prepared_codes(
     lengths: Tensor | None,
     num_layers: int,
     num_dirs: int,
+    steps_mask: bool = True,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """The arguments of a realization of the integer GRU checked (ValueError where they
     disagree) and made ready: x_codes and h0_codes as int64 on x_codes' device (None, a zero
-    state, where a realization takes it so), and where ``lengths`` are given the (T, B, 1)
-    mask of the steps inside each sequence."""
+    state, where a realization takes it so), and where ``lengths`` are given and
+    ``steps_mask`` asks for it the (T, B, 1) mask of the steps inside each sequence."""
     if num_layers < 1:
         raise ValueError(f"num_layers must be at least 1, got {num_layers}")
     if len(programs) != num_layers * num_dirs:
@@ -766,7 +769,7 @@ def prepared_codes(
         raise ValueError("x_codes must be (T, B, I) and h0_codes (L*D, B, H)")
     device = x_codes.device
     active = None
-    if lengths is not None:
+    if lengths is not None and steps_mask:
         time = torch.arange(x_codes.shape[0], device=device).unsqueeze(1)
         active = (time < lengths.to(device).view(1, -1)).unsqueeze(-1)
     if h0_codes is not None:

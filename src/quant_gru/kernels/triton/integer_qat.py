@@ -107,7 +107,7 @@ class KernelQat:
         # The first layer's input as input_codes made it (not a layer's above, with dropout).
         first = self._input if self._input is not None and x_codes is self._input.levels else None
         x_codes, h0_codes, _ = prepared_codes(
-            programs, x_codes, h0_codes, lengths, num_layers, num_dirs
+            programs, x_codes, h0_codes, lengths, num_layers, num_dirs, steps_mask=False
         )
         if lengths is not None:  # once for every kernel of the call, forward and backward
             lengths = lengths.to(x_codes.device, torch.int32)
