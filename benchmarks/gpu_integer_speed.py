@@ -9,8 +9,10 @@ with the weights fixed and with every weight changed in place after each step (a
 optimizer would: QAT then makes the weights' integer programs again every step).
 Beside them: our float inference and training in float32 and TF32 (the faster of the two is
 the fp32 family's), cuDNN's best, and the seed's 8-bit inference from DESIGN.md §4 (the same
-H100 model). Median of CUDA-event timings after warm-up, in alternation; peak memory above
-the inputs and weights. Writes benchmarks/results/gpu_integer_speed.json.
+H100 model). Median of CUDA-event timings after warm-up, in alternation, and the host's time
+to queue each of our calls from an idle GPU (``*_host_ms``: where it reaches the event timing,
+the call is bound by the host); peak memory above the inputs and weights. Writes
+benchmarks/results/gpu_integer_speed.json.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from gpu_float_speed import SHAPES, paired_ms, peak_mb
+from gpu_float_speed import SHAPES, host_ms, paired_ms, peak_mb
 
 from quant_gru import QuantGRU
 
@@ -94,21 +96,29 @@ def measure(shape: tuple[int, int, int, int], repeats: int, qat: bool) -> dict:
             "cudnn_infer_ms": cudnn_infer,
             "ours_train_ms": float_train,
             "cudnn_train_ms": cudnn_train,
+            "ours_infer_host_ms": host_ms(_infer(model, x), repeats),
+            "ours_train_host_ms": host_ms(_train(model, x), repeats),
         }
     _quantized(model, True, False)
     int_infer, _ = paired_ms(_infer(model, x), _infer(cudnn, x), repeats)
-    row["int8"] = {"infer_ms": int_infer, "infer_peak_mb": peak_mb(_infer(model, x))}
+    row["int8"] = {
+        "infer_ms": int_infer,
+        "infer_host_ms": host_ms(_infer(model, x), repeats),
+        "infer_peak_mb": peak_mb(_infer(model, x)),
+    }
     if qat:
         for tf32 in (False, True):
             name = "tf32" if tf32 else "fp32"
             _quantized(model, True, tf32)
             qat_train, _ = paired_ms(_train(model, x), _train(cudnn, x), repeats)
             row["int8"][f"qat_train_{name}_ms"] = qat_train
+            row["int8"][f"qat_train_host_{name}_ms"] = host_ms(_train(model, x), repeats)
             _quantized(model, False, tf32)
             float_step, _ = paired_ms(_train(model, x, True), _train(cudnn, x, True), repeats)
             _quantized(model, True, tf32)
             qat_step, _ = paired_ms(_train(model, x, True), _train(cudnn, x, True), repeats)
             row["int8"][f"qat_updated_{name}_ms"] = qat_step
+            row["int8"][f"qat_updated_host_{name}_ms"] = host_ms(_train(model, x, True), repeats)
             row[name]["ours_train_updated_ms"] = float_step
         row["int8"]["qat_train_peak_mb"] = peak_mb(_train(model, x))
     _quantized(model, False, False)  # torch's TF32 flags back to their defaults
@@ -123,7 +133,9 @@ def summary(row: dict) -> str:
     text = (
         f"{tuple(row['shape'])}: int8 inference {int8['infer_ms']:.2f} ms "
         f"({ours_float / int8['infer_ms']:.2f}x our float {ours_float:.2f}; "
-        f"{seed / int8['infer_ms'] if seed else float('nan'):.1f}x the seed's {seed})"
+        f"{seed / int8['infer_ms'] if seed else float('nan'):.1f}x the seed's {seed}; "
+        f"host {int8['infer_host_ms']:.2f} ms against float32's "
+        f"{row['fp32']['ours_infer_host_ms']:.2f})"
     )
     if "qat_train_tf32_ms" in int8:
         qat = min(int8["qat_train_fp32_ms"], int8["qat_train_tf32_ms"])
@@ -134,7 +146,9 @@ def summary(row: dict) -> str:
             f"{float_train:.2f}; float32 {int8['qat_train_fp32_ms']:.2f} vs "
             f"{row['fp32']['ours_train_ms']:.2f}, TF32 {int8['qat_train_tf32_ms']:.2f} vs "
             f"{row['tf32']['ours_train_ms']:.2f}); weights updated every step: "
-            f"{updated:.2f} ms ({updated / float_updated:.2f}x our float {float_updated:.2f})"
+            f"{updated:.2f} ms ({updated / float_updated:.2f}x our float {float_updated:.2f}); "
+            f"TF32 host a step: QAT {int8['qat_train_host_tf32_ms']:.2f}, updated "
+            f"{int8['qat_updated_host_tf32_ms']:.2f}, float {row['tf32']['ours_train_host_ms']:.2f}"
         )
     return text
 
