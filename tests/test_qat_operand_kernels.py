@@ -10,7 +10,7 @@ in every float type, with values that saturate, NaN and infinities:
   digits (digit_input_projection's), dequantized values (quantize.scales.dequantize's in the
   model's type) and clamp masks (integer_qat's), for inputs of one digit and wider;
 - W's and R's one-digit operands (kernels/triton/weight_operands.py): the shifted codes as
-  digits and in int64, the head rows with o * rowsum, wrapping modulo 2^64, and the biases'
+  digits, the head rows with o * rowsum, wrapping modulo 2^64, and the biases'
   terms against apply_term.
 """
 
@@ -216,14 +216,12 @@ def test_one_digit_operands_equal_the_plain_ones(
     head = None
     if head_rows:
         head = torch.randint(-(2**62), 2**62, (head_rows, rows), generator=generator).to(DEVICE)
-    made = one_digit_operands(codes, shift, offset, head, shifted=True)
-    expected = one_digit_operands_reference(codes, shift, offset, head, shifted=True)
+    made = one_digit_operands(codes, shift, offset, head)
+    expected = one_digit_operands_reference(codes, shift, offset, head)
     assert made.digits.dtype == torch.int8 and torch.equal(made.digits, expected.digits)
-    assert made.shifted is not None and torch.equal(made.shifted, expected.shifted)
     assert made.rows.shape == (head_rows + 1, rows) and torch.equal(made.rows, expected.rows)
     if shift <= 8 and codes.numel() > 1:
         assert int(made.digits.min()) == -128 and int(made.digits.max()) == 127
-    assert one_digit_operands(codes, shift, offset).shifted is None
 
 
 def test_one_digit_operands_reject_bad_arguments() -> None:

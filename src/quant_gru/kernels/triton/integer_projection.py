@@ -4,9 +4,10 @@ projection_kernel.py where the operands take one digit each: straight from the f
 the first layer, or from the codes of the layer below (operand digits, then the int8 product
 with its whole epilogue).
 
-What depends on the weights alone (the shifted W, its digits and row sums, the bias term) is
-made once per program: ProgramCache (quantized_forward.py) keeps a program while its weights
-are unchanged, so inference finds them here.
+What depends on the weights alone (W's digits and row sums, the bias term; the shifted W of
+the plain-PyTorch projection when first read) is made once per program: ProgramCache
+(quantized_forward.py) keeps a program while its weights are unchanged, so inference finds
+them here.
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ def code_type(fmt: ActivationFormat) -> torch.dtype:
 class ProjectionOperands:
     """One program's matmul.Wx operands on one device."""
 
-    weight: Tensor  # (3H, I) int64: W after its operand shift
+    codes: Tensor  # (3H, I) int64: W's codes
+    weight_shift: int  # W's operand shift
     weight_range: tuple[int, int]
     bias: Tensor  # (3H,) int64: the bias term of weight.bw plus matmul.Wx's zero point
     x_shift: int  # the input operand's shift
@@ -90,6 +92,13 @@ class ProjectionOperands:
     shift: Tensor | None  # (3H,) int64: its n per channel
     narrow: bool  # sums and term in int32 (integer_constants.plain_term)
     x_format: Tensor | None  # (3,) float64: input.x's scale, qmin - zp, qmax - zp
+
+    @functools.cached_property
+    def weight(self) -> Tensor:
+        """(3H, I) int64: W after its operand shift, the plain-PyTorch projection's operand,
+        made when first read (the kernels read the digits; QAT remakes the operands after
+        every weight update)."""
+        return rounding_right_shift(self.codes, self.weight_shift)
 
 
 _OPERANDS: DerivedCache[ProjectionOperands] = DerivedCache()
@@ -107,15 +116,12 @@ def _make_operands(program: DirectionProgram, device: torch.device) -> Projectio
     zero_point = program.formats["matmul.Wx"].zero_point
     bias = bias_term(program.bias_w.to(device, torch.int64), bias_dot, zero_point)
     if static.multiplier is None:
-        weight = rounding_right_shift(codes, dot.operand_shifts[0])
-        return dataclasses.replace(static, weight=weight, bias=bias.value(codes.shape[0]))
-    # One launch for W's digits, shifted codes, o * rowsum(W) and the bias term.
-    made = one_digit_operands(
-        codes, dot.operand_shifts[0], static.x_offset, shifted=True, bias=bias
-    )
-    assert made.shifted is not None and made.bias is not None
+        return dataclasses.replace(static, codes=codes, bias=bias.value(codes.shape[0]))
+    # One launch for W's digits, o * rowsum(W) and the bias term.
+    made = one_digit_operands(codes, dot.operand_shifts[0], static.x_offset, bias=bias)
+    assert made.bias is not None
     return dataclasses.replace(
-        static, weight=made.shifted, bias=made.bias, digits=made.digits, correction=made.rows[0]
+        static, codes=codes, bias=made.bias, digits=made.digits, correction=made.rows[0]
     )
 
 
@@ -132,7 +138,8 @@ def _calibrated(program: DirectionProgram, device: torch.device) -> ProjectionOp
     x_range = tuple(shifted(v, x_shift) for v in zero_corrected_range(fmt["input.x"]))
     empty = torch.empty(0, dtype=torch.int64, device=device)
     base = ProjectionOperands(
-        weight=empty,
+        codes=empty,
+        weight_shift=weight_shift,
         weight_range=weight_range,
         bias=empty,
         x_shift=x_shift,

@@ -1,5 +1,5 @@
 """A weight's one-digit operands on one kernel: from its codes (rows, K), the operand-shifted
-codes rshr(q, e) as int8 digits (and as int64 where asked), the offset correction o * rowsum
+codes rshr(q, e) as int8 digits, the offset correction o * rowsum
 (integer_digits.py) after given head rows, and its bias's term (one per row): what the integer
 kernels read of W and bw, and of R and br.
 
@@ -69,7 +69,6 @@ def bias_term(
 @dataclass(frozen=True)
 class OneDigitOperands:
     digits: Tensor  # (rows, K) int8: rshr(q, shift), each within [-128, 127]
-    shifted: Tensor | None  # (rows, K) int64: the same values, where asked for
     rows: Tensor  # (HEAD + 1, rows) int64: the head rows, then o * rowsum(digits) mod 2^64
     bias: Tensor | None  # (rows,) int64: BiasTerm's value, where asked for
 
@@ -79,7 +78,6 @@ def _one_digit_operands_kernel(
     codes_ptr,  # (rows, columns) int64: the weight's codes
     head_ptr,  # (HEAD, rows) int64: copied to the first HEAD rows of rows_ptr
     digits_ptr,  # (rows, columns) int8 out
-    shifted_ptr,  # (rows, columns) int64 out (SHIFTED)
     rows_ptr,  # (HEAD + 1, rows) int64 out
     bias_ptr,  # (rows,) int64 (BIAS): the bias's codes
     term_ptr,  # (3, rows) int64 (BIAS): its term's m, h and n per row
@@ -92,7 +90,6 @@ def _one_digit_operands_kernel(
     high,
     SHIFT: tl.constexpr,
     HEAD: tl.constexpr,
-    SHIFTED: tl.constexpr,
     BIAS: tl.constexpr,
     SATURATE: tl.constexpr,
     LIMIT: tl.constexpr,  # 2^60
@@ -112,8 +109,6 @@ def _one_digit_operands_kernel(
         elif SHIFT > 0:
             value = (value + (1 << (SHIFT - 1))) >> SHIFT
         tl.store(digits_ptr + base + column[None, :], value.to(tl.int8), mask=where)
-        if SHIFTED:
-            tl.store(shifted_ptr + base + column[None, :], value, mask=where)
         total += tl.sum(value, axis=1)
     for head in tl.static_range(HEAD):
         kept = tl.load(head_ptr + head * rows + row, mask=row_ok, other=0)
@@ -140,14 +135,12 @@ def one_digit_operands(
     shift: int,
     offset: int,
     head: Tensor | None = None,
-    shifted: bool = False,
     bias: BiasTerm | None = None,
 ) -> OneDigitOperands:
     """One-digit operands of weight codes (rows, K), int64 on the kernels' device: the
     caller has checked that rshr(codes, shift) lies in [-128, 127] (for a checked weight
     range: reading the codes here would wait for the device). ``head`` (HEAD, rows) int64
-    rows go before the correction row; ``shifted``: also the shifted codes in int64;
-    ``bias``: also its value."""
+    rows go before the correction row; ``bias``: also its value."""
     rows, columns = codes.shape
     if codes.dtype != torch.int64 or shift < 0:
         raise ValueError(f"expected int64 codes and a shift >= 0, got {codes.dtype}, {shift}")
@@ -160,7 +153,6 @@ def one_digit_operands(
     on_kernel = bias if bias is not None and bias.channels is not None else None
     codes = codes.contiguous()
     digits = torch.empty(rows, columns, dtype=torch.int8, device=codes.device)
-    wide = torch.empty_like(codes) if shifted else None
     out = codes.new_empty(head.shape[0] + 1, rows)
     bias_out = None if on_kernel is None else codes.new_empty(rows)
     if rows:
@@ -174,11 +166,11 @@ def one_digit_operands(
         _launch_kernel(
             (ceil_div(rows, _BLOCK_ROWS), 1),
             (
-                codes, head, digits, digits if wide is None else wide, out, bias_codes, term,
+                codes, head, digits, out, bias_codes, term,
                 out if bias_out is None else bias_out, rows, columns, offset, add, low, high,
             ),
             dict(
-                SHIFT=shift, HEAD=head.shape[0], SHIFTED=shifted, BIAS=on_kernel is not None,
+                SHIFT=shift, HEAD=head.shape[0], BIAS=on_kernel is not None,
                 SATURATE=saturate, LIMIT=TERM_LIMIT,
                 BLOCK_ROWS=_BLOCK_ROWS, BLOCK_COLUMNS=_BLOCK_COLUMNS,
             ),
@@ -186,7 +178,7 @@ def one_digit_operands(
         )  # fmt: skip
     if bias is not None and bias_out is None:
         bias_out = bias.value(rows)
-    return OneDigitOperands(digits, wide, out, bias_out)
+    return OneDigitOperands(digits, out, bias_out)
 
 
 def one_digit_operands_reference(
@@ -194,7 +186,6 @@ def one_digit_operands_reference(
     shift: int,
     offset: int,
     head: Tensor | None = None,
-    shifted: bool = False,
     bias: BiasTerm | None = None,
 ) -> OneDigitOperands:
     """one_digit_operands in plain PyTorch (the bias by apply_term)."""
@@ -202,6 +193,4 @@ def one_digit_operands_reference(
     correction = (value.sum(dim=1) * offset)[None]
     rows = correction if head is None else torch.cat([head.to(torch.int64), correction])
     bias_out = None if bias is None else bias.value(codes.shape[0])
-    return OneDigitOperands(
-        value.to(torch.int8).contiguous(), value if shifted else None, rows.contiguous(), bias_out
-    )
+    return OneDigitOperands(value.to(torch.int8).contiguous(), rows.contiguous(), bias_out)
