@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -53,22 +52,6 @@ def event_ms(fn: Callable[[], object]) -> float:
     end.record()
     end.synchronize()
     return start.elapsed_time(end)
-
-
-def host_ms(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
-    """Median host time (ms) of ``fn`` from an idle GPU: the time to queue its work (and to
-    wait for the GPU wherever it synchronizes). Where it reaches the event timing, the call is
-    bound by the host."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    torch.cuda.synchronize()
-    return statistics.median(times)
 
 
 def paired_ms(
