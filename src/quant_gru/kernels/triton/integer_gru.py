@@ -288,16 +288,23 @@ def stack_layers(
         for index in range(layer * num_dirs, (layer + 1) * num_dirs):
             program = programs[index]
             x = first if layer == 0 else layer_input(program, below)
-            h_zero = program.formats["output.h"].zero_point
-            h0 = None if h0_codes is None else h0_codes[index] - h_zero
+            h0 = zero_corrected_state(h0_codes, index, program)
             out, h_n = direction(index, program, x, h0)
             outputs.append(out)
-            finals.append(h_n + h_zero)
+            finals.append(h_n + program.formats["output.h"].zero_point)
         below = outputs
     last = programs[-num_dirs:]
     parts = [out + p.formats["output.h"].zero_point for out, p in zip(below, last, strict=True)]
     out_codes = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)  # no copy of one
     return out_codes, torch.stack(finals)
+
+
+def zero_corrected_state(
+    codes: Tensor | None, index: int, program: DirectionProgram
+) -> Tensor | None:
+    """Direction ``index``'s initial state codes less output.h's zero point, as the kernels
+    take them (None, a zero state, stays None)."""
+    return None if codes is None else codes[index] - program.formats["output.h"].zero_point
 
 
 def layer_input(program: DirectionProgram, below: Sequence[Tensor]) -> Tensor:

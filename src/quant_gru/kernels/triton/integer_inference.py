@@ -24,13 +24,12 @@ from quant_gru.kernels.torch.quantized_forward import (
 )
 from quant_gru.kernels.torch.stack import DirectionWeights, GRUShape
 from quant_gru.kernels.triton.integer_constants import kernel_constants
-from quant_gru.kernels.triton.integer_gru import layer_input, run_direction
+from quant_gru.kernels.triton.integer_gru import layer_input, run_direction, zero_corrected_state
 from quant_gru.kernels.triton.integer_projection import (
     codes_input_projection,
     float_input_projection,
     input_projection,
 )
-from quant_gru.quantize.program import DirectionProgram
 
 
 def quantized_inference(
@@ -79,7 +78,8 @@ def quantized_inference(
                 floats = (out[..., direction * hidden : (direction + 1) * hidden], h_n[index])
             values, final, _ = run_direction(
                 program, kernel_constants(program, x.device), wx,
-                _zero_corrected(h0_codes, index, program), lengths, direction == 1, False, floats,
+                zero_corrected_state(h0_codes, index, program), lengths, direction == 1, False,
+                floats,
             )  # fmt: skip
             if not last:
                 outputs.append(values)
@@ -91,8 +91,3 @@ def quantized_inference(
 def _dequantized(values: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
     """Zero-corrected values as quantize.scales.dequantize gives them, in ``dtype``."""
     return (values.double() * scale).to(dtype)
-
-
-def _zero_corrected(codes: Tensor | None, index: int, program: DirectionProgram) -> Tensor | None:
-    """Direction ``index``'s initial codes less output.h's zero point (None stays None)."""
-    return None if codes is None else codes[index] - program.formats["output.h"].zero_point
